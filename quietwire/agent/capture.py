@@ -1,0 +1,312 @@
+"""Packet sources: pcap and pcapng files read in bounded chunks, yielded as columnar batches.
+
+A source is any iterable of :class:`PacketBatch`. Replay reads files with :func:`read_capture`;
+a live source (later) yields the same batches from a socket, so the stages after this one do
+not know where packets came from.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CHUNK_BYTES = 8 << 20
+# No real capture has a packet this large; a bigger length means the file is damaged.
+MAX_RECORD_BYTES = 1 << 18
+
+PCAP_MAGIC = {
+    b"\xd4\xc3\xb2\xa1": ("<", 1_000),  # little-endian, microseconds
+    b"\xa1\xb2\xc3\xd4": (">", 1_000),
+    b"\x4d\x3c\xb2\xa1": ("<", 1),  # little-endian, nanoseconds
+    b"\xa1\xb2\x3c\x4d": (">", 1),
+}
+PCAPNG_SHB = 0x0A0D0D0A
+PCAPNG_BOM = 0x1A2B3C4D
+
+
+class CaptureError(Exception):
+    """A capture file cannot be read (further); the message names the file and the offset."""
+
+
+@dataclass(frozen=True)
+class PacketBatch:
+    """Packets as columns over one shared byte buffer."""
+
+    data: np.ndarray  # uint8, the bytes the offsets point into
+    offset: np.ndarray  # int64, start of each packet's first byte (link layer) in data
+    caplen: np.ndarray  # int64, bytes captured
+    wirelen: np.ndarray  # int64, bytes on the wire
+    ts_ns: np.ndarray  # int64, nanoseconds since the epoch
+    linktype: np.ndarray  # int32, DLT/LINKTYPE value per packet
+    interface: np.ndarray  # int32, interface index within the source
+
+    def __len__(self) -> int:
+        return len(self.offset)
+
+
+def _batch_from_lists(arrays: dict[str, list], data: np.ndarray) -> PacketBatch:
+    return PacketBatch(
+        data=data,
+        offset=np.asarray(arrays["offset"], dtype=np.int64),
+        caplen=np.asarray(arrays["caplen"], dtype=np.int64),
+        wirelen=np.asarray(arrays["wirelen"], dtype=np.int64),
+        ts_ns=np.asarray(arrays["ts_ns"], dtype=np.int64),
+        linktype=np.asarray(arrays["linktype"], dtype=np.int32),
+        interface=np.asarray(arrays["interface"], dtype=np.int32),
+    )
+
+
+def read_capture(
+    path: str | Path,
+    chunk_bytes: int = CHUNK_BYTES,
+    on_progress: Callable[[int], None] | None = None,
+) -> Iterator[PacketBatch]:
+    """Yield the packets of a pcap or pcapng file in batches; raise CaptureError on damage.
+
+    Every packet before the damage has been yielded when the error is raised.
+    ``on_progress`` is called with the bytes read so far after each chunk.
+    """
+    path = Path(path)
+    try:
+        handle = path.open("rb")
+    except OSError as exc:
+        raise CaptureError(f"{path}: cannot open: {exc.strerror}") from exc
+    with handle:
+        head = handle.read(4)
+        if head in PCAP_MAGIC:
+            yield from _read_pcap(path, handle, head, chunk_bytes, on_progress)
+        elif len(head) == 4 and struct.unpack("<I", head)[0] == PCAPNG_SHB:
+            yield from _read_pcapng(path, handle, head, chunk_bytes, on_progress)
+        elif not head:
+            raise CaptureError(f"{path}: empty file, not a pcap or pcapng capture")
+        else:
+            raise CaptureError(f"{path}: not a pcap or pcapng capture (magic {head.hex()})")
+
+
+def _read_pcap(path: Path, handle, magic: bytes, chunk_bytes: int, on_progress):
+    order, frac_to_ns = PCAP_MAGIC[magic]
+    header = magic + handle.read(20)
+    if len(header) < 24:
+        raise CaptureError(f"{path}: truncated pcap file header ({len(header)} of 24 bytes)")
+    linktype = struct.unpack(order + "I", header[20:24])[0] & 0x0FFFFFFF
+    caplen_at = struct.Struct(order + "I").unpack_from
+    file_pos = 24
+    pending = b""
+    while True:
+        chunk = handle.read(chunk_bytes)
+        buf = pending + chunk
+        end = len(buf)
+        starts = []
+        append = starts.append
+        off = 0
+        while off + 16 <= end:
+            incl = caplen_at(buf, off + 8)[0]
+            if incl > MAX_RECORD_BYTES:
+                yield from _pcap_batch(buf, starts, order, frac_to_ns, linktype)
+                raise CaptureError(
+                    f"{path}: record at offset {file_pos + off}: captured length {incl} "
+                    f"exceeds {MAX_RECORD_BYTES} bytes (damaged file)"
+                )
+            nxt = off + 16 + incl
+            if nxt > end:
+                break
+            append(off)
+            off = nxt
+        yield from _pcap_batch(buf, starts, order, frac_to_ns, linktype)
+        pending = buf[off:]
+        file_pos += off
+        if on_progress:
+            on_progress(file_pos)
+        if not chunk:
+            if pending:
+                raise CaptureError(
+                    f"{path}: truncated record at offset {file_pos} "
+                    f"({len(pending)} bytes left, file ends mid-packet)"
+                )
+            return
+
+
+def _pcap_batch(buf: bytes, starts: list, order: str, frac_to_ns: int, linktype: int):
+    if not starts:
+        return
+    data = np.frombuffer(buf, dtype=np.uint8)
+    rec = np.asarray(starts, dtype=np.int64)
+    # Header words in the file's byte order, read through an unaligned (stride 1) view.
+    words = np.ndarray((len(buf) - 3,), dtype=order + "u4", buffer=buf, offset=0, strides=(1,))
+    caplen = words[rec + 8].astype(np.int64)
+    seconds, fraction = words[rec].astype(np.int64), words[rec + 4].astype(np.int64)
+    ts_ns = seconds * 1_000_000_000 + fraction * frac_to_ns
+    wirelen = words[rec + 12].astype(np.int64)
+    yield PacketBatch(
+        data=data,
+        offset=rec + 16,
+        caplen=caplen,
+        wirelen=np.maximum(wirelen, caplen),
+        ts_ns=ts_ns,
+        linktype=np.full(len(rec), linktype, dtype=np.int32),
+        interface=np.zeros(len(rec), dtype=np.int32),
+    )
+
+
+@dataclass
+class _Interface:
+    linktype: int
+    snaplen: int
+    ticks_per_second: int
+    offset_seconds: int
+
+
+def _read_pcapng(path: Path, handle, head: bytes, chunk_bytes: int, on_progress):
+    pending = head
+    file_pos = 0
+    order = "<"
+    interfaces: list[_Interface] = []
+    eof = False
+    while True:
+        chunk = handle.read(chunk_bytes)
+        eof = not chunk
+        buf = pending + chunk
+        end = len(buf)
+        names = ("offset", "caplen", "wirelen", "ticks", "interface")
+        cols: dict[str, list] = {k: [] for k in names}
+        off = 0
+        try:
+            while off + 12 <= end:
+                btype = struct.unpack_from(order + "I", buf, off)[0]
+                if btype == PCAPNG_SHB:
+                    bom = buf[off + 8 : off + 12]
+                    if len(bom) < 4:
+                        break
+                    if bom == b"\x4d\x3c\x2b\x1a":
+                        order = "<"
+                    elif bom == b"\x1a\x2b\x3c\x4d":
+                        order = ">"
+                    else:
+                        raise CaptureError(
+                            f"{path}: section header at offset {file_pos + off}: "
+                            f"bad byte-order magic {bom.hex()}"
+                        )
+                    interfaces = []
+                blen = struct.unpack_from(order + "I", buf, off + 4)[0]
+                if blen < 12 or blen % 4 or blen > MAX_RECORD_BYTES + 64:
+                    raise CaptureError(
+                        f"{path}: block at offset {file_pos + off}: "
+                        f"invalid block length {blen} (damaged file)"
+                    )
+                if off + blen > end:
+                    break
+                _pcapng_block(path, buf, off, blen, btype, order, interfaces, cols, file_pos)
+                off += blen
+        except CaptureError:
+            yield from _pcapng_batch(buf, cols, interfaces)
+            raise
+        yield from _pcapng_batch(buf, cols, interfaces)
+        pending = buf[off:]
+        file_pos += off
+        if on_progress:
+            on_progress(file_pos)
+        if eof:
+            if pending:
+                raise CaptureError(
+                    f"{path}: truncated block at offset {file_pos} "
+                    f"({len(pending)} bytes left, file ends mid-block)"
+                )
+            return
+
+
+def _pcapng_block(path, buf, off, blen, btype, order, interfaces, cols, file_pos) -> None:
+    body = off + 8
+    body_end = off + blen - 4
+    if btype == 1:  # interface description
+        if body_end - body < 8:
+            raise CaptureError(f"{path}: interface block at offset {file_pos + off} too short")
+        linktype, _, snaplen = struct.unpack_from(order + "HHI", buf, body)
+        ticks, tsoffset = 1_000_000, 0
+        opt = body + 8
+        while opt + 4 <= body_end:
+            code, olen = struct.unpack_from(order + "HH", buf, opt)
+            if code == 0:
+                break
+            value = opt + 4
+            if code == 9 and olen >= 1:
+                res = buf[value]
+                ticks = 2 ** (res & 0x7F) if res & 0x80 else 10**res
+            elif code == 14 and olen >= 8:
+                tsoffset = struct.unpack_from(order + "q", buf, value)[0]
+            opt = value + ((olen + 3) & ~3)
+        interfaces.append(_Interface(linktype, snaplen, ticks, tsoffset))
+        return
+    if btype in (6, 2):  # enhanced packet, obsolete packet
+        if btype == 6:
+            if body_end - body < 20:
+                raise CaptureError(f"{path}: packet block at offset {file_pos + off} too short")
+            iface, ts_hi, ts_lo, incl, orig = struct.unpack_from(order + "IIIII", buf, body)
+        else:
+            if body_end - body < 20:
+                raise CaptureError(f"{path}: packet block at offset {file_pos + off} too short")
+            iface, _, ts_hi, ts_lo, incl, orig = struct.unpack_from(order + "HHIIII", buf, body)
+        data = body + 20
+        if iface >= len(interfaces):
+            raise CaptureError(
+                f"{path}: packet block at offset {file_pos + off} names interface {iface}, "
+                f"but only {len(interfaces)} are described"
+            )
+        if data + incl > body_end:
+            raise CaptureError(
+                f"{path}: packet block at offset {file_pos + off}: captured length {incl} "
+                f"overruns the block"
+            )
+        cols["offset"].append(data)
+        cols["caplen"].append(incl)
+        cols["wirelen"].append(orig)
+        cols["ticks"].append((ts_hi << 32) | ts_lo)
+        cols["interface"].append(iface)
+    elif btype == 3:  # simple packet: no timestamp, interface 0
+        if not interfaces or body_end - body < 4:
+            raise CaptureError(f"{path}: simple packet block at offset {file_pos + off} is invalid")
+        orig = struct.unpack_from(order + "I", buf, body)[0]
+        incl = min(orig, body_end - body - 4)
+        if interfaces[0].snaplen:
+            incl = min(incl, interfaces[0].snaplen)
+        cols["offset"].append(body + 4)
+        cols["caplen"].append(incl)
+        cols["wirelen"].append(orig)
+        cols["ticks"].append(-1)  # filled from the previous packet's time
+        cols["interface"].append(0)
+    # Other blocks (name resolution, statistics, custom, decryption secrets) carry no packets.
+
+
+def _pcapng_batch(buf: bytes, cols: dict[str, list], interfaces: list[_Interface]):
+    if not cols["offset"]:
+        return
+    iface = np.asarray(cols["interface"], dtype=np.int32)
+    ticks = np.asarray(cols["ticks"], dtype=np.int64)
+    ts_ns = np.zeros(len(ticks), dtype=np.int64)
+    linktype = np.zeros(len(ticks), dtype=np.int32)
+    for i, spec in enumerate(interfaces):
+        sel = iface == i
+        if not sel.any():
+            continue
+        linktype[sel] = spec.linktype
+        t = ticks[sel]
+        if spec.ticks_per_second == 1_000_000_000:
+            ns = t
+        elif 1_000_000_000 % spec.ticks_per_second == 0:
+            ns = t * (1_000_000_000 // spec.ticks_per_second)
+        else:
+            sec, frac = np.divmod(t, spec.ticks_per_second)
+            ns = sec * 1_000_000_000 + (frac * (1e9 / spec.ticks_per_second)).astype(np.int64)
+        ts_ns[sel] = ns + spec.offset_seconds * 1_000_000_000
+    missing = ticks < 0
+    if missing.any():
+        # Simple packet blocks have no time: carry the last known one forward (0 if none).
+        idx = np.where(missing, -1, np.arange(len(ticks)))
+        np.maximum.accumulate(idx, out=idx)
+        ts_ns = np.where(idx >= 0, ts_ns[np.maximum(idx, 0)], 0)
+    cols["ts_ns"] = ts_ns
+    cols["linktype"] = linktype
+    yield _batch_from_lists(cols, np.frombuffer(buf, dtype=np.uint8))

@@ -1,0 +1,206 @@
+"""Features: ended flows to one float32 matrix in a versioned schema.
+
+This is the one extractor: the trainer fits on it and the agent scores with it, and a model
+records ``SCHEMA_HASH`` so the agent can refuse a model made for another schema. NaN means
+"does not apply" (TCP fields of a UDP flow, inter-arrival times of a one-packet direction),
+never zero; the schema's ``nullable`` says which features can be NaN.
+
+Lengths are IP lengths (header + payload), so the same traffic gives the same features on
+Ethernet, Linux cooked and raw-IP captures. Times are seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .context import CONTEXT_FEATURES
+from .decode import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, TCP_FLAG_NAMES
+from .flows import NS, FlowRecords
+
+SCHEMA_NAME = "quietwire.flow"
+SCHEMA_VERSION = 1
+DIRECTIONS = ("src2dst", "dst2src")
+
+
+@dataclass(frozen=True)
+class Feature:
+    name: str
+    unit: str
+    nullable: bool
+    description: str
+
+
+def _schema() -> tuple[Feature, ...]:
+    f: list[Feature] = [Feature("duration_s", "s", False, "last packet time - first packet time")]
+    for d in (*DIRECTIONS, "bidirectional"):
+        sided = d != "bidirectional"
+        f += [
+            Feature(f"{d}_packets", "packets", False, f"{d} packets"),
+            Feature(f"{d}_bytes", "bytes", False, f"{d} IP bytes (headers + payload)"),
+        ]
+        f += [
+            Feature(f"{d}_pkt_len_{s}", "bytes", sided, f"{s} IP packet length, {d}")
+            for s in ("min", "mean", "std", "max")
+        ]
+        f += [
+            Feature(f"{d}_iat_{s}_s", "s", True, f"{s} inter-arrival time, {d}")
+            for s in ("min", "mean", "std", "max")
+        ]
+    for d in DIRECTIONS:
+        f += [
+            Feature(f"{d}_payload_bytes", "bytes", False, f"transport payload bytes, {d}"),
+            Feature(f"{d}_header_bytes", "bytes", False, f"IP + transport header bytes, {d}"),
+            Feature(f"{d}_payload_packets", "packets", False, f"packets with payload, {d}"),
+            Feature(f"{d}_payload_ratio", "ratio", True, f"payload bytes / IP bytes, {d}"),
+            Feature(f"{d}_ttl_min", "hops", True, f"lowest TTL / hop limit, {d}"),
+            Feature(f"{d}_init_window", "bytes", True, f"TCP window of the first packet, {d}"),
+        ]
+        f += [
+            Feature(f"{d}_{flag}_packets", "packets", True, f"TCP packets with {flag.upper()}, {d}")
+            for flag in TCP_FLAG_NAMES
+        ]
+    f += [
+        Feature("dst2src_src2dst_bytes_ratio", "ratio", False, "bytes down / bytes up"),
+        Feature("packets_per_s", "packets/s", True, "packets / duration (NaN if duration 0)"),
+        Feature("bytes_per_s", "bytes/s", True, "IP bytes / duration (NaN if duration 0)"),
+        Feature("proto_tcp", "bool", False, "protocol is TCP"),
+        Feature("proto_udp", "bool", False, "protocol is UDP"),
+        Feature("proto_icmp", "bool", False, "protocol is ICMP or ICMPv6"),
+        Feature("dst_port_well_known", "bool", True, "server port < 1024 (NaN without ports)"),
+        Feature("dst_port_registered", "bool", True, "server port 1024-49151"),
+        Feature("tcp_answered", "bool", True, "server answered the SYN with a SYN"),
+        Feature("tcp_reset", "bool", True, "a RST was seen"),
+    ]
+    window = "flows started in the last window before this flow's last packet"
+    f += [
+        Feature("src_host_flows", "flows", False, f"{window}, by the client"),
+        Feature("src_host_distinct_dst_hosts", "hosts", False, f"distinct servers, {window}"),
+        Feature("src_host_distinct_dst_ports", "ports", False, f"distinct server ports, {window}"),
+        Feature("src_host_unanswered_share", "ratio", False, f"share unanswered, {window}"),
+        Feature("dst_host_flows", "flows", False, f"{window}, to the server"),
+        Feature("dst_host_distinct_src_hosts", "hosts", False, f"distinct clients, {window}"),
+    ]
+    assert tuple(x.name for x in f[-len(CONTEXT_FEATURES) :]) == CONTEXT_FEATURES
+    return tuple(f)
+
+
+SCHEMA: tuple[Feature, ...] = _schema()
+FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in SCHEMA)
+SCHEMA_HASH = hashlib.sha256(
+    json.dumps(
+        {"name": SCHEMA_NAME, "version": SCHEMA_VERSION, "features": [asdict(x) for x in SCHEMA]},
+        sort_keys=True,
+    ).encode()
+).hexdigest()[:16]
+
+
+def _div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den, NaN where den is 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+
+def _stats(count, total, sumsq, lo, hi, scale=1.0):
+    """min, mean, std (population), max from mergeable sums; NaN where count is 0."""
+    mean = _div(total, count)
+    var = np.maximum(_div(sumsq, count) - mean * mean, 0.0)
+    none = count == 0
+    return (
+        np.where(none, np.nan, lo / scale),
+        mean,
+        np.sqrt(var),
+        np.where(none, np.nan, hi / scale),
+    )
+
+
+def extract(flows: FlowRecords, context: np.ndarray) -> np.ndarray:
+    """The (len(flows), len(SCHEMA)) float32 feature matrix, columns in SCHEMA order."""
+    c = flows.columns
+    v: dict[str, np.ndarray] = {}
+    pk = c["packets"].astype(np.float64)
+    ipb = c["ip_bytes"].astype(np.float64)
+    tcp = c["proto"] == IPPROTO_TCP
+    duration = (c["last_ns"] - c["first_ns"]).astype(np.float64) / NS
+    v["duration_s"] = duration
+    for i, d in enumerate(DIRECTIONS):
+        v[f"{d}_packets"] = pk[:, i]
+        v[f"{d}_bytes"] = ipb[:, i]
+        for s, x in zip(
+            ("min", "mean", "std", "max"),
+            _stats(
+                pk[:, i],
+                c["len_sum"][:, i],
+                c["len_sumsq"][:, i],
+                c["len_min"][:, i],
+                c["len_max"][:, i],
+            ),
+        ):
+            v[f"{d}_pkt_len_{s}"] = x
+        for s, x in zip(
+            ("min", "mean", "std", "max"),
+            _stats(
+                np.maximum(pk[:, i] - 1, 0),
+                c["dir_iat_sum"][:, i],
+                c["dir_iat_sumsq"][:, i],
+                c["dir_iat_min"][:, i],
+                c["dir_iat_max"][:, i],
+                scale=NS,
+            ),
+        ):
+            v[f"{d}_iat_{s}_s"] = x
+        v[f"{d}_payload_bytes"] = c["payload_bytes"][:, i]
+        v[f"{d}_header_bytes"] = c["header_bytes"][:, i]
+        v[f"{d}_payload_packets"] = c["payload_packets"][:, i]
+        v[f"{d}_payload_ratio"] = _div(c["payload_bytes"][:, i].astype(np.float64), ipb[:, i])
+        v[f"{d}_ttl_min"] = np.where(pk[:, i] > 0, c["ttl_min"][:, i], np.nan)
+        v[f"{d}_init_window"] = np.where(tcp & (pk[:, i] > 0), c["init_window"][:, i], np.nan)
+        for flag in TCP_FLAG_NAMES:
+            v[f"{d}_{flag}_packets"] = np.where(tcp, c[f"{flag}_packets"][:, i], np.nan)
+    total = pk.sum(1)
+    v["bidirectional_packets"] = total
+    v["bidirectional_bytes"] = ipb.sum(1)
+    for s, x in zip(
+        ("min", "mean", "std", "max"),
+        _stats(
+            total,
+            c["len_sum"].sum(1),
+            c["len_sumsq"].sum(1),
+            c["len_min"].min(1),
+            c["len_max"].max(1),
+        ),
+    ):
+        v[f"bidirectional_pkt_len_{s}"] = x
+    for s, x in zip(
+        ("min", "mean", "std", "max"),
+        _stats(
+            np.maximum(total - 1, 0),
+            c["iat_sum"],
+            c["iat_sumsq"],
+            c["iat_min"],
+            c["iat_max"],
+            scale=NS,
+        ),
+    ):
+        v[f"bidirectional_iat_{s}_s"] = x
+    v["dst2src_src2dst_bytes_ratio"] = _div(ipb[:, 1], ipb[:, 0])
+    v["packets_per_s"] = _div(total, duration)
+    v["bytes_per_s"] = _div(ipb.sum(1), duration)
+    v["proto_tcp"] = tcp
+    v["proto_udp"] = c["proto"] == IPPROTO_UDP
+    v["proto_icmp"] = (c["proto"] == IPPROTO_ICMP) | (c["proto"] == IPPROTO_ICMPV6)
+    has_ports = tcp | (c["proto"] == IPPROTO_UDP) | (c["proto"] == 132)
+    port = c["dst_port"]
+    v["dst_port_well_known"] = np.where(has_ports, port < 1024, np.nan)
+    v["dst_port_registered"] = np.where(has_ports, (port >= 1024) & (port < 49152), np.nan)
+    v["tcp_answered"] = np.where(tcp, c["syn_packets"][:, 1] > 0, np.nan)
+    v["tcp_reset"] = np.where(tcp, c["rst_packets"].sum(1) > 0, np.nan)
+    for j, name in enumerate(CONTEXT_FEATURES):
+        v[name] = context[:, j]
+    out = np.empty((len(flows), len(SCHEMA)), dtype=np.float32)
+    for j, name in enumerate(FEATURE_NAMES):
+        out[:, j] = v[name]
+    return out

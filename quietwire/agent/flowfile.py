@@ -1,0 +1,183 @@
+"""Flow tables on disk: what `quietwire flows` writes and what the trainer can read back.
+
+Each row is one flow: its identity in the field names operators know from Suricata EVE and
+Zeek conn.log, then every feature of the schema. Formats: CSV (with a header row) and JSON
+lines; the writer records the schema hash in every JSON line and as the CSV's
+``schema_hash`` column, so a reader can refuse a table made by another schema.
+"""
+
+from __future__ import annotations
+
+import csv
+import ipaddress
+import json
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+
+from .communityid import flow_community_ids
+from .features import FEATURE_NAMES, SCHEMA_HASH
+from .flows import END_REASONS, FlowRecords
+from .meter import MeteredFlows
+
+PROTO_NAMES = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "IPv6-ICMP", 132: "SCTP"}
+ID_FIELDS = (
+    "flow_id",
+    "community_id",
+    "start",
+    "end",
+    "src_ip",
+    "src_port",
+    "dest_ip",
+    "dest_port",
+    "proto",
+    "ip_version",
+    "pkts_toserver",
+    "pkts_toclient",
+    "bytes_toserver",
+    "bytes_toclient",
+    "end_reason",
+    "schema_hash",
+)
+FORMATS = ("csv", "jsonl")
+
+
+class FlowFileError(Exception):
+    """A flow table cannot be written or read; the message names the file and record."""
+
+
+def format_ips(version: np.ndarray, hi: np.ndarray, lo: np.ndarray) -> list[str]:
+    """Text addresses (dotted quad for IPv4, RFC 5952 for IPv6)."""
+    out = []
+    for v, h, low in zip(version.tolist(), hi.tolist(), lo.tolist()):
+        if v == 4:
+            out.append(str(ipaddress.IPv4Address(low & 0xFFFFFFFF)))
+        else:
+            out.append(str(ipaddress.IPv6Address((h << 64) | low)))
+    return out
+
+
+def _iso(ns: np.ndarray) -> list[str]:
+    return [
+        datetime.fromtimestamp(t // 1_000_000_000, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        + f".{(t % 1_000_000_000) // 1000:06d}+0000"
+        for t in ns.tolist()
+    ]
+
+
+def identity_columns(flows: FlowRecords) -> dict[str, list]:
+    """The identity fields of each flow, as lists of plain Python values."""
+    port_proto = np.isin(flows["proto"], (6, 17, 132))
+    ver = flows["ip_version"]
+    n = len(flows)
+    return {
+        "flow_id": flows["seq"].tolist(),
+        "community_id": flow_community_ids(flows),
+        "start": _iso(flows["first_ns"]),
+        "end": _iso(flows["last_ns"]),
+        "src_ip": format_ips(ver, flows["src_hi"], flows["src_lo"]),
+        "src_port": [p if ok else None for p, ok in zip(flows["src_port"].tolist(), port_proto)],
+        "dest_ip": format_ips(ver, flows["dst_hi"], flows["dst_lo"]),
+        "dest_port": [p if ok else None for p, ok in zip(flows["dst_port"].tolist(), port_proto)],
+        "proto": [PROTO_NAMES.get(p, str(p)) for p in flows["proto"].tolist()],
+        "ip_version": ver.tolist(),
+        "pkts_toserver": flows["packets"][:, 0].tolist(),
+        "pkts_toclient": flows["packets"][:, 1].tolist(),
+        "bytes_toserver": flows["bytes"][:, 0].tolist(),
+        "bytes_toclient": flows["bytes"][:, 1].tolist(),
+        "end_reason": [END_REASONS[r] for r in flows["end_reason"].tolist()],
+        "schema_hash": [SCHEMA_HASH] * n,
+    }
+
+
+class FlowWriter:
+    """Writes MeteredFlows to a CSV or JSON-lines file (or an open text stream)."""
+
+    def __init__(self, out: IO[str], fmt: str) -> None:
+        if fmt not in FORMATS:
+            raise FlowFileError(f"unknown flow table format {fmt!r} (expected one of {FORMATS})")
+        self._out = out
+        self._fmt = fmt
+        self.rows = 0
+        if fmt == "csv":
+            self._csv = csv.writer(out, lineterminator="\n")
+            self._csv.writerow((*ID_FIELDS, *FEATURE_NAMES))
+
+    def write(self, flows: MeteredFlows) -> None:
+        if len(flows) == 0:
+            return
+        ident = identity_columns(flows.records)
+        id_rows = zip(*(ident[k] for k in ID_FIELDS))
+        feats = flows.features.tolist()
+        if self._fmt == "csv":
+            self._csv.writerows(
+                (*ids, *("" if math.isnan(x) else repr(x) for x in f))
+                for ids, f in zip(id_rows, feats)
+            )
+        else:
+            for ids, f in zip(id_rows, feats):
+                row = dict(zip(ID_FIELDS, ids))
+                values = (None if math.isnan(x) else x for x in f)
+                row["features"] = dict(zip(FEATURE_NAMES, values))
+                self._out.write(json.dumps(row, separators=(",", ":")) + "\n")
+        self.rows += len(flows)
+
+
+def read_flow_table(path: str | Path) -> np.ndarray:
+    """The (n, len(SCHEMA)) float32 features of a table written by FlowWriter.
+
+    Raises FlowFileError naming the file and line when the schema differs or a value is bad.
+    """
+    path = Path(path)
+    rows: list[list[float]] = []
+    try:
+        with path.open(newline="") as handle:
+            if path.suffix == ".csv":
+                reader = csv.reader(handle)
+                header = next(reader, None)
+                if header is None:
+                    raise FlowFileError(f"{path}: empty flow table")
+                missing = [n for n in ("schema_hash", *FEATURE_NAMES) if n not in header]
+                if missing:
+                    raise FlowFileError(
+                        f"{path}: line 1: not a quietwire flow table of schema {SCHEMA_HASH} "
+                        f"(missing columns: {', '.join(missing[:5])})"
+                    )
+                cols = [header.index(n) for n in FEATURE_NAMES]
+                hash_col = header.index("schema_hash")
+                for line, rec in enumerate(reader, start=2):
+                    _check_hash(path, line, rec[hash_col] if len(rec) > hash_col else "")
+                    try:
+                        rows.append([float(rec[i]) if rec[i] != "" else math.nan for i in cols])
+                    except (ValueError, IndexError) as exc:
+                        raise FlowFileError(f"{path}: line {line}: bad value ({exc})") from exc
+            else:
+                for line, text in enumerate(handle, start=1):
+                    if not text.strip():
+                        continue
+                    try:
+                        rec = json.loads(text)
+                        _check_hash(path, line, rec.get("schema_hash", ""))
+                        feats = rec["features"]
+                        rows.append(
+                            [
+                                math.nan if feats[n] is None else float(feats[n])
+                                for n in FEATURE_NAMES
+                            ]
+                        )
+                    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                        raise FlowFileError(f"{path}: line {line}: bad record ({exc!r})") from exc
+    except OSError as exc:
+        raise FlowFileError(f"{path}: cannot read: {exc.strerror}") from exc
+    return np.asarray(rows, dtype=np.float32).reshape(len(rows), len(FEATURE_NAMES))
+
+
+def _check_hash(path: Path, line: int, found: str) -> None:
+    if found != SCHEMA_HASH:
+        raise FlowFileError(
+            f"{path}: line {line}: schema_hash {found!r} does not match this quietwire's "
+            f"feature schema {SCHEMA_HASH}"
+        )

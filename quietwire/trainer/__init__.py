@@ -1,0 +1,1 @@
+"""The trainer (torch): fits models on features from quietwire.agent's one extractor."""

@@ -1,0 +1,46 @@
+"""Shared test helpers: crafted captures (scapy writes them) and the real corpus in ../shared."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scapy.all import wrpcap
+
+from quietwire.agent.capture import read_capture
+from quietwire.agent.meter import FlowMeter, MeteredFlows
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("QUIETWIRE_SHARED", REPO.parent / "shared")) / "data" / "ndpi"
+
+
+@pytest.fixture(scope="session")
+def ndpi() -> Path:
+    """The nDPI corpus (pcap/ and result/); skipped in a user's clone, required in CI."""
+    if not (SHARED / "pcap").is_dir():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but the shared captures are missing at {SHARED}")
+        pytest.skip(f"shared captures not found at {SHARED} (a user's clone has no ../shared)")
+    return SHARED
+
+
+def write_pcap(path: Path, packets: list, times: list[float]) -> Path:
+    for pkt, t in zip(packets, times):
+        pkt.time = t
+    wrpcap(str(path), packets)
+    return path
+
+
+def meter_file(path: Path, chunk_bytes: int = 8 << 20, **config) -> MeteredFlows:
+    """Every flow of a capture, in flow-start order, with features."""
+    from quietwire.agent.flows import FlowConfig, FlowRecords
+
+    meter = FlowMeter(FlowConfig(**config) if config else None, seed=1)
+    parts = [meter.add(b) for b in read_capture(path, chunk_bytes=chunk_bytes)]
+    parts.append(meter.flush())
+    records = FlowRecords.concat([p.records for p in parts])
+    feats = np.concatenate([p.features for p in parts]) if parts else np.zeros((0, 0))
+    order = np.argsort(records["seq"], kind="stable")
+    return MeteredFlows(records.take(order), feats[order])
