@@ -1,0 +1,99 @@
+"""`quietwire flows` end to end: the bundled default, every capture of the corpus, damaged
+files (error line, exit 1, flows before the damage written) and the flow table read back."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from quietwire.agent.features import FEATURE_NAMES, SCHEMA_HASH
+from quietwire.agent.flowfile import FlowFileError, read_flow_table
+from quietwire.cli import DEFAULT_CAPTURE, main
+
+from .conftest import meter_file
+
+
+def test_default_run_on_the_bundled_capture(tmp_path, capsys):
+    out = tmp_path / "flows.csv"
+    assert main(["flows", "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "sample.pcap: 500 packets, 63 flows" in err
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 63
+    assert {r["schema_hash"] for r in rows} == {SCHEMA_HASH}
+    assert sum(int(r["pkts_toserver"]) + int(r["pkts_toclient"]) for r in rows) == 475
+    # rows come as flows end; the reference is in start (flow_id) order
+    X = read_flow_table(out)[np.argsort([int(r["flow_id"]) for r in rows])]
+    ref = meter_file(DEFAULT_CAPTURE).features
+    np.testing.assert_allclose(X, ref, rtol=1e-6, equal_nan=True)
+
+
+def test_console_script_help():
+    res = subprocess.run([sys.executable, "-m", "quietwire.cli", "flows", "--help"],
+                         capture_output=True, text=True, check=True)
+    assert "--idle-timeout" in res.stdout and "--format" in res.stdout
+
+
+def test_jsonl_round_trip(tmp_path, capsys):
+    out = tmp_path / "f.jsonl"
+    assert main(["flows", str(DEFAULT_CAPTURE), "-o", str(out), "-q"]) == 0
+    lines = [json.loads(line) for line in out.open()]
+    assert set(lines[0]["features"]) == set(FEATURE_NAMES)
+    assert lines[0]["community_id"].startswith("1:")
+    X = read_flow_table(out)[np.argsort([r["flow_id"] for r in lines])]
+    np.testing.assert_allclose(X, meter_file(DEFAULT_CAPTURE).features, rtol=1e-6, equal_nan=True)
+
+
+def test_truncated_capture_writes_what_came_before(tmp_path, capsys):
+    raw = DEFAULT_CAPTURE.read_bytes()
+    cut = tmp_path / "cut.pcap"
+    cut.write_bytes(raw[: len(raw) // 2 + 7])
+    out = tmp_path / "f.csv"
+    assert main(["flows", str(cut), str(DEFAULT_CAPTURE), "-o", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("quietwire: error:")]
+    assert len(errors) == 1 and "cut.pcap: truncated record at offset" in errors[0]
+    rows = list(csv.DictReader(out.open()))
+    assert 63 < len(rows) < 2 * 63  # half a capture's flows, then the whole second file
+
+
+def test_flow_table_with_another_schema_is_refused(tmp_path, capsys):
+    out = tmp_path / "f.csv"
+    main(["flows", "-o", str(out), "-q"])
+    text = out.read_text().replace(SCHEMA_HASH, "0123456789abcdef", 3)
+    out.write_text(text)
+    with pytest.raises(FlowFileError, match=r"f\.csv: line 2: schema_hash '0123456789abcdef'"):
+        read_flow_table(out)
+    bad = tmp_path / "other.csv"
+    bad.write_text("a,b\n1,2\n")
+    with pytest.raises(FlowFileError, match="other.csv: line 1: not a quietwire flow table"):
+        read_flow_table(bad)
+
+
+def test_bad_option_value_is_one_clear_line(capsys):
+    assert main(["flows", "--idle-timeout", "0", "-q"]) == 2
+    assert capsys.readouterr().err.strip() == "quietwire: error: idle_timeout_s must be > 0, got 0.0"
+
+
+def test_every_corpus_capture_goes_through(ndpi, tmp_path, capsys):
+    """All 544 files, fuzzer-made ones included: no traceback; damaged ones give one error
+    line each and exit 1, the rest exit 0."""
+    files = sorted((ndpi / "pcap").iterdir())
+    assert len(files) == 544
+    failed = []
+    for path in files:
+        code = main(["flows", str(path), "-o", str(tmp_path / "out.csv"), "-q"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code in (0, 1), path.name
+        if code:
+            assert len(err) == 1 and err[0].startswith(f"quietwire: error: {path}"), err
+            failed.append(path.name)
+        else:
+            assert err == [], (path.name, err)
+    # README.txt (not a capture) and one fuzzed file with a 512 KiB record length
+    assert sorted(failed) == ["README.txt", "fuzz-2021-10-13.pcap"]

@@ -1,0 +1,80 @@
+"""Host context: window counts on crafted scans, checked by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+from scapy.all import IP, TCP, Ether
+
+from quietwire.agent.features import FEATURE_NAMES
+
+from .conftest import meter_file, write_pcap
+
+SCANNER, TARGET, OTHER = "10.9.9.9", "10.0.0.5", "10.0.0.6"
+
+
+def syn(src, dst, sport, dport):
+    return Ether() / IP(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags="S")
+
+
+def rst(src, dst, sport, dport):
+    return Ether() / IP(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags="RA")
+
+
+def synack(src, dst, sport, dport):
+    return Ether() / IP(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags="SA")
+
+
+def feature(flows, name):
+    return flows.features[:, FEATURE_NAMES.index(name)]
+
+
+def test_port_scan_context(tmp_path):
+    """30 ports probed 0.1 s apart: 20 closed (RST), 9 filtered (silence), 1 open (SYN-ACK).
+    Then a second host probed at t=100 s, beyond the 60 s window of the first probes."""
+    pkts, times = [], []
+    for i in range(30):
+        t = 0.1 * i
+        pkts.append(syn(SCANNER, TARGET, 50000, 1 + i))
+        times.append(t)
+        if i < 20:
+            pkts.append(rst(TARGET, SCANNER, 1 + i, 50000))
+            times.append(t + 0.01)
+        elif i == 29:
+            pkts.append(synack(TARGET, SCANNER, 1 + i, 50000))
+            times.append(t + 0.01)
+    pkts.append(syn(SCANNER, OTHER, 50001, 22))
+    times.append(100.0)
+    flows = meter_file(write_pcap(tmp_path / "scan.pcap", pkts, times))
+    assert len(flows) == 31
+    r = flows.records
+    # the last probe of the first sweep (port 30, answered): all 30 probes are in its window
+    last = int(np.flatnonzero((r["dst_port"] == 30))[0])
+    assert feature(flows, "src_host_flows")[last] == 30
+    assert feature(flows, "src_host_distinct_dst_ports")[last] == 30
+    assert feature(flows, "src_host_distinct_dst_hosts")[last] == 1
+    assert feature(flows, "src_host_unanswered_share")[last] == np.float32(29 / 30)
+    assert feature(flows, "dst_host_flows")[last] == 30
+    assert feature(flows, "dst_host_distinct_src_hosts")[last] == 1
+    # the first probe ended at 0.01 s: only itself had started by then
+    first = int(np.flatnonzero(r["dst_port"] == 1)[0])
+    assert feature(flows, "src_host_flows")[first] == 1
+    assert feature(flows, "src_host_unanswered_share")[first] == 1.0
+    # the late probe: the sweep started over 60 s earlier and is out of the window
+    late = len(flows) - 1  # flows come in start order
+    assert r["dst_port"][late] == 22
+    assert feature(flows, "src_host_flows")[late] == 1
+    assert feature(flows, "dst_host_flows")[late] == 1
+
+
+def test_silent_probes_end_by_idle_timeout_with_their_window(tmp_path):
+    """Filtered ports never answer: the flows end by idle timeout, and their context is
+    still computed at their last packet, not at the time they were expired."""
+    pkts = [syn(SCANNER, TARGET, 40000, p) for p in range(1, 11)]
+    times = [float(i) for i in range(10)]
+    pkts.append(syn(OTHER, TARGET, 40000, 80))
+    times.append(500.0)  # far later: every probe has idled out by then
+    flows = meter_file(write_pcap(tmp_path / "quiet.pcap", pkts, times))
+    probes = flows.records["src_lo"] != flows.records["src_lo"][-1]
+    counts = feature(flows, "src_host_flows")[probes]
+    assert counts.tolist() == list(range(1, 11))
+    assert (feature(flows, "src_host_unanswered_share")[probes] == 1.0).all()
