@@ -15,8 +15,13 @@ from .conftest import write_pcap
 
 
 def frames(n=5):
-    return [Ether() / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1000 + i, dport=53)
-            / (b"a" * (10 * i)) for i in range(n)]
+    return [
+        Ether()
+        / IP(src="10.0.0.1", dst="10.0.0.2")
+        / UDP(sport=1000 + i, dport=53)
+        / (b"a" * (10 * i))
+        for i in range(n)
+    ]
 
 
 def pcap_bytes(records, order="<", nanos=False, linktype=1):
@@ -30,9 +35,11 @@ def pcap_bytes(records, order="<", nanos=False, linktype=1):
 
 def read_all(path, **kw):
     batches = list(read_capture(path, **kw))
-    cat = {k: np.concatenate([getattr(b, k) for b in batches])
-           for k in ("caplen", "wirelen", "ts_ns", "linktype", "interface")}
-    cat["bytes"] = [bytes(b.data[o:o + c]) for b in batches for o, c in zip(b.offset, b.caplen)]
+    cat = {
+        k: np.concatenate([getattr(b, k) for b in batches])
+        for k in ("caplen", "wirelen", "ts_ns", "linktype", "interface")
+    }
+    cat["bytes"] = [bytes(b.data[o : o + c]) for b in batches for o, c in zip(b.offset, b.caplen)]
     return cat
 
 
@@ -102,6 +109,7 @@ def test_absurd_record_length_is_damage(tmp_path):
 
 # ---- pcapng --------------------------------------------------------------------------------
 
+
 def _block(btype, body, order="<"):
     body += b"\0" * (-len(body) % 4)
     n = len(body) + 12
@@ -121,19 +129,27 @@ def _idb(linktype, tsresol=None, order="<"):
 
 
 def _epb(iface, ticks, data, order="<"):
-    return _block(6, struct.pack(order + "IIIII", iface, ticks >> 32, ticks & 0xFFFFFFFF,
-                                 len(data), len(data)) + data, order)
+    return _block(
+        6,
+        struct.pack(order + "IIIII", iface, ticks >> 32, ticks & 0xFFFFFFFF, len(data), len(data))
+        + data,
+        order,
+    )
 
 
 @pytest.mark.parametrize("order", ["<", ">"])
 def test_pcapng_interfaces_with_own_link_types_and_resolutions(tmp_path, order):
     eth = bytes(Ether() / IP(src="1.1.1.1", dst="2.2.2.2") / TCP())
     raw = bytes(IP(src="3.3.3.3", dst="4.4.4.4") / UDP())
-    blob = (_shb(order) + _idb(1, None, order) + _idb(101, 9, order)
-            + _epb(0, 1_700_000_000_123_456, eth, order)
-            + _block(5, b"statistics block, no packet", order)
-            + _epb(1, 1_700_000_000_123_456_789, raw, order)
-            + _block(3, struct.pack(order + "I", len(eth)) + eth, order))  # simple packet
+    blob = (
+        _shb(order)
+        + _idb(1, None, order)
+        + _idb(101, 9, order)
+        + _epb(0, 1_700_000_000_123_456, eth, order)
+        + _block(5, b"statistics block, no packet", order)
+        + _epb(1, 1_700_000_000_123_456_789, raw, order)
+        + _block(3, struct.pack(order + "I", len(eth)) + eth, order)
+    )  # simple packet
     path = tmp_path / "multi.pcapng"
     path.write_bytes(blob)
     ours = read_all(path)
@@ -158,7 +174,9 @@ def test_pcapng_damage(tmp_path):
     path = tmp_path / "bad.pcapng"
     path.write_bytes(bad_len)
     got = []
-    with pytest.raises(CaptureError, match=r"bad\.pcapng: block at offset \d+: invalid block length 13"):
+    with pytest.raises(
+        CaptureError, match=r"bad\.pcapng: block at offset \d+: invalid block length 13"
+    ):
         for b in read_capture(path):
             got.append(len(b))
     assert sum(got) == 1

@@ -34,8 +34,12 @@ def test_default_run_on_the_bundled_capture(tmp_path, capsys):
 
 
 def test_console_script_help():
-    res = subprocess.run([sys.executable, "-m", "quietwire.cli", "flows", "--help"],
-                         capture_output=True, text=True, check=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "quietwire.cli", "flows", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "--idle-timeout" in res.stdout and "--format" in res.stdout
 
 
@@ -77,7 +81,9 @@ def test_flow_table_with_another_schema_is_refused(tmp_path, capsys):
 
 def test_bad_option_value_is_one_clear_line(capsys):
     assert main(["flows", "--idle-timeout", "0", "-q"]) == 2
-    assert capsys.readouterr().err.strip() == "quietwire: error: idle_timeout_s must be > 0, got 0.0"
+    assert (
+        capsys.readouterr().err.strip() == "quietwire: error: idle_timeout_s must be > 0, got 0.0"
+    )
 
 
 def test_every_corpus_capture_goes_through(ndpi, tmp_path, capsys):

@@ -48,7 +48,7 @@ def test_port_scan_context(tmp_path):
     assert len(flows) == 31
     r = flows.records
     # the last probe of the first sweep (port 30, answered): all 30 probes are in its window
-    last = int(np.flatnonzero((r["dst_port"] == 30))[0])
+    last = int(np.flatnonzero(r["dst_port"] == 30)[0])
     assert feature(flows, "src_host_flows")[last] == 30
     assert feature(flows, "src_host_distinct_dst_ports")[last] == 30
     assert feature(flows, "src_host_distinct_dst_hosts")[last] == 1

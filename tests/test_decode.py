@@ -5,11 +5,25 @@ from __future__ import annotations
 
 import ipaddress
 
-import numpy as np
 import pytest
 from scapy.all import (
-    ARP, ICMP, IP, PPP, TCP, UDP, CookedLinux, Dot1AD, Dot1Q, Ether, IPv6, IPv6ExtHdrFragment,
-    IPv6ExtHdrHopByHop, Loopback, PPPoE, fragment, wrpcap,
+    ARP,
+    ICMP,
+    IP,
+    PPP,
+    TCP,
+    UDP,
+    CookedLinux,
+    Dot1AD,
+    Dot1Q,
+    Ether,
+    IPv6,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+    Loopback,
+    PPPoE,
+    fragment,
+    wrpcap,
 )
 from scapy.contrib.mpls import MPLS
 
@@ -31,20 +45,27 @@ def addr(hi, lo):
     return str(ip.ipv4_mapped or ip)
 
 
-INNER = IP(src="192.0.2.1", dst="198.51.100.7", ttl=33) / TCP(sport=4321, dport=443, flags="PA", window=999) / (b"z" * 50)
+INNER = (
+    IP(src="192.0.2.1", dst="198.51.100.7", ttl=33)
+    / TCP(sport=4321, dport=443, flags="PA", window=999)
+    / (b"z" * 50)
+)
 
 
-@pytest.mark.parametrize("name,frame,linktype", [
-    ("ethernet", Ether() / INNER, None),
-    ("vlan", Ether() / Dot1Q(vlan=7) / INNER, None),
-    ("qinq", Ether() / Dot1AD(vlan=5) / Dot1Q(vlan=7) / INNER, None),
-    ("mpls", Ether(type=0x8847) / MPLS(label=16, s=0) / MPLS(label=17, s=1) / INNER, None),
-    ("pppoe", Ether() / PPPoE(sessionid=1) / PPP(proto=0x0021) / INNER, None),
-    ("cooked", CookedLinux() / INNER, None),
-    ("null", Loopback(type=2) / INNER, None),
-    ("raw", INNER, 101),
-    ("ppp", PPP(proto=0x0021) / INNER, 9),
-])
+@pytest.mark.parametrize(
+    "name,frame,linktype",
+    [
+        ("ethernet", Ether() / INNER, None),
+        ("vlan", Ether() / Dot1Q(vlan=7) / INNER, None),
+        ("qinq", Ether() / Dot1AD(vlan=5) / Dot1Q(vlan=7) / INNER, None),
+        ("mpls", Ether(type=0x8847) / MPLS(label=16, s=0) / MPLS(label=17, s=1) / INNER, None),
+        ("pppoe", Ether() / PPPoE(sessionid=1) / PPP(proto=0x0021) / INNER, None),
+        ("cooked", CookedLinux() / INNER, None),
+        ("null", Loopback(type=2) / INNER, None),
+        ("raw", INNER, 101),
+        ("ppp", PPP(proto=0x0021) / INNER, 9),
+    ],
+)
 def test_link_types_decode_to_the_same_header_fields(tmp_path, name, frame, linktype):
     path = tmp_path / f"{name}.pcap"
     wrpcap(str(path), [frame], linktype=linktype)
@@ -60,8 +81,11 @@ def test_link_types_decode_to_the_same_header_fields(tmp_path, name, frame, link
 
 def test_ipv6_extension_headers_and_icmp(tmp_path):
     pkts = [
-        Ether() / IPv6(src="2001:db8::1", dst="2001:db8::2", hlim=9) / IPv6ExtHdrHopByHop()
-        / UDP(sport=5353, dport=53) / (b"q" * 12),
+        Ether()
+        / IPv6(src="2001:db8::1", dst="2001:db8::2", hlim=9)
+        / IPv6ExtHdrHopByHop()
+        / UDP(sport=5353, dport=53)
+        / (b"q" * 12),
         Ether() / IP(src="10.1.1.1", dst="10.1.1.2") / ICMP(type=3, code=1),
     ]
     p, stats = decode_file(write_pcap(tmp_path / "v6.pcap", pkts, [1, 2]))
@@ -76,7 +100,9 @@ def test_ipv4_fragments_join_their_flow(tmp_path):
     big = IP(src="10.0.0.1", dst="10.0.0.2", id=77) / UDP(sport=999, dport=53) / (b"x" * 3000)
     frags = fragment(big, fragsize=1000)
     assert len(frags) == 4
-    pkts = [Ether() / f for f in frags] + [Ether() / IP(src="10.0.0.2", dst="10.0.0.1") / UDP(sport=53, dport=999)]
+    pkts = [Ether() / f for f in frags] + [
+        Ether() / IP(src="10.0.0.2", dst="10.0.0.1") / UDP(sport=53, dport=999)
+    ]
     flows = meter_file(write_pcap(tmp_path / "frag.pcap", pkts, [0, 0.001, 0.002, 0.003, 0.01]))
     assert len(flows) == 1
     assert flows.records["packets"][0].tolist() == [4, 1]
@@ -85,11 +111,22 @@ def test_ipv4_fragments_join_their_flow(tmp_path):
 
 def test_ipv6_fragments_join_their_flow(tmp_path):
     base = IPv6(src="2001:db8::1", dst="2001:db8::2") / IPv6ExtHdrFragment(id=5)
-    first = Ether() / IPv6(src="2001:db8::1", dst="2001:db8::2") / IPv6ExtHdrFragment(id=5, m=1, offset=0) / UDP(sport=7, dport=8) / (b"a" * 64)
+    first = (
+        Ether()
+        / IPv6(src="2001:db8::1", dst="2001:db8::2")
+        / IPv6ExtHdrFragment(id=5, m=1, offset=0)
+        / UDP(sport=7, dport=8)
+        / (b"a" * 64)
+    )
     later = Ether() / base.copy() / (b"b" * 64)
     later[IPv6ExtHdrFragment].offset = 9
     later[IPv6ExtHdrFragment].nh = 17
-    orphan = Ether() / IPv6(src="2001:db8::9", dst="2001:db8::2") / IPv6ExtHdrFragment(id=6, offset=9, nh=17) / (b"c" * 8)
+    orphan = (
+        Ether()
+        / IPv6(src="2001:db8::9", dst="2001:db8::2")
+        / IPv6ExtHdrFragment(id=6, offset=9, nh=17)
+        / (b"c" * 8)
+    )
     p, stats = decode_file(write_pcap(tmp_path / "f6.pcap", [first, later, orphan], [0, 1, 2]))
     assert stats.decoded == 2 and stats.errors["fragment_unmatched"] == 1
     assert p.sport.tolist() == [7, 7] and p.dport.tolist() == [8, 8]
