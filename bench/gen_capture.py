@@ -1,7 +1,9 @@
 """Write a synthetic Ethernet/IPv4 pcap of N packets quickly (numpy, no per-packet Python).
 
-Flows are TCP sessions (handshake, data both ways, FIN close) and UDP request/response
-exchanges between random hosts, interleaved in time. Seeded, so a size always gives the same file.
+Flows are TCP sessions (handshake, data both ways, FIN close from both sides) and UDP
+exchanges between random hosts, interleaved in time at about 5,000 packets/s, so a capture of
+a million packets spans 200 s: longer than the idle timeout, which lets the flow table reach
+its steady state. Seeded, so a size always gives the same file.
 
     python bench/gen_capture.py OUT.pcap --packets 1000000
 """
@@ -15,11 +17,13 @@ from pathlib import Path
 import numpy as np
 
 
-def generate(path: Path, packets: int, seed: int = 7, mean_flow_packets: int = 20) -> int:
+def generate(
+    path: Path, packets: int, seed: int = 7, mean_flow_packets: int = 20, rate_pps: float = 5000
+) -> int:
     """Write the capture; return the number of packets written."""
     rng = np.random.default_rng(seed)
     n_flows = max(1, packets // mean_flow_packets)
-    sizes = rng.geometric(1 / mean_flow_packets, n_flows) + 3
+    sizes = rng.geometric(1 / mean_flow_packets, n_flows) + 6
     sizes = sizes[np.cumsum(sizes) <= packets]
     if sizes.sum() < packets:
         sizes = np.r_[sizes, packets - sizes.sum()]
@@ -28,28 +32,31 @@ def generate(path: Path, packets: int, seed: int = 7, mean_flow_packets: int = 2
     flow = np.repeat(np.arange(n_flows), sizes)
     first = np.r_[0, np.cumsum(sizes)[:-1]]
     pos = np.arange(n) - first[flow]  # index of the packet within its flow
-    last = pos == sizes[flow] - 1
+    left = sizes[flow] - 1 - pos  # packets still to come in the flow
 
     tcp_flow = rng.random(n_flows) < 0.8
     client = (10 << 24) + rng.integers(1, 1 << 16, n_flows)
     server = (172 << 24) + (16 << 16) + rng.integers(1, 1 << 12, n_flows)
     cport = rng.integers(32768, 61000, n_flows)
     sport = rng.choice(np.array([80, 443, 22, 25, 8080, 53, 123, 3306]), n_flows)
-    start = np.sort(rng.uniform(0, n / 20000.0, n_flows))  # about 20k packets per second
+    start = np.sort(rng.uniform(0, n / rate_pps, n_flows))
     gaps = rng.exponential(0.02, n)
     gaps[first] = 0
     ts = start[flow] + np.cumsum(gaps) - np.repeat(np.cumsum(gaps)[first], sizes)
 
-    to_server = (pos % 2 == 0) | (pos == 2)
     is_tcp = tcp_flow[flow]
+    to_server = (pos % 2 == 0) | (pos == 2)
+    # TCP closes: FIN from the client, FIN from the server, the client's last ACK.
+    to_server = np.where(is_tcp & (left < 3), left != 1, to_server)
     payload = np.where(to_server, rng.integers(0, 400, n), rng.integers(0, 1400, n))
     flags = np.full(n, 0x18, dtype=np.uint8)  # PSH|ACK
     flags[is_tcp & (pos == 0)] = 0x02  # SYN
     flags[is_tcp & (pos == 1)] = 0x12  # SYN|ACK
     flags[is_tcp & (pos == 2)] = 0x10  # ACK
-    flags[is_tcp & last] = 0x11  # FIN|ACK
-    payload[is_tcp & (pos < 3)] = 0
-    payload[is_tcp & last] = 0
+    flags[is_tcp & (left == 2)] = 0x11  # FIN|ACK
+    flags[is_tcp & (left == 1)] = 0x11
+    flags[is_tcp & (left == 0)] = 0x10
+    payload[is_tcp & ((pos < 3) | (left < 3))] = 0
     l4 = np.where(is_tcp, 20, 8)
     ip_len = 20 + l4 + payload
     frame = 14 + ip_len
@@ -106,8 +113,9 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--packets", type=int, default=1_000_000)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--rate", type=float, default=5000, help="packets per second")
     args = parser.parse_args()
-    n = generate(args.out, args.packets, args.seed)
+    n = generate(args.out, args.packets, args.seed, rate_pps=args.rate)
     print(f"wrote {n} packets to {args.out} ({args.out.stat().st_size / 1e6:.0f} MB)")
 
 

@@ -49,6 +49,7 @@ def test_tcp_session_statistics_by_hand(tmp_path):
     assert r["ip_bytes"][0].tolist() == [sum(ip_c2s), sum(ip_s2c)]
     assert r["bytes"][0].tolist() == [sum(ip_c2s) + 5 * 14, sum(ip_s2c) + 3 * 14]
     assert r["payload_bytes"][0].tolist() == [100, 300]
+    assert r["payload_packets"][0].tolist() == [1, 1]
     assert r["syn_packets"][0].tolist() == [1, 1]
     assert r["fin_packets"][0].tolist() == [1, 1]
     assert r["ack_packets"][0].tolist() == [4, 3]

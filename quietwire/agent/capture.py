@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 CHUNK_BYTES = 8 << 20
+PAD = 16  # zero bytes after each buffer's data (see PacketBatch.data)
 # No real capture has a packet this large; a bigger length means the file is damaged.
 MAX_RECORD_BYTES = 1 << 18
 
@@ -36,7 +37,7 @@ class CaptureError(Exception):
 class PacketBatch:
     """Packets as columns over one shared byte buffer."""
 
-    data: np.ndarray  # uint8, the bytes the offsets point into
+    data: np.ndarray  # uint8, the bytes the offsets point into, then >= PAD zero bytes
     offset: np.ndarray  # int64, start of each packet's first byte (link layer) in data
     caplen: np.ndarray  # int64, bytes captured
     wirelen: np.ndarray  # int64, bytes on the wire
@@ -87,6 +88,32 @@ def read_capture(
             raise CaptureError(f"{path}: not a pcap or pcapng capture (magic {head.hex()})")
 
 
+class _Chunks:
+    """A file read in chunks into fresh buffers; the unconsumed tail of one chunk (a record cut
+    by the chunk boundary) starts the next. PAD zero bytes follow the data, so header fields
+    can be read a few bytes past the end without a bounds check per record."""
+
+    def __init__(self, handle, chunk_bytes: int, start: bytes = b"") -> None:
+        self._handle = handle
+        self._size = chunk_bytes
+        self._pending = start
+        self.eof = False
+
+    def next(self) -> tuple[bytearray, int]:
+        """The next buffer and the number of valid bytes in it."""
+        n = len(self._pending)
+        buf = bytearray(n + self._size + PAD)
+        buf[:n] = self._pending
+        got = self._handle.readinto(memoryview(buf)[n : n + self._size]) or 0
+        self.eof = got == 0
+        return buf, n + got
+
+    def keep(self, buf: bytearray, start: int, end: int) -> int:
+        """Carry buf[start:end] over to the next chunk; return how many bytes that is."""
+        self._pending = bytes(buf[start:end])
+        return end - start
+
+
 def _read_pcap(path: Path, handle, magic: bytes, chunk_bytes: int, on_progress):
     order, frac_to_ns = PCAP_MAGIC[magic]
     header = magic + handle.read(20)
@@ -94,38 +121,36 @@ def _read_pcap(path: Path, handle, magic: bytes, chunk_bytes: int, on_progress):
         raise CaptureError(f"{path}: truncated pcap file header ({len(header)} of 24 bytes)")
     linktype = struct.unpack(order + "I", header[20:24])[0] & 0x0FFFFFFF
     caplen_at = struct.Struct(order + "I").unpack_from
+    chunks = _Chunks(handle, chunk_bytes)
     file_pos = 24
-    pending = b""
     while True:
-        chunk = handle.read(chunk_bytes)
-        buf = pending + chunk
-        end = len(buf)
-        starts = []
+        buf, end = chunks.next()
+        starts: list[int] = []
         append = starts.append
         off = 0
-        while off + 16 <= end:
-            incl = caplen_at(buf, off + 8)[0]
-            if incl > MAX_RECORD_BYTES:
-                yield from _pcap_batch(buf, starts, order, frac_to_ns, linktype)
-                raise CaptureError(
-                    f"{path}: record at offset {file_pos + off}: captured length {incl} "
-                    f"exceeds {MAX_RECORD_BYTES} bytes (damaged file)"
-                )
-            nxt = off + 16 + incl
+        # The hot loop: one header read per record. Past `end` the padding reads as a zero
+        # length, so a partial header also stops it.
+        while True:
+            nxt = off + 16 + caplen_at(buf, off + 8)[0]
             if nxt > end:
                 break
             append(off)
             off = nxt
         yield from _pcap_batch(buf, starts, order, frac_to_ns, linktype)
-        pending = buf[off:]
+        if off + 16 <= end and caplen_at(buf, off + 8)[0] > MAX_RECORD_BYTES:
+            raise CaptureError(
+                f"{path}: record at offset {file_pos + off}: captured length "
+                f"{caplen_at(buf, off + 8)[0]} exceeds {MAX_RECORD_BYTES} bytes (damaged file)"
+            )
+        left = chunks.keep(buf, off, end)
         file_pos += off
         if on_progress:
             on_progress(file_pos)
-        if not chunk:
-            if pending:
+        if chunks.eof:
+            if left:
                 raise CaptureError(
                     f"{path}: truncated record at offset {file_pos} "
-                    f"({len(pending)} bytes left, file ends mid-packet)"
+                    f"({left} bytes left, file ends mid-packet)"
                 )
             return
 
@@ -161,16 +186,12 @@ class _Interface:
 
 
 def _read_pcapng(path: Path, handle, head: bytes, chunk_bytes: int, on_progress):
-    pending = head
+    chunks = _Chunks(handle, chunk_bytes, start=head)
     file_pos = 0
     order = "<"
     interfaces: list[_Interface] = []
-    eof = False
     while True:
-        chunk = handle.read(chunk_bytes)
-        eof = not chunk
-        buf = pending + chunk
-        end = len(buf)
+        buf, end = chunks.next()
         names = ("offset", "caplen", "wirelen", "ticks", "interface")
         cols: dict[str, list] = {k: [] for k in names}
         off = 0
@@ -178,8 +199,8 @@ def _read_pcapng(path: Path, handle, head: bytes, chunk_bytes: int, on_progress)
             while off + 12 <= end:
                 btype = struct.unpack_from(order + "I", buf, off)[0]
                 if btype == PCAPNG_SHB:
-                    bom = buf[off + 8 : off + 12]
-                    if len(bom) < 4:
+                    bom = bytes(buf[off + 8 : off + 12])
+                    if off + 12 > end:
                         break
                     if bom == b"\x4d\x3c\x2b\x1a":
                         order = "<"
@@ -205,15 +226,15 @@ def _read_pcapng(path: Path, handle, head: bytes, chunk_bytes: int, on_progress)
             yield from _pcapng_batch(buf, cols, interfaces)
             raise
         yield from _pcapng_batch(buf, cols, interfaces)
-        pending = buf[off:]
+        left = chunks.keep(buf, off, end)
         file_pos += off
         if on_progress:
             on_progress(file_pos)
-        if eof:
-            if pending:
+        if chunks.eof:
+            if left:
                 raise CaptureError(
                     f"{path}: truncated block at offset {file_pos} "
-                    f"({len(pending)} bytes left, file ends mid-block)"
+                    f"({left} bytes left, file ends mid-block)"
                 )
             return
 

@@ -98,28 +98,40 @@ class HostContext:
         out = np.zeros((len(flows), len(CONTEXT_FEATURES)), dtype=np.float32)
         if len(flows) == 0 or len(self) == 0:
             return out
-        c = self._cols
         w = int(self.config.window_s * 1e6)
         t = flows["last_ns"] // _US
+        # Only starts inside some query's window can count; later starts do not change the
+        # "next start of the pair" of earlier ones as far as any query can see.
+        lo, hi = int(t.min()) - w, int(t.max())
+        c = self._cols
+        in_time = (c["start"] > lo) & (c["start"] <= hi)
         q_src = host_hash(flows["src_hi"], flows["src_lo"])
         q_dst = host_hash(flows["dst_hi"], flows["dst_lo"])
-        start = c["start"]
+
+        # Per client host: only its own records matter (all of a (client, peer) pair's
+        # records share the client, so "next start of the pair" is exact within the subset).
+        keep = in_time & np.isin(c["src"], q_src)
+        src, start = c["src"][keep], c["start"][keep]
         window_end = start + w
-        pair_next = _next_start(host_hash(c["src"], c["dst"]), start)
-        port_next = _next_start(host_hash(c["src"], c["port"]), start)
-        base = min(int(start.min()), int(t.min())) - 1
-
-        def count(group, s, e, q_group, q_t):
-            return _covering(group, s, np.maximum(e, s), q_group, q_t, base)
-
-        src_flows = count(c["src"], start, window_end, q_src, t)
+        pair_end = np.minimum(_next_start(host_hash(src, c["dst"][keep]), start), window_end)
+        port_end = np.minimum(_next_start(host_hash(src, c["port"][keep]), start), window_end)
+        answered_from = np.minimum(np.maximum(start, c["answered"][keep]), window_end)
+        by_src = _Windows(src, q_src, t, lo)
+        src_flows = by_src.count(start, window_end)
         out[:, 0] = src_flows
-        out[:, 1] = count(c["src"], start, np.minimum(pair_next, window_end), q_src, t)
-        out[:, 2] = count(c["src"], start, np.minimum(port_next, window_end), q_src, t)
-        answered = count(c["src"], np.maximum(start, c["answered"]), window_end, q_src, t)
+        out[:, 1] = by_src.count(start, pair_end)
+        out[:, 2] = by_src.count(start, port_end)
+        answered = by_src.count(answered_from, window_end)
         out[:, 3] = np.where(src_flows > 0, 1.0 - answered / np.maximum(src_flows, 1), 0.0)
-        out[:, 4] = count(c["dst"], start, window_end, q_dst, t)
-        out[:, 5] = count(c["dst"], start, np.minimum(pair_next, window_end), q_dst, t)
+
+        # Per server host, likewise.
+        keep = in_time & np.isin(c["dst"], q_dst)
+        dst, start = c["dst"][keep], c["start"][keep]
+        window_end = start + w
+        pair_end = np.minimum(_next_start(host_hash(c["src"][keep], dst), start), window_end)
+        by_dst = _Windows(dst, q_dst, t, lo)
+        out[:, 4] = by_dst.count(start, window_end)
+        out[:, 5] = by_dst.count(start, pair_end)
         return out
 
 
@@ -139,16 +151,26 @@ def _next_start(key: np.ndarray, start: np.ndarray) -> np.ndarray:
     return out
 
 
-def _covering(group, s, e, q_group, q_t, base) -> np.ndarray:
-    """For each query (group, t): how many intervals [s, e) of the same group contain t."""
-    groups, inverse = np.unique(np.concatenate([group, q_group]), return_inverse=True)
-    g, qg = inverse[: len(group)].astype(np.int64), inverse[len(group) :].astype(np.int64)
-    limit = (1 << _TIME_BITS) - 1
+class _Windows:
+    """Counts, per query (host, time t), the intervals [s, e) of the same host containing t.
 
-    def key(gr, time):
-        return (gr << _TIME_BITS) | np.clip(time - base, 0, limit)
+    Host and time are packed into one sortable int64 (dense host id, then microseconds since
+    ``base``), so each count is two sorts and two binary searches.
+    """
 
-    starts = np.sort(key(g, s))
-    ends = np.sort(key(g, e))
-    q = key(qg, q_t)
-    return np.searchsorted(starts, q, side="right") - np.searchsorted(ends, q, side="right")
+    def __init__(self, host: np.ndarray, q_host: np.ndarray, q_t: np.ndarray, base: int) -> None:
+        _, inverse = np.unique(np.concatenate([host, q_host]), return_inverse=True)
+        self._g = inverse[: len(host)].astype(np.int64) << _TIME_BITS
+        self._base = base
+        self._q = self._key(inverse[len(host) :].astype(np.int64) << _TIME_BITS, q_t)
+
+    def _key(self, g: np.ndarray, time: np.ndarray) -> np.ndarray:
+        return g | np.clip(time - self._base, 0, (1 << _TIME_BITS) - 1)
+
+    def count(self, s: np.ndarray, e: np.ndarray) -> np.ndarray:
+        e = np.maximum(e, s)  # an empty interval counts nowhere
+        starts = np.sort(self._key(self._g, s))
+        ends = np.sort(self._key(self._g, e))
+        return np.searchsorted(starts, self._q, side="right") - np.searchsorted(
+            ends, self._q, side="right"
+        )

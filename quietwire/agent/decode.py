@@ -96,18 +96,19 @@ class _Bytes:
     """Big-endian integers read at arbitrary byte positions of a buffer, many at once.
 
     Unaligned strided views (stride 1) let one fancy-index read a field for every packet
-    without building a per-packet byte matrix. Positions past the buffer read as clipped;
-    callers check ``pos + width <= end`` against each packet's captured end themselves.
+    without building a per-packet byte matrix. Positions past the data are clipped into the
+    padding; callers check ``pos + width <= end`` against each packet's captured end.
     """
 
-    def __init__(self, data: np.ndarray) -> None:
-        raw = np.concatenate([data, np.zeros(8, dtype=np.uint8)])  # padding for the widest read
-        self._last = len(data) - 1
+    def __init__(self, data: np.ndarray, data_end: int) -> None:
+        if len(data) - data_end < 8:  # sources pad their buffers; copy only if one did not
+            data = np.concatenate([data[:data_end], np.zeros(8, dtype=np.uint8)])
+        self._last = len(data) - 8
         self._views = {
-            w: np.ndarray((len(data),), dtype=f">u{w}", buffer=raw, offset=0, strides=(1,))
+            w: np.ndarray((len(data) - 7,), dtype=f">u{w}", buffer=data, offset=0, strides=(1,))
             for w in (2, 4, 8)
         }
-        self._u8 = raw
+        self._u8 = data
 
     def _at(self, pos: np.ndarray) -> np.ndarray:
         return np.clip(pos, 0, self._last)
@@ -135,8 +136,8 @@ class Decoder:
     def decode(self, batch: PacketBatch) -> tuple[Packets, DecodeStats]:
         """Decode one batch; return the IP packets and the counts of what was dropped."""
         stats = DecodeStats(packets=len(batch), bytes=int(batch.wirelen.sum()))
-        rd = _Bytes(batch.data)
         end = batch.offset + batch.caplen
+        rd = _Bytes(batch.data, int(end.max()) if len(end) else 0)
         n = len(batch)
 
         l3, ethertype, link_ok = _link_layer(batch, rd)

@@ -478,6 +478,7 @@ class FlowTable:
         payload = p.payload_len[order]
         ttl = p.ttl[order]
         window = p.tcp_window[order]
+        flag_bits = ((flags[None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1).astype(np.int64)
         for direction in (0, 1):
             m = d == direction
             mi = m.astype(np.int64)
@@ -487,17 +488,18 @@ class FlowTable:
             c["ip_bytes"][sl] += np.add.reduceat(ip_len * mi, run_start)
             c["header_bytes"][sl] += np.add.reduceat(hdr * mi, run_start)
             c["payload_bytes"][sl] += np.add.reduceat(payload * mi, run_start)
-            has_payload = ((payload > 0) & m).astype(np.int64)
-            c["payload_packets"][sl] += np.add.reduceat(has_payload, run_start)
+            with_payload = ((payload > 0) & m).astype(np.int64)
+            c["payload_packets"][sl] += np.add.reduceat(with_payload, run_start)
             lf = ip_len.astype(np.float64) * mi
             c["len_sum"][sl] += np.add.reduceat(lf, run_start)
             c["len_sumsq"][sl] += np.add.reduceat(lf * lf, run_start)
             _fold_extreme(c["len_min"], sl, np.minimum, np.where(m, ip_len, NEVER), run_start)
             _fold_extreme(c["len_max"], sl, np.maximum, np.where(m, ip_len, -1), run_start)
             _fold_extreme(c["ttl_min"], sl, np.minimum, np.where(m, ttl, 256), run_start)
+            # The eight TCP flag counts in one (8, n) reduction.
+            flag_sums = np.add.reduceat(flag_bits * mi, run_start, axis=1)
             for bit, name in enumerate(TCP_FLAG_NAMES):
-                hit = (((flags >> bit) & 1) > 0) & m
-                c[f"{name}_packets"][sl] += np.add.reduceat(hit.astype(np.int64), run_start)
+                c[f"{name}_packets"][sl] += flag_sums[bit]
 
             # Per-direction times: the packets of this direction, still grouped by run.
             sel = np.flatnonzero(m)
