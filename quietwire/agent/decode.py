@@ -318,7 +318,7 @@ def _link_layer(batch: PacketBatch, rd: _Bytes) -> tuple[np.ndarray, np.ndarray,
     ethertype = np.zeros(n, dtype=np.int64)
     known = np.zeros(n, dtype=bool)
     for linktype in np.unique(batch.linktype).tolist():
-        sel = np.flatnonzero(batch.linktype == linktype) if len(l3) else l3
+        sel = np.flatnonzero(batch.linktype == linktype)
         pos = batch.offset[sel]
         if linktype == 1:  # Ethernet, then any depth of 802.1Q/802.1ad tags
             l3_sel = pos + 14

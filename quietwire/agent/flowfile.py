@@ -50,21 +50,26 @@ class FlowFileError(Exception):
 
 
 def format_ips(version: np.ndarray, hi: np.ndarray, lo: np.ndarray) -> list[str]:
-    """Text addresses (dotted quad for IPv4, RFC 5952 for IPv6)."""
-    out = []
-    for v, h, low in zip(version.tolist(), hi.tolist(), lo.tolist()):
-        if v == 4:
-            out.append(str(ipaddress.IPv4Address(low & 0xFFFFFFFF)))
-        else:
-            out.append(str(ipaddress.IPv6Address((h << 64) | low)))
-    return out
+    """Text addresses (dotted quad for IPv4, RFC 5952 for IPv6), each distinct one formatted
+    once."""
+    keys = np.stack([hi, lo, version.astype(np.uint64)], axis=1)
+    uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+    text = [
+        str(ipaddress.IPv4Address(low & 0xFFFFFFFF))
+        if v == 4
+        else str(ipaddress.IPv6Address((h << 64) | low))
+        for h, low, v in uniq.tolist()
+    ]
+    return [text[i] for i in inverse.reshape(-1).tolist()]
 
 
 def _iso(ns: np.ndarray) -> list[str]:
+    """ISO 8601 UTC timestamps with microseconds (EVE's format)."""
+    seconds, micros = np.divmod(ns // 1000, 1_000_000)
+    uniq, inverse = np.unique(seconds, return_inverse=True)
+    stamps = [datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S") for t in uniq.tolist()]
     return [
-        datetime.fromtimestamp(t // 1_000_000_000, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        + f".{(t % 1_000_000_000) // 1000:06d}+0000"
-        for t in ns.tolist()
+        f"{stamps[i]}.{us:06d}+0000" for i, us in zip(inverse.reshape(-1).tolist(), micros.tolist())
     ]
 
 
@@ -103,8 +108,8 @@ class FlowWriter:
         self._fmt = fmt
         self.rows = 0
         if fmt == "csv":
-            self._csv = csv.writer(out, lineterminator="\n")
-            self._csv.writerow((*ID_FIELDS, *FEATURE_NAMES))
+            out.write(",".join((*ID_FIELDS, *FEATURE_NAMES)) + "\n")
+            self._float_row = ",".join(["%.9g"] * len(FEATURE_NAMES))
 
     def write(self, flows: MeteredFlows) -> None:
         if len(flows) == 0:
@@ -113,8 +118,13 @@ class FlowWriter:
         id_rows = zip(*(ident[k] for k in ID_FIELDS))
         feats = flows.features.tolist()
         if self._fmt == "csv":
-            self._csv.writerows(
-                (*ids, *("" if math.isnan(x) else repr(x) for x in f))
+            # No identity field can hold a comma or a quote (numbers, addresses, base64,
+            # timestamps, names), so rows are joined directly; '%.9g' round-trips float32.
+            self._out.writelines(
+                ",".join("" if v is None else str(v) for v in ids)
+                + ","
+                + (self._float_row % tuple(f)).replace("nan", "")
+                + "\n"
                 for ids, f in zip(id_rows, feats)
             )
         else:
