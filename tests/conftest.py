@@ -35,7 +35,8 @@ def write_pcap(path: Path, packets: list, times: list[float]) -> Path:
 
 def meter_file(path: Path, chunk_bytes: int = 8 << 20, **config) -> MeteredFlows:
     """Every flow of a capture, in flow-start order, with features."""
-    from quietwire.agent.flows import FlowConfig, FlowRecords
+    from quietwire.agent.flowrecords import FlowRecords
+    from quietwire.agent.flows import FlowConfig
 
     meter = FlowMeter(FlowConfig(**config) if config else None, seed=1)
     parts = [meter.add(b) for b in read_capture(path, chunk_bytes=chunk_bytes)]

@@ -11,7 +11,8 @@ import pytest
 from scapy.all import IP, TCP, UDP, Ether, RandIP
 
 from quietwire.agent.flowfile import identity_columns
-from quietwire.agent.flows import END_REASONS, FlowConfig, FlowTable
+from quietwire.agent.flowrecords import END_REASONS
+from quietwire.agent.flows import FlowConfig, FlowTable
 
 from .conftest import meter_file, write_pcap
 from .ndpi_results import ndpi_flows

@@ -7,7 +7,7 @@ import base64
 import hashlib
 import struct
 
-from .flows import FlowRecords
+from .flowrecords import FlowRecords
 
 # ICMP type -> the type of the reply that makes it two-way (Zeek's counterpart tables).
 _ICMP4_COUNTERPART = {8: 0, 0: 8, 13: 14, 14: 13, 15: 16, 16: 15, 10: 9, 9: 10, 17: 18, 18: 17}

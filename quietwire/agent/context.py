@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .flows import NEVER, FlowRecords, FlowUpdate, host_hash
+from .flowrecords import NEVER, FlowRecords, FlowUpdate
+from .flows import host_hash
 
 CONTEXT_FEATURES = (
     "src_host_flows",

@@ -19,7 +19,7 @@ import numpy as np
 
 from .context import CONTEXT_FEATURES
 from .decode import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, TCP_FLAG_NAMES
-from .flows import NS, FlowRecords
+from .flowrecords import NS, FlowRecords
 
 SCHEMA_NAME = "quietwire.flow"
 SCHEMA_VERSION = 1

@@ -20,7 +20,7 @@ import numpy as np
 
 from .communityid import flow_community_ids
 from .features import FEATURE_NAMES, SCHEMA_HASH
-from .flows import END_REASONS, FlowRecords
+from .flowrecords import END_REASONS, FlowRecords
 from .meter import MeteredFlows
 
 PROTO_NAMES = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "IPv6-ICMP", 132: "SCTP"}

@@ -19,11 +19,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from .decode import ACK, FIN, RST, SYN, TCP_FLAG_NAMES, Packets
-
-NS = 1_000_000_000
-NEVER = np.iinfo(np.int64).max
-END_REASONS = ("idle_timeout", "active_timeout", "tcp_end", "evicted", "end_of_input")
-IDLE, ACTIVE, TCP_END, EVICTED, END_OF_INPUT = range(len(END_REASONS))
+from .flowrecords import (
+    ACTIVE,
+    COLUMNS,
+    END_OF_INPUT,
+    EVICTED,
+    IDLE,
+    NEVER,
+    NS,
+    TCP_END,
+    FlowRecords,
+    FlowUpdate,
+    empty_records,
+)
 
 
 @dataclass(frozen=True)
@@ -41,92 +49,6 @@ class FlowConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.max_flows < 1:
             raise ValueError(f"max_flows must be >= 1, got {self.max_flows!r}")
-
-
-# Table columns: name -> (dtype, initial value, per direction?). Direction 0 is client to
-# server (src2dst), 1 is server to client (dst2src).
-_COLUMNS: dict[str, tuple[str, float, bool]] = {
-    "seq": ("i8", -1, False),
-    "ip_version": ("u1", 0, False),
-    "src_hi": ("u8", 0, False),
-    "src_lo": ("u8", 0, False),
-    "dst_hi": ("u8", 0, False),
-    "dst_lo": ("u8", 0, False),
-    "src_port": ("i4", 0, False),
-    "dst_port": ("i4", 0, False),
-    "proto": ("u1", 0, False),
-    "interface": ("i4", 0, False),
-    "icmp_type": ("i2", -1, False),
-    "icmp_code": ("i2", -1, False),
-    "swapped": ("?", False, False),  # client is the canonical key's second endpoint
-    "first_ns": ("i8", 0, False),
-    "last_ns": ("i8", 0, False),
-    "answered_ns": ("i8", NEVER, False),
-    "iat_sum": ("f8", 0.0, False),
-    "iat_sumsq": ("f8", 0.0, False),
-    "iat_min": ("i8", NEVER, False),
-    "iat_max": ("i8", -1, False),
-    "end_reason": ("i1", -1, False),
-    "packets": ("i8", 0, True),
-    "bytes": ("i8", 0, True),
-    "ip_bytes": ("i8", 0, True),
-    "header_bytes": ("i8", 0, True),
-    "payload_bytes": ("i8", 0, True),
-    "payload_packets": ("i8", 0, True),
-    "len_sum": ("f8", 0.0, True),
-    "len_sumsq": ("f8", 0.0, True),
-    "len_min": ("i8", NEVER, True),
-    "len_max": ("i8", -1, True),
-    "dir_first_ns": ("i8", NEVER, True),
-    "dir_last_ns": ("i8", -1, True),
-    "dir_iat_sum": ("f8", 0.0, True),
-    "dir_iat_sumsq": ("f8", 0.0, True),
-    "dir_iat_min": ("i8", NEVER, True),
-    "dir_iat_max": ("i8", -1, True),
-    "ttl_min": ("i2", 256, True),
-    "init_window": ("i4", -1, True),
-    **{f"{flag}_packets": ("i8", 0, True) for flag in TCP_FLAG_NAMES},
-}
-
-
-@dataclass(frozen=True)
-class FlowRecords:
-    """Ended (or still open) flows as columns; see _COLUMNS for names. Per-direction columns
-    have shape (n, 2): [:, 0] client to server, [:, 1] server to client."""
-
-    columns: dict[str, np.ndarray]
-
-    def __len__(self) -> int:
-        return len(self.columns["seq"])
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        return self.columns[name]
-
-    def take(self, index: np.ndarray) -> FlowRecords:
-        return FlowRecords({k: v[index] for k, v in self.columns.items()})
-
-    @staticmethod
-    def concat(parts: list[FlowRecords]) -> FlowRecords:
-        parts = [p for p in parts if len(p)]
-        if not parts:
-            return empty_records()
-        return FlowRecords({k: np.concatenate([p.columns[k] for p in parts]) for k in _COLUMNS})
-
-
-def empty_records() -> FlowRecords:
-    return FlowRecords(
-        {k: np.zeros((0, 2) if d else 0, dtype=t) for k, (t, _, d) in _COLUMNS.items()}
-    )
-
-
-@dataclass(frozen=True)
-class FlowUpdate:
-    """What one batch did: flows that ended, flows that started, flows first answered."""
-
-    ended: FlowRecords
-    started: FlowRecords
-    answered_seq: np.ndarray
-    answered_ns: np.ndarray
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -165,7 +87,7 @@ class FlowTable:
         if need <= self._capacity:
             return
         new_cap = max(need, 2 * self._capacity)
-        for name, (dtype, init, per_dir) in _COLUMNS.items():
+        for name, (dtype, init, per_dir) in COLUMNS.items():
             shape = (new_cap, 2) if per_dir else (new_cap,)
             col = np.full(shape, init, dtype=dtype)
             if self._capacity:
@@ -193,7 +115,7 @@ class FlowTable:
         if registered:
             for h in self._key_hash[slots].tolist():
                 del self._slot_of[h]
-        for name, (_, init, _) in _COLUMNS.items():
+        for name, (_, init, _) in COLUMNS.items():
             self._cols[name][slots] = init
         self._free.extend(slots.tolist())
         return out

@@ -15,7 +15,8 @@ from .capture import PacketBatch
 from .context import ContextConfig, HostContext
 from .decode import Decoder, DecodeStats
 from .features import extract
-from .flows import END_REASONS, FlowConfig, FlowRecords, FlowTable
+from .flowrecords import END_REASONS, FlowRecords
+from .flows import FlowConfig, FlowTable
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,104 @@
+"""Flow records: the columns one flow's state is kept in, and batches of flows as columns.
+
+The flow table (flows.py) holds open flows in these columns; ended flows leave it as
+FlowRecords, which the context, features and output stages read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .decode import TCP_FLAG_NAMES
+
+NS = 1_000_000_000
+NEVER = np.iinfo(np.int64).max
+END_REASONS = ("idle_timeout", "active_timeout", "tcp_end", "evicted", "end_of_input")
+IDLE, ACTIVE, TCP_END, EVICTED, END_OF_INPUT = range(len(END_REASONS))
+
+
+# Table columns: name -> (dtype, initial value, per direction?). Direction 0 is client to
+# server (src2dst), 1 is server to client (dst2src).
+COLUMNS: dict[str, tuple[str, float, bool]] = {
+    "seq": ("i8", -1, False),
+    "ip_version": ("u1", 0, False),
+    "src_hi": ("u8", 0, False),
+    "src_lo": ("u8", 0, False),
+    "dst_hi": ("u8", 0, False),
+    "dst_lo": ("u8", 0, False),
+    "src_port": ("i4", 0, False),
+    "dst_port": ("i4", 0, False),
+    "proto": ("u1", 0, False),
+    "interface": ("i4", 0, False),
+    "icmp_type": ("i2", -1, False),
+    "icmp_code": ("i2", -1, False),
+    "swapped": ("?", False, False),  # client is the canonical key's second endpoint
+    "first_ns": ("i8", 0, False),
+    "last_ns": ("i8", 0, False),
+    "answered_ns": ("i8", NEVER, False),
+    "iat_sum": ("f8", 0.0, False),
+    "iat_sumsq": ("f8", 0.0, False),
+    "iat_min": ("i8", NEVER, False),
+    "iat_max": ("i8", -1, False),
+    "end_reason": ("i1", -1, False),
+    "packets": ("i8", 0, True),
+    "bytes": ("i8", 0, True),
+    "ip_bytes": ("i8", 0, True),
+    "header_bytes": ("i8", 0, True),
+    "payload_bytes": ("i8", 0, True),
+    "payload_packets": ("i8", 0, True),
+    "len_sum": ("f8", 0.0, True),
+    "len_sumsq": ("f8", 0.0, True),
+    "len_min": ("i8", NEVER, True),
+    "len_max": ("i8", -1, True),
+    "dir_first_ns": ("i8", NEVER, True),
+    "dir_last_ns": ("i8", -1, True),
+    "dir_iat_sum": ("f8", 0.0, True),
+    "dir_iat_sumsq": ("f8", 0.0, True),
+    "dir_iat_min": ("i8", NEVER, True),
+    "dir_iat_max": ("i8", -1, True),
+    "ttl_min": ("i2", 256, True),
+    "init_window": ("i4", -1, True),
+    **{f"{flag}_packets": ("i8", 0, True) for flag in TCP_FLAG_NAMES},
+}
+
+
+@dataclass(frozen=True)
+class FlowRecords:
+    """Ended (or still open) flows as columns; see COLUMNS for names. Per-direction columns
+    have shape (n, 2): [:, 0] client to server, [:, 1] server to client."""
+
+    columns: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.columns["seq"])
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.columns[name]
+
+    def take(self, index: np.ndarray) -> FlowRecords:
+        return FlowRecords({k: v[index] for k, v in self.columns.items()})
+
+    @staticmethod
+    def concat(parts: list[FlowRecords]) -> FlowRecords:
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return empty_records()
+        return FlowRecords({k: np.concatenate([p.columns[k] for p in parts]) for k in COLUMNS})
+
+
+def empty_records() -> FlowRecords:
+    return FlowRecords(
+        {k: np.zeros((0, 2) if d else 0, dtype=t) for k, (t, _, d) in COLUMNS.items()}
+    )
+
+
+@dataclass(frozen=True)
+class FlowUpdate:
+    """What one batch did: flows that ended, flows that started, flows first answered."""
+
+    ended: FlowRecords
+    started: FlowRecords
+    answered_seq: np.ndarray
+    answered_ns: np.ndarray
