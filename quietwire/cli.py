@@ -12,10 +12,11 @@ from pathlib import Path
 from . import __version__
 from .agent.capture import CaptureError, read_capture
 from .agent.context import ContextConfig
-from .agent.features import SCHEMA, SCHEMA_HASH, SCHEMA_NAME, SCHEMA_VERSION
+from .agent.features import FEATURE_NAMES, SCHEMA, SCHEMA_HASH, SCHEMA_NAME, SCHEMA_VERSION
 from .agent.flowfile import FORMATS, FlowFileError, FlowWriter
 from .agent.flows import FlowConfig
 from .agent.meter import FlowMeter
+from .agent.model import DEFAULT_MODEL, ModelError, ScoringModel
 
 DEFAULT_CAPTURE = Path(__file__).parent / "data" / "sample.pcap"
 
@@ -69,8 +70,16 @@ def cmd_flows(args: argparse.Namespace) -> int:
         except OSError as exc:
             _error(f"{args.output}: cannot write: {exc.strerror}")
             return 2
+    model = None
+    if args.score or args.model:
+        try:
+            model = ScoringModel(args.model or DEFAULT_MODEL)
+        except ModelError as exc:
+            _error(str(exc))
+            return 2
     progress = _Progress(sys.stderr.isatty() and not args.quiet)
-    writer = FlowWriter(out, fmt)
+    writer = FlowWriter(out, fmt, scored=model is not None)
+    alerts = 0
     failed = False
     started = time.perf_counter()
     packets = flows = 0
@@ -83,12 +92,13 @@ def cmd_flows(args: argparse.Namespace) -> int:
 
         try:
             for batch in read_capture(path, on_progress=on_progress):
-                writer.write(meter.add(batch))
+                alerts += _write(writer, meter.add(batch), model, args.fpr)
         except CaptureError as exc:
             progress.done()
             _error(str(exc))
             failed = True
-        writer.write(meter.flush())  # what was decoded before any damage is still written
+        # What was decoded before any damage is still written.
+        alerts += _write(writer, meter.flush(), model, args.fpr)
         progress.done()
         st = meter.stats
         packets += st.decode.packets
@@ -103,6 +113,12 @@ def cmd_flows(args: argparse.Namespace) -> int:
     if out is not sys.stdout:
         out.close()
     elapsed = time.perf_counter() - started
+    if not args.quiet and model is not None:
+        print(
+            f"model {model.path.name} ({model.version}): {alerts} flows above the threshold "
+            f"for FPR {args.fpr:g} ({model.threshold(args.fpr):.4g})",
+            file=sys.stderr,
+        )
     if not args.quiet:
         print(
             f"total: {packets} packets, {flows} flows in {elapsed:.2f} s "
@@ -113,6 +129,16 @@ def cmd_flows(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _write(writer: FlowWriter, flows, model, fpr: float) -> int:
+    """Write flows (scored when there is a model); return how many exceed the threshold."""
+    if model is None:
+        writer.write(flows)
+        return 0
+    scores = model.score(flows.features)
+    writer.write(flows, scores)
+    return int((scores.score > model.threshold(fpr)).sum())
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     print(
         f"# {SCHEMA_NAME} v{SCHEMA_VERSION}, schema hash {SCHEMA_HASH}, "
@@ -121,6 +147,125 @@ def cmd_schema(args: argparse.Namespace) -> int:
     for f in SCHEMA:
         print(f"{f.name}\t{f.unit}\t{'nullable' if f.nullable else '-'}\t{f.description}")
     return 0
+
+
+def _trainer():
+    """The trainer package, or an error line if its extra (torch) is not installed."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        _error("this command needs the trainer: pip install 'quietwire[train]'")
+        return None
+    from . import trainer
+
+    return trainer
+
+
+class _Steps:
+    """Training progress on a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __call__(self, name: str, step: int, total: int) -> None:
+        if self.enabled:
+            end = "\n" if step == total else ""
+            print(f"\r{name:>16}: step {step}/{total}", end=end, file=sys.stderr, flush=True)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if _trainer() is None:
+        return 2
+    from .trainer.data import load_benign, load_labels
+    from .trainer.detector import DiffusionDetector, TrainConfig, TrainingError
+    from .trainer.export import export
+
+    try:
+        config = TrainConfig(
+            score=args.score,
+            train_steps=args.train_steps,
+            trim=args.trim,
+            holdout=args.holdout,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        _error(str(exc))
+        return 2
+    try:
+        labels = load_labels(args.labels) if args.labels else load_labels()
+        paths = list(args.benign)
+        if args.labels:
+            paths += [args.pcap_dir / name for name in labels["benign"]]
+        if not paths:
+            _error("no benign input: give --benign PATH... or --labels FILE")
+            return 2
+        data = load_benign(paths, labels["malicious"])
+        print(f"benign flows: {len(data.features)} from {len(data.sources)} files", file=sys.stderr)
+        det = DiffusionDetector(config).fit(data.features, progress=_Steps(sys.stderr.isatty()))
+        export(det, args.out)
+    except TrainingError as exc:
+        _error(str(exc))
+        return 2
+    s = det.summary_
+    print(
+        f"model: {args.out} (score {config.score}, {s.inputs} inputs from {s.features} "
+        f"features)\n"
+        f"flows: {s.train_flows} trained, {s.calibration_flows} held out for calibration\n"
+        f"time: {s.seconds:.1f} s ({s.seconds_per_epoch:.3f} s per epoch), "
+        f"final losses: noise {s.final_noise_loss:.3f}, time {s.final_time_loss:.3f}\n"
+        "thresholds: " + ", ".join(f"FPR {k:g} -> {v:.4g}" for k, v in det.threshold_.items())
+    )
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    if _trainer() is None:
+        return 2
+    import numpy as np
+
+    from .agent.flowfile import FlowFileError
+    from .trainer.data import load_benign
+    from .trainer.detector import TrainingError
+    from .trainer.export import load_detector
+    from .trainer.fidelity import compare
+
+    try:
+        det = load_detector(args.model)
+    except Exception as exc:  # onnx raises several types for a bad file
+        _error(f"{args.model}: cannot load model ({str(exc).splitlines()[0][:200]})")
+        return 2
+    synthetic = det.sample(args.n, seed=args.seed)
+    if args.out:
+        _write_synthetic(args.out, synthetic)
+        print(f"wrote {args.n} synthetic flows to {args.out}", file=sys.stderr)
+    if args.compare:
+        try:
+            real = load_benign(list(args.compare), known_malicious={}).features
+        except (TrainingError, FlowFileError) as exc:
+            _error(str(exc))
+            return 2
+        rng = np.random.default_rng(args.seed)
+        real = real[rng.permutation(len(real))[: max(args.n, 1)]]
+        print(compare(real, synthetic, det.preprocessor).table())
+    return 0
+
+
+def _write_synthetic(path: Path, features) -> None:
+    """Synthetic flows as a flow table: features, no identity (end_reason 'synthetic')."""
+    import math
+
+    from .agent.flowfile import ID_FIELDS
+
+    with path.open("w") as out:
+        out.write(",".join((*ID_FIELDS, *FEATURE_NAMES)) + "\n")
+        blank = ["" for _ in ID_FIELDS]
+        blank[ID_FIELDS.index("end_reason")] = "synthetic"
+        blank[ID_FIELDS.index("schema_hash")] = SCHEMA_HASH
+        prefix = ",".join(blank)
+        for row in features.tolist():
+            out.write(
+                prefix + "," + ",".join("" if math.isnan(v) else f"{v:.9g}" for v in row) + "\n"
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,8 +323,93 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="window of the per-host context features (60)",
     )
+    flows.add_argument(
+        "--score",
+        action="store_true",
+        help="score every flow with the bundled model (adds score columns)",
+    )
+    flows.add_argument("--model", type=Path, help="score with this ONNX model instead")
+    flows.add_argument(
+        "--fpr",
+        type=float,
+        default=1e-2,
+        help="false-positive rate whose threshold the summary counts (1e-2)",
+    )
     flows.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
     flows.set_defaults(func=cmd_flows)
+
+    train = sub.add_parser(
+        "train",
+        help="fit the diffusion model on benign traffic and export ONNX",
+        description="Extract flows from benign captures (or read flow tables), fit the "
+        "diffusion model, calibrate thresholds on held-out flows, write one ONNX file.",
+    )
+    train.add_argument(
+        "--benign",
+        nargs="*",
+        type=Path,
+        default=[],
+        metavar="PATH",
+        help="benign captures, directories of them, or flow tables",
+    )
+    train.add_argument("--labels", type=Path, help="a label file: train on its benign list")
+    train.add_argument(
+        "--pcap-dir",
+        type=Path,
+        default=Path("../shared/data/ndpi/pcap"),
+        help="where the label file's captures are (../shared/data/ndpi/pcap)",
+    )
+    train.add_argument("-o", "--out", type=Path, required=True, help="the ONNX file to write")
+    train.add_argument(
+        "--score",
+        choices=("dte", "noise"),
+        default="dte",
+        help="anomaly score: diffusion time estimation (default) or noise error",
+    )
+    train.add_argument(
+        "--train-steps",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="optimiser steps per network (2000)",
+    )
+    train.add_argument(
+        "--trim",
+        type=float,
+        default=0.05,
+        metavar="Q",
+        help="robust training: ignore the share Q of each batch's highest "
+        "losses, for benign data that may hold some attacks (0.05; 0 = off)",
+    )
+    train.add_argument(
+        "--holdout",
+        type=float,
+        default=0.2,
+        metavar="Q",
+        help="share of benign flows held out to calibrate thresholds (0.2)",
+    )
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(func=cmd_train)
+
+    sample = sub.add_parser(
+        "sample",
+        help="draw synthetic benign flows from a model; report their fidelity",
+        description="Run the model's diffusion process backwards from noise to new flows. "
+        "With --compare, print how close they are to real flows (KS and W1 per feature, and "
+        "how well a classifier tells them apart).",
+    )
+    sample.add_argument("--model", type=Path, required=True)
+    sample.add_argument("-n", type=int, default=1000, help="how many flows (1000)")
+    sample.add_argument("-o", "--out", type=Path, help="write them as a flow table (CSV)")
+    sample.add_argument(
+        "--compare",
+        nargs="*",
+        type=Path,
+        metavar="PATH",
+        help="real benign captures or flow tables to compare with",
+    )
+    sample.add_argument("--seed", type=int, default=0)
+    sample.set_defaults(func=cmd_sample)
 
     schema = sub.add_parser(
         "schema",

@@ -103,3 +103,63 @@ def test_every_corpus_capture_goes_through(ndpi, tmp_path, capsys):
             assert err == [], (path.name, err)
     # README.txt (not a capture) and one fuzzed file with a 512 KiB record length
     assert sorted(failed) == ["README.txt", "fuzz-2021-10-13.pcap"]
+
+
+def test_flows_scored_with_the_bundled_model(ndpi, tmp_path, capsys):
+    out = tmp_path / "scored.csv"
+    scan = ndpi / "pcap" / "synscan.pcap"
+    assert main(["flows", "--score", str(DEFAULT_CAPTURE), str(scan), "-o", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 63 + 1994
+    scan_scores = [float(r["score"]) for r in rows if r["src_ip"] == "172.16.0.8"]
+    benign_scores = [float(r["score"]) for r in rows if r["src_ip"] != "172.16.0.8"]
+    assert np.median(scan_scores) > np.percentile(benign_scores, 90)
+    assert all(0 < float(r["tail_probability"]) <= 1 for r in rows)
+    assert rows[0]["top_features"].count("=") == 3
+    assert "flows above the threshold for FPR 0.01" in capsys.readouterr().err
+
+
+def test_train_and_sample_commands(tmp_path, capsys):
+    pytest.importorskip("torch")
+    table = tmp_path / "benign.csv"
+    assert main(["flows", "-q", str(DEFAULT_CAPTURE), "-o", str(table)]) == 0
+    model = tmp_path / "m.onnx"
+    assert main(["train", "--benign", str(table), "-o", str(model), "--train-steps", "20"]) == 0
+    printed = capsys.readouterr()
+    assert "benign flows: 63 from 1 files" in printed.err
+    assert (
+        "flows: 43 trained, 20 held out for calibration" in printed.out
+    )  # 63 flows, >= 20 held out
+    assert (
+        main(
+            [
+                "train",
+                "--benign",
+                str(table),
+                "--train-steps",
+                "20",
+                "-o",
+                str(tmp_path / "x.onnx"),
+                "--trim",
+                "0.7",
+            ]
+        )
+        == 2
+    )
+    assert "trim must be in [0, 0.5)" in capsys.readouterr().err
+    synth = tmp_path / "synth.csv"
+    assert (
+        main(
+            ["sample", "--model", str(model), "-n", "40", "-o", str(synth), "--compare", str(table)]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "classifier AUC synthetic vs real" in out
+    from quietwire.agent.flowfile import read_flow_table
+
+    assert read_flow_table(synth).shape == (40, len(FEATURE_NAMES))
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not onnx")
+    assert main(["sample", "--model", str(bad)]) == 2
+    assert "bad.onnx: cannot load model" in capsys.readouterr().err

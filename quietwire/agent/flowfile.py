@@ -22,6 +22,7 @@ from .communityid import flow_community_ids
 from .features import FEATURE_NAMES, SCHEMA_HASH
 from .flowrecords import END_REASONS, FlowRecords
 from .meter import MeteredFlows
+from .model import Scores
 
 PROTO_NAMES = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "IPv6-ICMP", 132: "SCTP"}
 ID_FIELDS = (
@@ -98,28 +99,49 @@ def identity_columns(flows: FlowRecords) -> dict[str, list]:
     }
 
 
-class FlowWriter:
-    """Writes MeteredFlows to a CSV or JSON-lines file (or an open text stream)."""
+SCORE_FIELDS = ("score", "tail_probability", "top_features")
 
-    def __init__(self, out: IO[str], fmt: str) -> None:
+
+class FlowWriter:
+    """Writes MeteredFlows to a CSV or JSON-lines file (or an open text stream); with
+    ``scored`` each row also carries the model's score, tail probability and top features."""
+
+    def __init__(self, out: IO[str], fmt: str, scored: bool = False) -> None:
         if fmt not in FORMATS:
             raise FlowFileError(f"unknown flow table format {fmt!r} (expected one of {FORMATS})")
         self._out = out
         self._fmt = fmt
+        self._scored = scored
         self.rows = 0
         if fmt == "csv":
-            out.write(",".join((*ID_FIELDS, *FEATURE_NAMES)) + "\n")
+            extra = SCORE_FIELDS if scored else ()
+            out.write(",".join((*ID_FIELDS, *extra, *FEATURE_NAMES)) + "\n")
             self._float_row = ",".join(["%.9g"] * len(FEATURE_NAMES))
 
-    def write(self, flows: MeteredFlows) -> None:
+    def write(self, flows: MeteredFlows, scores: Scores | None = None) -> None:
         if len(flows) == 0:
             return
+        if self._scored != (scores is not None):
+            raise ValueError("scores must be given exactly when the writer is scored")
         ident = identity_columns(flows.records)
-        id_rows = zip(*(ident[k] for k in ID_FIELDS))
+        columns = [ident[k] for k in ID_FIELDS]
+        if scores is not None:
+            top = [
+                ";".join(f"{name}={value:.3g}" for name, value in row)
+                for row in scores.top_features(3)
+            ]
+            columns += [
+                [f"{v:.6g}" for v in scores.score.tolist()],
+                [f"{v:.6g}" for v in scores.tail_probability.tolist()],
+                top,
+            ]
+        names = (*ID_FIELDS, *SCORE_FIELDS) if scores is not None else ID_FIELDS
+        id_rows = zip(*columns)
         feats = flows.features.tolist()
         if self._fmt == "csv":
-            # No identity field can hold a comma or a quote (numbers, addresses, base64,
-            # timestamps, names), so rows are joined directly; '%.9g' round-trips float32.
+            # No identity or score field can hold a comma or a quote (numbers, addresses,
+            # base64, timestamps, names), so rows are joined directly; '%.9g' round-trips
+            # float32.
             self._out.writelines(
                 ",".join("" if v is None else str(v) for v in ids)
                 + ","
@@ -129,7 +151,9 @@ class FlowWriter:
             )
         else:
             for ids, f in zip(id_rows, feats):
-                row = dict(zip(ID_FIELDS, ids))
+                row = dict(zip(names, ids))
+                if scores is not None:
+                    row["score"], row["tail_probability"] = float(ids[-3]), float(ids[-2])
                 values = (None if math.isnan(x) else x for x in f)
                 row["features"] = dict(zip(FEATURE_NAMES, values))
                 self._out.write(json.dumps(row, separators=(",", ":")) + "\n")

@@ -1,0 +1,177 @@
+"""Trainer: a small diffusion model fitted on real benign captures, exported to ONNX, scored by
+onnxruntime exactly as by torch, ranking known-malicious flows above unseen benign ones."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the trainer extra (torch) is not installed")
+
+from quietwire.agent.features import FEATURE_NAMES, SCHEMA, SCHEMA_HASH  # noqa: E402
+from quietwire.agent.model import ModelError, ScoringModel  # noqa: E402
+from quietwire.trainer.data import load_benign, load_labels  # noqa: E402
+from quietwire.trainer.detector import DiffusionDetector, TrainConfig, TrainingError  # noqa: E402
+from quietwire.trainer.export import export, load_detector  # noqa: E402
+from quietwire.trainer.fidelity import auroc, ks_statistic  # noqa: E402
+from quietwire.trainer.preprocess import Preprocessor  # noqa: E402
+
+from .conftest import meter_file  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def corpus(ndpi):
+    labels = load_labels()
+    benign = np.concatenate([meter_file(ndpi / "pcap" / f).features for f in labels["benign"]])
+    malicious = {f: meter_file(ndpi / "pcap" / f).features for f in labels["malicious"]}
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(benign))
+    return benign[order[300:]], benign[order[:300]], malicious
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    train, _, _ = corpus
+    det = DiffusionDetector(TrainConfig(train_steps=1000)).fit(train)
+    path = export(det, tmp_path_factory.mktemp("model") / "m.onnx")
+    return det, path
+
+
+def test_fit_summary(trained):
+    det, _ = trained
+    s = det.summary_
+    print(f"trained on {s.train_flows} flows in {s.seconds:.1f} s (bench/ measures speed)")
+    assert s.train_flows + s.calibration_flows > 1000
+    assert s.calibration_flows >= 0.19 * s.flows
+    assert np.isfinite(s.final_noise_loss) and s.final_noise_loss < 1.0  # learnt something
+
+
+def test_onnxruntime_matches_torch(trained, corpus):
+    det, path = trained
+    _, unseen, malicious = corpus
+    x = np.concatenate([unseen, malicious["synscan.pcap"][:200]])
+    torch_score, torch_contrib = det.score(x)
+    scores = ScoringModel(path).score(x)
+    rel = np.abs(scores.score - torch_score) / np.maximum(np.abs(torch_score), 1e-3)
+    print(f"max relative difference onnxruntime vs torch: {rel.max():.2e}")
+    assert rel.max() < 1e-4
+    np.testing.assert_allclose(scores.contributions, torch_contrib, rtol=1e-3, atol=1e-4)
+    assert scores.contributions.shape == (len(x), len(FEATURE_NAMES))
+
+
+def test_malicious_flows_rank_above_unseen_benign(trained, corpus):
+    det, path = trained
+    _, unseen, malicious = corpus
+    model = ScoringModel(path)
+    benign_scores = model.score(unseen).score
+    bad = np.concatenate(list(malicious.values()))
+    value = auroc(model.score(bad).score, benign_scores)
+    print(
+        f"AUROC malicious ({len(bad)} flows, {len(malicious)} files) vs unseen benign "
+        f"({len(unseen)}): {value:.3f}"
+    )
+    assert value > 0.85
+    # calibrated: about 1% of unseen benign flows exceed the 1e-2 threshold, most scans do
+    fp = np.mean(benign_scores > model.threshold(1e-2))
+    assert fp < 0.05
+    assert np.mean(model.score(malicious["synscan.pcap"]).score > model.threshold(1e-2)) > 0.8
+
+
+def test_tail_probability_and_metadata(trained, corpus):
+    det, path = trained
+    model = ScoringModel(path)
+    s = model.score(corpus[1])
+    assert ((s.tail_probability > 0) & (s.tail_probability <= 1)).all()
+    order = np.argsort(s.score)
+    assert (np.diff(s.tail_probability[order]) <= 1e-6).all()  # higher score, smaller tail
+    assert model.metadata["schema_hash"] == SCHEMA_HASH
+    t = model.thresholds
+    assert t[1e-2] <= t[1e-3] <= t[1e-4]
+    top = s.top_features(3)
+    assert len(top) == len(s.score) and all(name in FEATURE_NAMES for name, _ in top[0])
+
+
+def test_same_data_and_seed_give_the_same_model(corpus):
+    train = corpus[0][:400]
+    a = DiffusionDetector(TrainConfig(train_steps=60, seed=3)).fit(train)
+    b = DiffusionDetector(TrainConfig(train_steps=60, seed=3)).fit(train)
+    np.testing.assert_array_equal(a.score(corpus[1])[0], b.score(corpus[1])[0])
+    c = DiffusionDetector(TrainConfig(train_steps=60, seed=4)).fit(train)
+    assert not np.array_equal(a.score(corpus[1])[0], c.score(corpus[1])[0])
+
+
+def test_noise_score_exports_too(corpus, tmp_path):
+    det = DiffusionDetector(TrainConfig(score="noise", train_steps=100)).fit(corpus[0][:600])
+    path = export(det, tmp_path / "n.onnx")
+    rel = np.abs(ScoringModel(path).score(corpus[1]).score - det.score(corpus[1])[0])
+    assert (rel / np.maximum(np.abs(det.score(corpus[1])[0]), 1e-3)).max() < 1e-4
+
+
+def test_samples_look_like_flows(trained):
+    det, path = trained
+    again = load_detector(path)
+    x = again.sample(300, seed=1)
+    assert x.shape == (300, len(FEATURE_NAMES))
+    nullable = np.array([f.nullable for f in SCHEMA])
+    assert not np.isnan(x[:, ~nullable]).any()
+    counts = np.array([f.unit in ("packets", "bytes") for f in SCHEMA])
+    present = x[:, counts][~np.isnan(x[:, counts])]
+    assert (present >= 0).all() and np.array_equal(present, np.round(present))
+
+
+def test_model_with_another_schema_is_refused(trained, tmp_path):
+    import onnx
+
+    _, path = trained
+    model = onnx.load(str(path))
+    for prop in model.metadata_props:
+        if prop.key == "schema_hash":
+            prop.value = "0000000000000000"
+    other = tmp_path / "other.onnx"
+    onnx.save_model(model, str(other))
+    with pytest.raises(
+        ModelError, match=r"other\.onnx: model expects feature schema 0000000000000000"
+    ):
+        ScoringModel(other)
+
+
+def test_corrupt_model_is_refused(trained, tmp_path):
+    _, path = trained
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(ModelError, match=r"bad\.onnx: not a valid ONNX model"):
+        ScoringModel(bad)
+    with pytest.raises(ModelError, match="cannot read model"):
+        ScoringModel(tmp_path / "missing.onnx")
+
+
+def test_bad_training_sets(ndpi, tmp_path):
+    with pytest.raises(TrainingError, match="need at least 50 benign flows"):
+        DiffusionDetector().fit(np.zeros((10, len(FEATURE_NAMES)), np.float32))
+    with pytest.raises(TrainingError, match=r"synscan\.pcap: labelled malicious"):
+        load_benign([ndpi / "pcap" / "synscan.pcap"])
+    empty = tmp_path / "empty.csv"
+    empty.write_text(",".join(("schema_hash", *FEATURE_NAMES)) + "\n")
+    with pytest.raises(TrainingError, match="no flows in the benign inputs"):
+        load_benign([empty])
+
+
+def test_preprocessing_round_trip_and_missing_values():
+    rng = np.random.default_rng(0)
+    x = rng.lognormal(3, 1, (500, len(FEATURE_NAMES))).astype(np.float32)
+    x[::7, FEATURE_NAMES.index("src2dst_iat_mean_s")] = np.nan
+    prep = Preprocessor.fit(x)
+    z = prep.transform(x)
+    assert z.shape == (500, prep.n_inputs) and np.isfinite(z).all()
+    col = FEATURE_NAMES.index("src2dst_iat_mean_s")
+    ind = list(prep.indicator_index).index(col)
+    assert (z[::7, len(FEATURE_NAMES) + ind] == 1).all() and (z[::7, col] == 0).all()
+    assert abs(np.median(z[:, FEATURE_NAMES.index("src2dst_bytes")])) < 0.05  # robust centre
+
+
+def test_fidelity_measures_on_known_cases():
+    a = np.arange(100.0)
+    assert ks_statistic(a, a) == 0.0
+    assert ks_statistic(a, a + 1000) == 1.0
+    assert auroc(np.array([3.0, 4.0]), np.array([1.0, 2.0])) == 1.0
+    assert auroc(np.array([1.0, 2.0]), np.array([1.0, 2.0])) == 0.5
