@@ -64,6 +64,12 @@ class FlowMeter:
             self.context.prune(self.table.now_ns)
         return out
 
+    def expire(self, now_ns: int) -> MeteredFlows:
+        """End the flows that have timed out by ``now_ns`` (time passing without packets)."""
+        out = self._finish(self.table.expire(now_ns))
+        self.context.prune(now_ns)
+        return out
+
     def flush(self) -> MeteredFlows:
         """End every open flow (end of input or shutdown) and return them."""
         return self._finish(self.table.flush())

@@ -1,0 +1,170 @@
+"""The daemon's configuration: one YAML file validated at start into typed settings.
+Unknown keys and wrong types are errors naming file:line and the key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .context import ContextConfig
+from .flows import FlowConfig
+from .metrics import ServerSettings
+from .model import DEFAULT_MODEL
+from .yamlnodes import Node, YamlError, load
+
+DEFAULT_RULES = Path(__file__).resolve().parent.parent.parent / "rules" / "default.yaml"
+
+
+class ConfigError(YamlError):
+    """The configuration is invalid; the agent refuses to start (or keeps the old one)."""
+
+
+@dataclass(frozen=True)
+class CaptureSettings:
+    interfaces: tuple[str, ...]
+    bpf_filter: str | None = None
+    promiscuous: bool = True
+    ring_block_kib: int = 1024
+    ring_blocks: int = 64
+    snaplen: int = 65535
+
+
+@dataclass(frozen=True)
+class AlertSettings:
+    file: Path | None = None
+    stdout: bool = False
+
+
+@dataclass(frozen=True)
+class Settings:
+    capture: CaptureSettings
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    context: ContextConfig = field(default_factory=ContextConfig)
+    model: Path = DEFAULT_MODEL
+    rules: Path = DEFAULT_RULES
+    alerts: AlertSettings = field(default_factory=AlertSettings)
+    metrics: ServerSettings | None = field(default_factory=ServerSettings)
+    source: Path | None = None
+
+
+def load_config(path: str | Path) -> Settings:
+    """Read and validate a config file; ConfigError on the first problem."""
+    path = Path(path)
+    try:
+        return _settings(load(path), path)
+    except ConfigError:
+        raise
+    except YamlError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _relative(base: Path, value: str) -> Path:
+    p = Path(value)
+    return p if p.is_absolute() else (base.parent / p)
+
+
+def _settings(root: Node, path: Path) -> Settings:
+    top = root.mapping(
+        "config", {"capture", "flow", "host_window_s", "model", "rules", "alerts", "metrics"}
+    )
+    if "capture" not in top:
+        raise root.error("config: missing key 'capture' (at least: capture: {interfaces: [eth0]})")
+    cap = top["capture"].mapping(
+        "capture",
+        {"interfaces", "bpf_filter", "promiscuous", "ring_block_kib", "ring_blocks", "snaplen"},
+    )
+    if "interfaces" not in cap:
+        raise top["capture"].error("capture: missing key 'interfaces'")
+    interfaces = tuple(cap["interfaces"].scalars("capture.interfaces", str))
+    if not interfaces:
+        raise cap["interfaces"].error("capture.interfaces: give at least one interface")
+    capture = CaptureSettings(
+        interfaces=interfaces,
+        bpf_filter=cap["bpf_filter"].scalar("capture.bpf_filter", str)
+        if "bpf_filter" in cap
+        else None,
+        promiscuous=cap["promiscuous"].scalar("capture.promiscuous", bool)
+        if "promiscuous" in cap
+        else True,
+        ring_block_kib=_positive(cap, "ring_block_kib", 1024, "capture"),
+        ring_blocks=_positive(cap, "ring_blocks", 64, "capture"),
+        snaplen=_positive(cap, "snaplen", 65535, "capture"),
+    )
+    flow = FlowConfig()
+    if "flow" in top:
+        f = top["flow"].mapping(
+            "flow", {"idle_timeout_s", "active_timeout_s", "tcp_close_linger_s", "max_flows"}
+        )
+        kw = {k: v.scalar(f"flow.{k}", int if k == "max_flows" else float) for k, v in f.items()}
+        try:
+            flow = FlowConfig(**kw)
+        except ValueError as exc:
+            raise top["flow"].error(f"flow: {exc}") from exc
+    context = ContextConfig()
+    if "host_window_s" in top:
+        w = top["host_window_s"].scalar("host_window_s", float)
+        if w <= 0:
+            raise top["host_window_s"].error("host_window_s: expected > 0")
+        context = ContextConfig(window_s=w)
+    model = _relative(path, top["model"].scalar("model", str)) if "model" in top else DEFAULT_MODEL
+    rules = _relative(path, top["rules"].scalar("rules", str)) if "rules" in top else DEFAULT_RULES
+    alerts = AlertSettings()
+    if "alerts" in top:
+        a = top["alerts"].mapping("alerts", {"file", "stdout"})
+        alerts = AlertSettings(
+            file=_relative(path, a["file"].scalar("alerts.file", str)) if "file" in a else None,
+            stdout=a["stdout"].scalar("alerts.stdout", bool) if "stdout" in a else False,
+        )
+    metrics: ServerSettings | None = ServerSettings()
+    if "metrics" in top:
+        if top["metrics"].kind == "scalar" and top["metrics"].scalar("metrics", bool) is False:
+            metrics = None
+        else:
+            m = top["metrics"].mapping(
+                "metrics", {"listen", "port", "tls_cert", "tls_key", "basic_auth"}
+            )
+            kw = {}
+            if "listen" in m:
+                kw["listen"] = m["listen"].scalar("metrics.listen", str)
+            if "port" in m:
+                kw["port"] = m["port"].scalar("metrics.port", int)
+                if not 0 <= kw["port"] <= 65535:
+                    raise m["port"].error("metrics.port: expected 0-65535")
+            for key in ("tls_cert", "tls_key"):
+                if key in m:
+                    kw[key] = str(_relative(path, m[key].scalar(f"metrics.{key}", str)))
+            if ("tls_cert" in kw) != ("tls_key" in kw):
+                raise top["metrics"].error("metrics: tls_cert and tls_key go together")
+            if "basic_auth" in m:
+                b = m["basic_auth"].mapping("metrics.basic_auth", {"username", "password_sha256"})
+                for key in ("username", "password_sha256"):
+                    if key not in b:
+                        raise m["basic_auth"].error(f"metrics.basic_auth: missing key {key!r}")
+                kw["username"] = b["username"].scalar("metrics.basic_auth.username", str)
+                digest = b["password_sha256"].scalar("metrics.basic_auth.password_sha256", str)
+                if len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest):
+                    raise b["password_sha256"].error(
+                        "metrics.basic_auth.password_sha256: expected 64 hex digits "
+                        "(sha256sum of the password)"
+                    )
+                kw["password_sha256"] = digest
+            metrics = ServerSettings(**kw)
+    return Settings(
+        capture=capture,
+        flow=flow,
+        context=context,
+        model=model,
+        rules=rules,
+        alerts=alerts,
+        metrics=metrics,
+        source=path,
+    )
+
+
+def _positive(m: dict[str, Node], key: str, default: int, where: str) -> int:
+    if key not in m:
+        return default
+    value = m[key].scalar(f"{where}.{key}", int)
+    if value <= 0:
+        raise m[key].error(f"{where}.{key}: expected a positive integer, got {value}")
+    return value

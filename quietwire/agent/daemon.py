@@ -1,0 +1,212 @@
+"""The two ways the agent runs: ``replay`` (capture files, as fast as possible or in real time)
+and ``run`` (the daemon: live interfaces, SIGTERM = drain and exit 0, SIGHUP = reload rules and
+model, keeping the old ones if the new ones are broken, and reopen the alert file)."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .alerts import AlertSink
+from .capture import CaptureError, read_capture
+from .config import Settings
+from .context import ContextConfig
+from .engine import Engine
+from .flows import FlowConfig
+from .livecapture import LiveCapture
+from .metrics import Metrics, MetricsServer, ServerSettings
+from .model import ModelError, ScoringModel
+from .rules import RuleError, load_rules
+
+
+def log(message: str) -> None:
+    print(f"quietwire: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class ReplayOptions:
+    files: list[Path]
+    model: Path
+    rules: Path
+    alerts: Path | None
+    stdout: bool
+    realtime: bool = False
+    speed: float = 1.0
+    serve: ServerSettings | None = None
+    flow: FlowConfig | None = None
+    context: ContextConfig | None = None
+
+
+def replay(opts: ReplayOptions) -> int:
+    """Score every flow of the files; 0, or 1 if a file was damaged (its flows still count)."""
+    model = ScoringModel(opts.model)
+    rules = load_rules(opts.rules)
+    metrics = Metrics() if opts.serve else None
+    server = MetricsServer(metrics, opts.serve) if opts.serve else None
+    if server:
+        log(f"metrics on http://{opts.serve.listen}:{server.port}/metrics")
+    sink = AlertSink(opts.alerts, stdout=opts.stdout)
+    engine = Engine(model, rules, sink, metrics, opts.flow, opts.context)
+    failed = False
+    started = time.perf_counter()
+    for path in opts.files:
+        chunk = (256 << 10) if opts.realtime else (8 << 20)
+        pacer = _Pacer(opts.speed) if opts.realtime else None
+        try:
+            for batch in read_capture(path, chunk_bytes=chunk):
+                if pacer and len(batch):
+                    pacer.wait(int(batch.ts_ns[-1]))
+                engine.process(batch, "file")
+        except CaptureError as exc:
+            log(f"error: {exc}")
+            failed = True
+        engine.flush()  # each file is its own time line
+        engine.meters.clear()
+    sink.close()
+    elapsed = time.perf_counter() - started
+    print(f"replay: {engine.summary.line(elapsed)}", file=sys.stderr)
+    if server:
+        log("replay done; still serving metrics (Ctrl-C or SIGTERM to stop)")
+        _wait_for_signal()
+        server.close()
+    return 1 if failed else 0
+
+
+class _Pacer:
+    """Sleeps so packets are processed no earlier than their capture time allows."""
+
+    def __init__(self, speed: float) -> None:
+        self.speed = speed
+        self.first: int | None = None
+        self.wall0 = time.monotonic()
+
+    def wait(self, ts_ns: int) -> None:
+        if self.first is None:
+            self.first = ts_ns
+            return
+        due = (ts_ns - self.first) / 1e9 / self.speed
+        delay = due - (time.monotonic() - self.wall0)
+        if delay > 0:
+            time.sleep(delay)
+
+
+def _wait_for_signal() -> None:
+    stop = {"flag": False}
+
+    def handler(signum, frame) -> None:
+        stop["flag"] = True
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        while not stop["flag"]:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def run(settings: Settings, config_path: Path) -> int:
+    """The daemon loop. Returns 0 after a clean SIGTERM/SIGINT shutdown."""
+    from .config import ConfigError, load_config
+
+    model = ScoringModel(settings.model)
+    rules = load_rules(settings.rules)
+    metrics = Metrics()
+    server = MetricsServer(metrics, settings.metrics) if settings.metrics else None
+    sink = AlertSink(settings.alerts.file, stdout=settings.alerts.stdout)
+    engine = Engine(model, rules, sink, metrics, settings.flow, settings.context)
+    cap = settings.capture
+    sources = [
+        LiveCapture(
+            i, cap.bpf_filter, cap.promiscuous, cap.ring_block_kib, cap.ring_blocks, cap.snaplen
+        )
+        for i in cap.interfaces
+    ]
+    state = {"stop": False, "reload": False}
+
+    def on_stop(signum, frame) -> None:
+        state["stop"] = True
+
+    def on_reload(signum, frame) -> None:
+        state["reload"] = True
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_reload)
+    where = f", metrics on {settings.metrics.listen}:{server.port}" if server else ""
+    log(
+        f"capturing on {', '.join(cap.interfaces)} (model {model.version}, "
+        f"{len(rules)} rules{where})"
+    )
+    last_tick = time.monotonic()
+    try:
+        while not state["stop"]:
+            got = 0
+            for src in sources:
+                batch = src.read(timeout_s=0.1 / len(sources))
+                if len(batch):
+                    got += len(batch)
+                    engine.process(batch, src.interface)
+            now = time.monotonic()
+            if now - last_tick >= 1.0:
+                last_tick = now
+                engine.expire(time.time_ns())
+                for src in sources:
+                    _, drops = src.statistics()
+                    if drops:
+                        metrics.kernel_drops.labels(src.interface).inc(drops)
+                sink.flush()
+            if state["reload"]:
+                state["reload"] = False
+                settings = _reload(
+                    engine, settings, config_path, load_config, ConfigError, metrics, sink
+                )
+        # Drain: whatever the kernel still holds, then every open flow.
+        for src in sources:
+            while True:
+                batch = src.read(timeout_s=0)
+                if not len(batch):
+                    break
+                engine.process(batch, src.interface)
+            _, drops = src.statistics()
+            if drops:
+                metrics.kernel_drops.labels(src.interface).inc(drops)
+        engine.flush()
+    finally:
+        for src in sources:
+            src.close()
+        sink.close()
+        if server:
+            server.close()
+    s = engine.summary
+    drops = sum(src.kernel_drops for src in sources)
+    log(
+        f"stopped: {s.packets} packets, {s.flows} flows, {sum(s.alerts.values())} alerts, "
+        f"{drops} kernel drops"
+    )
+    return 0
+
+
+def _reload(engine, settings, config_path, load_config, config_error, metrics, sink):
+    """SIGHUP: re-read the config, rules and model; on any error keep everything as it was.
+    Capture settings (interfaces, filter, ring) take effect at the next start."""
+    try:
+        new = load_config(config_path)
+        rules = load_rules(new.rules)
+        model = ScoringModel(new.model)
+    except (config_error, RuleError, ModelError) as exc:
+        metrics.reloads.labels("failure").inc()
+        metrics.reload_ok.set(0)
+        log(f"reload failed, keeping the previous configuration: {exc}")
+        sink.reopen()
+        return settings
+    engine.reload(model, rules)
+    metrics.reloads.labels("success").inc()
+    metrics.reload_ok.set(1)
+    sink.reopen()
+    log(f"reloaded: {len(rules)} rules, model {model.version}")
+    return new

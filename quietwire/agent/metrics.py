@@ -1,0 +1,181 @@
+"""Prometheus metrics of the agent, and the HTTP endpoint that serves them (optional TLS and
+basic auth). Label values stay bounded: interfaces, reasons, severities and rule ids, never
+addresses."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import platform
+import ssl
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from quietwire import __version__
+
+from .decode import DECODE_ERROR_REASONS
+from .flowrecords import END_REASONS
+
+SCORE_BUCKETS = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class Metrics:
+    """Every metric the agent exports, in its own registry."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.packets = Counter("quietwire_packets", "Packets read", ["interface"], registry=r)
+        self.bytes = Counter(
+            "quietwire_bytes", "Bytes read (on the wire)", ["interface"], registry=r
+        )
+        self.decode_errors = Counter(
+            "quietwire_decode_errors", "Packets skipped, by reason", ["reason"], registry=r
+        )
+        self.flows = Counter(
+            "quietwire_flows", "Flows ended, by end reason", ["reason"], registry=r
+        )
+        self.active_flows = Gauge(
+            "quietwire_active_flows", "Flows open in the flow tables", registry=r
+        )
+        self.evictions = Counter(
+            "quietwire_flow_table_evictions",
+            "Flows evicted because the flow table was full",
+            registry=r,
+        )
+        self.kernel_drops = Counter(
+            "quietwire_kernel_drops",
+            "Packets the kernel dropped before capture",
+            ["interface"],
+            registry=r,
+        )
+        self.alerts = Counter(
+            "quietwire_alerts", "Alerts written", ["severity", "rule"], registry=r
+        )
+        self.suppressed = Counter(
+            "quietwire_alerts_suppressed",
+            "Alerts not written: allowlisted or repeated",
+            ["rule", "reason"],
+            registry=r,
+        )
+        self.score = Histogram(
+            "quietwire_flow_score",
+            "Anomaly scores of ended flows",
+            buckets=SCORE_BUCKETS,
+            registry=r,
+        )
+        self.scoring_seconds = Histogram(
+            "quietwire_scoring_batch_seconds",
+            "Time to score one batch of flows",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "quietwire_model_info",
+            "The loaded model (value 1)",
+            ["version", "schema_hash", "score"],
+            registry=r,
+        )
+        self.model_loaded = Gauge(
+            "quietwire_model_load_timestamp_seconds",
+            "When the current model was loaded",
+            registry=r,
+        )
+        self.reloads = Counter(
+            "quietwire_config_reloads", "Reloads (SIGHUP), by result", ["result"], registry=r
+        )
+        self.reload_ok = Gauge(
+            "quietwire_config_last_reload_successful",
+            "1 if the last reload succeeded (or none was tried)",
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "quietwire_build_info", "quietwire build (value 1)", ["version", "python"], registry=r
+        )
+        self.build_info.labels(__version__, platform.python_version()).set(1)
+        self.reload_ok.set(1)
+        for reason in DECODE_ERROR_REASONS:
+            self.decode_errors.labels(reason)
+        for reason in END_REASONS:
+            self.flows.labels(reason)
+        for result in ("success", "failure"):
+            self.reloads.labels(result)
+
+    def set_model(self, version: str, schema_hash: str, score: str, loaded_at: float) -> None:
+        self.model_info.clear()
+        self.model_info.labels(version, schema_hash, score).set(1)
+        self.model_loaded.set(loaded_at)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    listen: str = "127.0.0.1"
+    port: int = 9109
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    username: str | None = None
+    password_sha256: str | None = None
+
+
+class MetricsServer:
+    """GET /metrics over HTTP(S) in a background thread."""
+
+    def __init__(self, metrics: Metrics, settings: ServerSettings) -> None:
+        expected = None
+        if settings.username:
+            expected = (settings.username, (settings.password_sha256 or "").lower())
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the http.server API
+                if self.path.split("?")[0] not in ("/metrics", "/"):
+                    self.send_error(404)
+                    return
+                if expected and not _authorized(self.headers.get("Authorization"), expected):
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", 'Basic realm="quietwire"')
+                    self.end_headers()
+                    return
+                body = metrics.exposition()
+                self.send_response(200)
+                self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:  # scrapes are not log lines
+                pass
+
+        self.httpd = ThreadingHTTPServer((settings.listen, settings.port), Handler)
+        self.httpd.daemon_threads = True
+        if settings.tls_cert:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
+            self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+        self.port = self.httpd.server_address[1]
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever, daemon=True, name="quietwire-metrics"
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _authorized(header: str | None, expected: tuple[str, str]) -> bool:
+    if not header or not header.startswith("Basic "):
+        return False
+    try:
+        user, _, password = base64.b64decode(header[6:]).decode().partition(":")
+    except (ValueError, UnicodeDecodeError):
+        return False
+    digest = hashlib.sha256(password.encode()).hexdigest()
+    return hmac.compare_digest(user, expected[0]) & hmac.compare_digest(digest, expected[1])
