@@ -12,7 +12,7 @@ from .metrics import ServerSettings
 from .model import DEFAULT_MODEL
 from .yamlnodes import Node, YamlError, load
 
-DEFAULT_RULES = Path(__file__).resolve().parent.parent.parent / "rules" / "default.yaml"
+DEFAULT_RULES = Path(__file__).resolve().parent.parent / "data" / "rules" / "default.yaml"
 
 
 class ConfigError(YamlError):
