@@ -48,13 +48,20 @@ def alert_exprs():
 
 def test_promtool_checks_and_unit_tests():
     promtool = need("promtool")
-    subprocess.run([promtool, "check", "rules", str(ALERT_RULES)], check=True,
-                   capture_output=True)
-    res = subprocess.run([promtool, "test", "rules", "quietwire-alerts.test.yml"],
-                         cwd=DEPLOY / "prometheus" / "tests", capture_output=True, text=True)
+    subprocess.run([promtool, "check", "rules", str(ALERT_RULES)], check=True, capture_output=True)
+    res = subprocess.run(
+        [promtool, "test", "rules", "quietwire-alerts.test.yml"],
+        cwd=DEPLOY / "prometheus" / "tests",
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
-    tested = set(re.findall(r"alertname: (\w+)", (DEPLOY / "prometheus" / "tests" /
-                                                  "quietwire-alerts.test.yml").read_text()))
+    tested = set(
+        re.findall(
+            r"alertname: (\w+)",
+            (DEPLOY / "prometheus" / "tests" / "quietwire-alerts.test.yml").read_text(),
+        )
+    )
     assert tested == {name for name, _ in alert_exprs()}  # every alert has a unit test
 
 
@@ -78,9 +85,22 @@ def test_dashboard_structure_and_metrics():
                 base = re.sub(r"_(total|bucket|count|sum)$", "", metric)
                 assert base in exported or metric in exported, (p["title"], metric)
     titles = " ".join(p["title"] for p in panels()).lower()
-    for topic in ("packets/s", "bytes/s", "active flows", "flows ended", "kernel drops",
-                  "evictions", "decode errors", "scoring latency", "severity", "rule",
-                  "score distribution", "suppressed", "model version", "reload"):
+    for topic in (
+        "packets/s",
+        "bytes/s",
+        "active flows",
+        "flows ended",
+        "kernel drops",
+        "evictions",
+        "decode errors",
+        "scoring latency",
+        "severity",
+        "rule",
+        "score distribution",
+        "suppressed",
+        "model version",
+        "reload",
+    ):
         assert topic in titles, topic
 
 
@@ -112,12 +132,24 @@ def api(port: int, path: str, **params) -> dict:
 def test_prometheus_scrapes_a_replay(ndpi, tmp_path):
     prometheus = need("prometheus")
     agent_port, prom_port = free_port(), free_port()
-    files = [str(ndpi / "pcap" / f) for f in ("synscan.pcap", "1kxun.pcap",
-                                              "dns-tunnel-iodine.pcap")]
-    agent = subprocess.Popen([sys.executable, "-m", "quietwire.cli", "replay", *files,
-                              "--serve-metrics", f"127.0.0.1:{agent_port}",
-                              "--alerts", str(tmp_path / "alerts.json")],
-                             stderr=subprocess.PIPE, text=True)
+    files = [
+        str(ndpi / "pcap" / f) for f in ("synscan.pcap", "1kxun.pcap", "dns-tunnel-iodine.pcap")
+    ]
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "quietwire.cli",
+            "replay",
+            *files,
+            "--serve-metrics",
+            f"127.0.0.1:{agent_port}",
+            "--alerts",
+            str(tmp_path / "alerts.json"),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     prom = None
     try:
         lines = []
@@ -126,22 +158,30 @@ def test_prometheus_scrapes_a_replay(ndpi, tmp_path):
             if "still serving metrics" in line:
                 break
         summary = next(x for x in lines if x.startswith("replay: "))
-        packets, flows, alerts = map(int, re.search(
-            r"replay: (\d+) packets, (\d+) flows, (\d+) alerts", summary).groups())
+        packets, flows, alerts = map(
+            int, re.search(r"replay: (\d+) packets, (\d+) flows, (\d+) alerts", summary).groups()
+        )
 
         shipped = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
         job = shipped["scrape_configs"][0]
         job["scrape_interval"] = "1s"
-        job["static_configs"] = [{"targets": [f"127.0.0.1:{agent_port}"],
-                                  "labels": job["static_configs"][0]["labels"]}]
+        job["static_configs"] = [
+            {"targets": [f"127.0.0.1:{agent_port}"], "labels": job["static_configs"][0]["labels"]}
+        ]
         shipped["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
         shipped["rule_files"] = [str(ALERT_RULES)]
         config = tmp_path / "prometheus.yml"
         config.write_text(yaml.safe_dump(shipped))
-        prom = subprocess.Popen([prometheus, f"--config.file={config}",
-                                 f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                                 f"--web.listen-address=127.0.0.1:{prom_port}"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        prom = subprocess.Popen(
+            [
+                prometheus,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{prom_port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
         def value(expr: str) -> float | None:
             r = api(prom_port, "query", query=expr)["data"]["result"]
@@ -150,8 +190,10 @@ def test_prometheus_scrapes_a_replay(ndpi, tmp_path):
         deadline = time.monotonic() + 60
         while True:
             try:
-                if value('up{job="quietwire"}') == 1 and \
-                        value("sum(quietwire_packets_total)") is not None:
+                if (
+                    value('up{job="quietwire"}') == 1
+                    and value("sum(quietwire_packets_total)") is not None
+                ):
                     break
             except OSError:
                 pass
@@ -165,16 +207,30 @@ def test_prometheus_scrapes_a_replay(ndpi, tmp_path):
         assert value("quietwire_config_last_reload_successful") == 1
 
         time.sleep(3)  # a few scrapes, so rate() and increase() have two samples
-        filled = {"Packets/s by interface", "Bytes/s by interface", "Active flows",
-                  "Flows ended/s by reason", "Decode errors/s by reason",
-                  "Scoring latency per batch (p50, p99)", "Alerts/s by severity",
-                  "Alerts/s by rule", "Suppressed alerts/s by rule and reason",
-                  "Flow score distribution (p50, p90, p99)", "Model version and schema",
-                  "Model loaded", "Agent build", "Last reload successful"}
+        filled = {
+            "Packets/s by interface",
+            "Bytes/s by interface",
+            "Active flows",
+            "Flows ended/s by reason",
+            "Decode errors/s by reason",
+            "Scoring latency per batch (p50, p99)",
+            "Alerts/s by severity",
+            "Alerts/s by rule",
+            "Suppressed alerts/s by rule and reason",
+            "Flow score distribution (p50, p90, p99)",
+            "Model version and schema",
+            "Model loaded",
+            "Agent build",
+            "Last reload successful",
+        }
         for p in panels():
             for t in p["targets"]:
-                expr = (t["expr"].replace("$__rate_interval", "1m").replace("$__range", "5m")
-                        .replace("$instance", ".*"))
+                expr = (
+                    t["expr"]
+                    .replace("$__rate_interval", "1m")
+                    .replace("$__range", "5m")
+                    .replace("$instance", ".*")
+                )
                 res = api(prom_port, "query", query=expr)
                 assert res["status"] == "success", (p["title"], expr, res)
                 if p["title"] in filled:
