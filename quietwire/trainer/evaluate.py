@@ -1,0 +1,403 @@
+"""Detection quality, measured: labelled evaluation sets, metrics, baselines, hard cases.
+
+Sets (both rebuilt from commands in the repo):
+- ``real``: the nDPI captures of quietwire/data/ndpi_labels.yaml; benign files split into
+  train and test flows, every flow of a malicious file is an attack of that file's type;
+- ``generated``: trafficgen.py's labelled pcap (benign sessions, eleven attack types).
+
+Every detector is fitted on the same benign training flows and scored on the same test flows.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from quietwire.agent.capture import read_capture
+from quietwire.agent.meter import FlowMeter
+
+from .data import load_labels
+from .detector import DiffusionDetector, TrainConfig
+from .fidelity import auroc
+from .preprocess import Preprocessor
+from .trafficgen import ATTACKS, generate, read_labels
+
+FPRS = (1e-2, 1e-3, 1e-4)
+
+
+# ---- metrics -------------------------------------------------------------------------------
+
+
+def auprc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """Average precision (area under the precision-recall curve, step interpolation)."""
+    s = np.concatenate([positive, negative])
+    y = np.concatenate([np.ones(len(positive)), np.zeros(len(negative))])
+    order = np.argsort(-s, kind="mergesort")
+    y, s = y[order], s[order]
+    tp = np.cumsum(y)
+    # evaluate at the last index of each run of equal scores (ties share a threshold)
+    last = np.r_[s[1:] != s[:-1], True]
+    precision = tp[last] / (np.flatnonzero(last) + 1)
+    recall = tp[last] / max(len(positive), 1)
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def recall_at_fpr(positive: np.ndarray, negative: np.ndarray, fpr: float) -> float:
+    """Share of positives above the threshold that lets through ``fpr`` of the negatives."""
+    threshold = np.quantile(negative, 1.0 - fpr, method="higher")
+    return float(np.mean(positive > threshold))
+
+
+@dataclass
+class Report:
+    """Metrics of one detector on one set."""
+
+    auroc: float
+    auprc: float
+    recall: dict[float, float]
+    per_attack: dict[str, dict[str, float]]
+    confusion: dict[str, int]  # at the detector's calibrated threshold (FPR 1e-2)
+
+    def as_dict(self) -> dict:
+        return {
+            "auroc": self.auroc,
+            "auprc": self.auprc,
+            "recall_at_fpr": {f"{k:g}": v for k, v in self.recall.items()},
+            "per_attack": self.per_attack,
+            "confusion": self.confusion,
+        }
+
+
+def report(benign: np.ndarray, attack: np.ndarray, kinds: np.ndarray, threshold: float) -> Report:
+    per = {}
+    for kind in sorted(set(kinds.tolist())):
+        s = attack[kinds == kind]
+        per[kind] = {
+            "flows": int(len(s)),
+            "auroc": auroc(s, benign),
+            "recall_at_1e-3": recall_at_fpr(s, benign, 1e-3),
+        }
+    confusion = {
+        "true_positive": int((attack > threshold).sum()),
+        "false_negative": int((attack <= threshold).sum()),
+        "false_positive": int((benign > threshold).sum()),
+        "true_negative": int((benign <= threshold).sum()),
+    }
+    return Report(
+        auroc(attack, benign),
+        auprc(attack, benign),
+        {f: recall_at_fpr(attack, benign, f) for f in FPRS},
+        per,
+        confusion,
+    )
+
+
+# ---- detectors -----------------------------------------------------------------------------
+
+
+class Baseline:
+    """A detector on the diffusion model's own preprocessing; threshold_ at FPR 1e-2 from a
+    held-out fifth of the benign training flows."""
+
+    name = "baseline"
+
+    def fit(self, x: np.ndarray, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(x))
+        cal, train = x[order[: len(x) // 5]], x[order[len(x) // 5 :]]
+        self.prep = Preprocessor.fit(train)
+        self._fit(self.prep.transform(train), seed)
+        self.threshold_ = float(np.quantile(self.score(cal), 0.99, method="higher"))
+        return self
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        return self._score(self.prep.transform(x))
+
+
+class IsolationForestBaseline(Baseline):
+    name = "isolation_forest"
+
+    def _fit(self, z, seed):
+        from sklearn.ensemble import IsolationForest
+
+        self.model = IsolationForest(n_estimators=200, random_state=seed).fit(z)
+
+    def _score(self, z):
+        return -self.model.score_samples(z)
+
+
+class LOFBaseline(Baseline):
+    name = "lof"
+
+    def _fit(self, z, seed):
+        from sklearn.neighbors import LocalOutlierFactor
+
+        self.model = LocalOutlierFactor(n_neighbors=20, novelty=True).fit(z)
+
+    def _score(self, z):
+        return -self.model.score_samples(z)
+
+
+class AutoencoderBaseline(Baseline):
+    name = "autoencoder"
+
+    def _fit(self, z, seed, steps: int = 2000):
+        torch.manual_seed(seed)
+        d = z.shape[1]
+        self.model = torch.nn.Sequential(
+            torch.nn.Linear(d, 64),
+            torch.nn.SiLU(),
+            torch.nn.Linear(64, 16),
+            torch.nn.SiLU(),
+            torch.nn.Linear(16, 64),
+            torch.nn.SiLU(),
+            torch.nn.Linear(64, d),
+        )
+        opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
+        data = torch.from_numpy(z)
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            batch = data[torch.randint(0, len(data), (256,), generator=gen)]
+            loss = ((self.model(batch) - batch) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    @torch.no_grad()
+    def _score(self, z):
+        x = torch.from_numpy(z)
+        return ((self.model(x) - x) ** 2).mean(1).numpy()
+
+
+class DiffusionBaseline:
+    name = "diffusion (dte)"
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+
+    def fit(self, x, seed=0):
+        self.det = DiffusionDetector(self.config).fit(x)
+        self.threshold_ = self.det.threshold_[1e-2]
+        return self
+
+    def score(self, x):
+        return self.det.score(x)[0]
+
+
+# ---- data sets -----------------------------------------------------------------------------
+
+
+@dataclass
+class EvalSet:
+    name: str
+    train: np.ndarray  # benign flows to fit on
+    benign: np.ndarray  # benign test flows
+    attack: np.ndarray  # attack test flows
+    kinds: np.ndarray  # attack type of each attack flow
+
+
+def _features(path: Path):
+    meter = FlowMeter(seed=1)
+    parts = [meter.add(b) for b in read_capture(path)]
+    parts.append(meter.flush())
+    return parts
+
+
+def real_set(pcap_dir: Path, seed: int = 0) -> EvalSet:
+    labels = load_labels()
+    benign = np.concatenate(
+        [f.features for name in labels["benign"] for f in _features(pcap_dir / name)]
+    )
+    attacks, kinds = [], []
+    for name in labels["malicious"]:
+        x = np.concatenate([f.features for f in _features(pcap_dir / name)])
+        attacks.append(x)
+        kinds += [name.rsplit(".", 1)[0]] * len(x)
+    order = np.random.default_rng(seed).permutation(len(benign))
+    cut = int(len(benign) * 0.7)
+    return EvalSet(
+        "real", benign[order[:cut]], benign[order[cut:]], np.concatenate(attacks), np.array(kinds)
+    )
+
+
+def generated_set(workdir: Path, seed: int = 0, scale: float = 1.0) -> EvalSet:
+    pcap, label_file = workdir / "generated.pcap", workdir / "generated.labels.csv"
+    generate(pcap, label_file, seed=seed, scale=scale)
+    labels = read_labels(label_file)
+    x, kinds = [], []
+    for part in _features(pcap):
+        r = part.records
+        for i in range(len(r)):
+            a = (int(r["src_lo"][i]) & 0xFFFFFFFF, int(r["src_port"][i]))
+            b = (int(r["dst_lo"][i]) & 0xFFFFFFFF, int(r["dst_port"][i]))
+            kinds.append(labels.get((int(r["proto"][i]),) + tuple(sorted([a, b])), "unlabelled"))
+        x.append(part.features)
+    x, kinds = np.concatenate(x), np.array(kinds)
+    benign = x[kinds == "benign"]
+    order = np.random.default_rng(seed).permutation(len(benign))
+    cut = int(len(benign) * 0.7)
+    is_attack = np.isin(kinds, ATTACKS)
+    return EvalSet(
+        "generated", benign[order[:cut]], benign[order[cut:]], x[is_attack], kinds[is_attack]
+    )
+
+
+# ---- experiments ---------------------------------------------------------------------------
+
+
+def detectors(train_steps: int) -> list:
+    return [
+        DiffusionBaseline(TrainConfig(train_steps=train_steps)),
+        IsolationForestBaseline(),
+        LOFBaseline(),
+        AutoencoderBaseline(),
+    ]
+
+
+def compare(s: EvalSet, train_steps: int) -> dict[str, Report]:
+    """Every detector fitted on s.train, reported on s.benign vs s.attack."""
+    out = {}
+    for det in detectors(train_steps):
+        det.fit(s.train)
+        out[det.name] = report(det.score(s.benign), det.score(s.attack), s.kinds, det.threshold_)
+    return out
+
+
+def contamination(s: EvalSet, train_steps: int, shares=(0.0, 0.01, 0.05)) -> dict:
+    """AUROC and recall@1e-3 with attacks mixed into the benign training data, robust training
+    (trim 0.05) on and off. Half the attack flows are the contamination pool, the other half
+    the test attacks, so no test attack was trained on."""
+    rng = np.random.default_rng(1)
+    order = rng.permutation(len(s.attack))
+    pool, test = order[: len(order) // 2], order[len(order) // 2 :]
+    out = {}
+    for trim in (0.0, 0.05):
+        for share in shares:
+            n = int(round(share * len(s.train) / (1 - share)))
+            mixed = np.concatenate([s.train, s.attack[rng.choice(pool, n, replace=n > len(pool))]])
+            det = DiffusionDetector(TrainConfig(train_steps=train_steps, trim=trim)).fit(mixed)
+            b, a = det.score(s.benign)[0], det.score(s.attack[test])[0]
+            out[f"trim={trim:g} contamination={share:g}"] = {
+                "auroc": auroc(a, b),
+                "recall_at_1e-3": recall_at_fpr(a, b, 1e-3),
+            }
+    return out
+
+
+def degradation(s: EvalSet, det: DiffusionDetector, seed: int = 0) -> dict:
+    """AUROC when test features are masked (NaN) or jittered."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, fn in (
+        ("clean", lambda x: x),
+        ("10% masked", lambda x: np.where(rng.random(x.shape) < 0.1, np.nan, x)),
+        ("30% masked", lambda x: np.where(rng.random(x.shape) < 0.3, np.nan, x)),
+        ("10% jitter", lambda x: x * rng.normal(1.0, 0.1, x.shape).astype(np.float32)),
+        ("30% jitter", lambda x: x * rng.normal(1.0, 0.3, x.shape).astype(np.float32)),
+    ):
+        out[name] = auroc(det.score(fn(s.attack))[0], det.score(fn(s.benign))[0])
+    return out
+
+
+def imbalance(benign: np.ndarray, attack: np.ndarray, rates=(0.01, 0.001), draws: int = 50) -> dict:
+    """AUPRC when attacks are a realistic share of flows (attack scores resampled)."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for rate in rates:
+        n = max(1, int(round(rate * len(benign) / (1 - rate))))
+        out[f"{rate:g}"] = float(
+            np.mean([auprc(rng.choice(attack, n), benign) for _ in range(draws)])
+        )
+    return out
+
+
+def augmentation(s: EvalSet, train_steps: int, small: int = 200, synthetic: int = 1000) -> dict:
+    """With little benign data: AUROC trained on it alone, and with synthetic flows added
+    (sampled from a model fitted on the same small set)."""
+    rng = np.random.default_rng(2)
+    few = s.train[rng.permutation(len(s.train))[:small]]
+    base = DiffusionDetector(TrainConfig(train_steps=train_steps)).fit(few)
+    fake = base.sample(synthetic, seed=3)
+    aug = DiffusionDetector(TrainConfig(train_steps=train_steps)).fit(np.concatenate([few, fake]))
+    out = {}
+    for name, det in (("small", base), ("small + synthetic", aug)):
+        out[name] = auroc(det.score(s.attack)[0], det.score(s.benign)[0])
+    return out
+
+
+def workdir(path: Path | None) -> Path:
+    if path is None:
+        return Path(tempfile.mkdtemp(prefix="quietwire-eval-"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def table(name: str, reports: dict[str, Report]) -> str:
+    """The comparison table: one row per detector, then per attack type."""
+    lines = [
+        f"== {name}: AUROC, AUPRC, recall at FPR 1e-2 / 1e-3 / 1e-4, confusion at the "
+        "calibrated threshold (FPR 1e-2)",
+        f"{'detector':<18} {'AUROC':>6} {'AUPRC':>6} {'R@1e-2':>7} {'R@1e-3':>7} "
+        f"{'R@1e-4':>7} {'TP':>6} {'FN':>6} {'FP':>5} {'TN':>6}",
+    ]
+    for det, r in reports.items():
+        c = r.confusion
+        lines.append(
+            f"{det:<18} {r.auroc:6.3f} {r.auprc:6.3f} {r.recall[1e-2]:7.3f} "
+            f"{r.recall[1e-3]:7.3f} {r.recall[1e-4]:7.3f} {c['true_positive']:6} "
+            f"{c['false_negative']:6} {c['false_positive']:5} {c['true_negative']:6}"
+        )
+    kinds = sorted(next(iter(reports.values())).per_attack)
+    dets = list(reports)
+    lines.append(f"AUROC per attack type ({', '.join(dets)}):")
+    for kind in kinds:
+        flows = reports[dets[0]].per_attack[kind]["flows"]
+        values = " ".join(f"{reports[d].per_attack[kind]['auroc']:6.3f}" for d in dets)
+        best = max(dets, key=lambda d: reports[d].per_attack[kind]["auroc"])
+        lines.append(f"  {kind:<26} {flows:6} flows  {values}   best: {best}")
+    means = {d: float(np.mean([reports[d].per_attack[k]["auroc"] for k in kinds])) for d in dets}
+    lines.append("  mean over attack types       " + " ".join(f"{means[d]:6.3f}" for d in dets))
+    return "\n".join(lines)
+
+
+def plots(out: Path, name: str, scores: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[Path]:
+    """ROC and PR curves and score histograms, when matplotlib is installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for det, (benign, attack) in scores.items():
+        s = np.concatenate([attack, benign])
+        y = np.r_[np.ones(len(attack)), np.zeros(len(benign))][np.argsort(-s)]
+        tpr, fpr = np.cumsum(y) / y.sum(), np.cumsum(1 - y) / (1 - y).sum()
+        precision = np.cumsum(y) / np.arange(1, len(y) + 1)
+        axes[0].plot(fpr, tpr, label=det)
+        axes[1].plot(tpr, precision, label=det)
+    axes[0].set(
+        xscale="log",
+        xlim=(1e-4, 1),
+        xlabel="false-positive rate",
+        ylabel="true-positive rate",
+        title=f"ROC ({name})",
+    )
+    axes[1].set(xlabel="recall", ylabel="precision", title=f"precision-recall ({name})")
+    benign, attack = next(iter(scores.values()))
+    bins = np.linspace(min(benign.min(), attack.min()), max(benign.max(), attack.max()), 60)
+    axes[2].hist(benign, bins, alpha=0.6, density=True, label="benign")
+    axes[2].hist(attack, bins, alpha=0.6, density=True, label="attack")
+    axes[2].set(title=f"{next(iter(scores))} scores ({name})", xlabel="score")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / f"{name}.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return [path]
