@@ -93,10 +93,21 @@ class _Chunks:
     by the chunk boundary) starts the next. PAD zero bytes follow the data, so header fields
     can be read a few bytes past the end without a bounds check per record."""
 
-    def __init__(self, handle, chunk_bytes: int, start: bytes = b"") -> None:
+    def __init__(
+        self,
+        path: Path,
+        handle,
+        chunk_bytes: int,
+        on_progress,
+        start: bytes = b"",
+        file_pos: int = 0,
+    ) -> None:
+        self._path = path
         self._handle = handle
         self._size = chunk_bytes
+        self._on_progress = on_progress
         self._pending = start
+        self.file_pos = file_pos - len(start)  # file offset of the next buffer's first byte
         self.eof = False
 
     def next(self) -> tuple[bytearray, int]:
@@ -108,10 +119,20 @@ class _Chunks:
         self.eof = got == 0
         return buf, n + got
 
-    def keep(self, buf: bytearray, start: int, end: int) -> int:
-        """Carry buf[start:end] over to the next chunk; return how many bytes that is."""
-        self._pending = bytes(buf[start:end])
-        return end - start
+    def advance(self, buf: bytearray, off: int, end: int, unit: str) -> bool:
+        """Records up to ``off`` are consumed: carry the rest to the next chunk, report
+        progress, and say whether the file is done (a partial ``unit`` at the end of the
+        file is damage)."""
+        self._pending = bytes(buf[off:end])
+        self.file_pos += off
+        if self._on_progress:
+            self._on_progress(self.file_pos)
+        if self.eof and self._pending:
+            raise CaptureError(
+                f"{self._path}: truncated {unit} at offset {self.file_pos} "
+                f"({len(self._pending)} bytes left, file ends mid-{unit})"
+            )
+        return self.eof
 
 
 def _read_pcap(path: Path, handle, magic: bytes, chunk_bytes: int, on_progress):
@@ -121,8 +142,7 @@ def _read_pcap(path: Path, handle, magic: bytes, chunk_bytes: int, on_progress):
         raise CaptureError(f"{path}: truncated pcap file header ({len(header)} of 24 bytes)")
     linktype = struct.unpack(order + "I", header[20:24])[0] & 0x0FFFFFFF
     caplen_at = struct.Struct(order + "I").unpack_from
-    chunks = _Chunks(handle, chunk_bytes)
-    file_pos = 24
+    chunks = _Chunks(path, handle, chunk_bytes, on_progress, file_pos=24)
     while True:
         buf, end = chunks.next()
         starts: list[int] = []
@@ -139,19 +159,10 @@ def _read_pcap(path: Path, handle, magic: bytes, chunk_bytes: int, on_progress):
         yield from _pcap_batch(buf, starts, order, frac_to_ns, linktype)
         if off + 16 <= end and caplen_at(buf, off + 8)[0] > MAX_RECORD_BYTES:
             raise CaptureError(
-                f"{path}: record at offset {file_pos + off}: captured length "
+                f"{path}: record at offset {chunks.file_pos + off}: captured length "
                 f"{caplen_at(buf, off + 8)[0]} exceeds {MAX_RECORD_BYTES} bytes (damaged file)"
             )
-        left = chunks.keep(buf, off, end)
-        file_pos += off
-        if on_progress:
-            on_progress(file_pos)
-        if chunks.eof:
-            if left:
-                raise CaptureError(
-                    f"{path}: truncated record at offset {file_pos} "
-                    f"({left} bytes left, file ends mid-packet)"
-                )
+        if chunks.advance(buf, off, end, "record"):
             return
 
 
@@ -186,8 +197,7 @@ class _Interface:
 
 
 def _read_pcapng(path: Path, handle, head: bytes, chunk_bytes: int, on_progress):
-    chunks = _Chunks(handle, chunk_bytes, start=head)
-    file_pos = 0
+    chunks = _Chunks(path, handle, chunk_bytes, on_progress, start=head, file_pos=len(head))
     order = "<"
     interfaces: list[_Interface] = []
     while True:
@@ -208,34 +218,25 @@ def _read_pcapng(path: Path, handle, head: bytes, chunk_bytes: int, on_progress)
                         order = ">"
                     else:
                         raise CaptureError(
-                            f"{path}: section header at offset {file_pos + off}: "
+                            f"{path}: section header at offset {chunks.file_pos + off}: "
                             f"bad byte-order magic {bom.hex()}"
                         )
                     interfaces = []
                 blen = struct.unpack_from(order + "I", buf, off + 4)[0]
                 if blen < 12 or blen % 4 or blen > MAX_RECORD_BYTES + 64:
                     raise CaptureError(
-                        f"{path}: block at offset {file_pos + off}: "
+                        f"{path}: block at offset {chunks.file_pos + off}: "
                         f"invalid block length {blen} (damaged file)"
                     )
                 if off + blen > end:
                     break
-                _pcapng_block(path, buf, off, blen, btype, order, interfaces, cols, file_pos)
+                _pcapng_block(path, buf, off, blen, btype, order, interfaces, cols, chunks.file_pos)
                 off += blen
         except CaptureError:
             yield from _pcapng_batch(buf, cols, interfaces)
             raise
         yield from _pcapng_batch(buf, cols, interfaces)
-        left = chunks.keep(buf, off, end)
-        file_pos += off
-        if on_progress:
-            on_progress(file_pos)
-        if chunks.eof:
-            if left:
-                raise CaptureError(
-                    f"{path}: truncated block at offset {file_pos} "
-                    f"({left} bytes left, file ends mid-block)"
-                )
+        if chunks.advance(buf, off, end, "block"):
             return
 
 
