@@ -255,7 +255,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             scores[det.name] = (b, a)
             reports[det.name] = ev.report(b, a, s.kinds, det.threshold_)
             if det.name.startswith("diffusion"):
-                diffusion = det.det
+                diffusion = det
         print(ev.table(s.name, reports))
         entry = {k: r.as_dict() for k, r in reports.items()}
         b, a = scores["diffusion (dte)"]
@@ -338,6 +338,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             score=args.score,
             train_steps=args.train_steps,
             trim=args.trim,
+            host_balance=args.host_balance,
             holdout=args.holdout,
             seed=args.seed,
         )
@@ -592,6 +593,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="Q",
         help="robust training: ignore the share Q of each batch's highest "
         "losses, for benign data that may hold some attacks (0.05; 0 = off)",
+    )
+    train.add_argument(
+        "--host-balance",
+        type=int,
+        default=10,
+        metavar="K",
+        help="robust training: a host's flows beyond K per context window are sampled less, "
+        "so a scan or flood hidden in the benign data is not learnt as normal (10; 0 = off)",
     )
     train.add_argument(
         "--holdout",

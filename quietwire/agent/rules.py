@@ -20,6 +20,7 @@ import numpy as np
 
 from .features import FEATURE_NAMES
 from .flowrecords import FlowRecords
+from .model import nearest_threshold
 from .yamlnodes import Node, YamlError, load
 
 ACTIONS = ("alert", "suppress", "threshold")
@@ -372,8 +373,7 @@ class RuleEngine:
         self._last: OrderedDict[tuple[int, int, int], list] = OrderedDict()
 
     def threshold(self, fpr: float) -> float:
-        level = min(self.thresholds, key=lambda k: abs(np.log10(k) - np.log10(fpr)))
-        return self.thresholds[level]
+        return nearest_threshold(self.thresholds, fpr)
 
     def evaluate(
         self, flows: FlowRecords, features: np.ndarray, score: np.ndarray, tail: np.ndarray

@@ -48,6 +48,10 @@ class TrainConfig:
     batch_size: int = 256
     lr: float = 1e-3
     trim: float = 0.05  # robust training: ignore this share of each batch's highest losses
+    # robust training: a host's flows beyond this many per context window are sampled less
+    # (weight host_balance / src_host_flows), so one scanner's or flooder's burst of near-
+    # identical flows cannot teach the model that it is normal; 0 = every flow alike
+    host_balance: int = 10
     holdout: float = 0.2  # share of benign flows kept aside to calibrate thresholds
     seed: int = 0
 
@@ -56,6 +60,8 @@ class TrainConfig:
             raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
         if not 0.0 <= self.trim < 0.5:
             raise ValueError(f"trim must be in [0, 0.5), got {self.trim!r}")
+        if self.host_balance < 0:
+            raise ValueError(f"host_balance must be >= 0, got {self.host_balance!r}")
         if not 0.05 <= self.holdout <= 0.5:
             raise ValueError(f"holdout must be in [0.05, 0.5], got {self.holdout!r}")
 
@@ -121,8 +127,10 @@ class DiffusionDetector:
 
         per_epoch = max(1, -(-len(inputs) // cfg.batch_size))
         steps = max(cfg.train_steps, per_epoch)
-        loss_n = self._train(self.denoiser, denoise_loss, inputs, steps, gen, "denoiser", progress)
-        loss_t = self._train(self.dte, dte_loss, inputs, steps, gen, "time estimator", progress)
+        weights = host_weights(train, cfg.host_balance)
+        args = (inputs, weights, steps, gen)
+        loss_n = self._train(self.denoiser, denoise_loss, *args, "denoiser", progress)
+        loss_t = self._train(self.dte, dte_loss, *args, "time estimator", progress)
         seconds = time.perf_counter() - started
         self.calibrate(cal)
         self.summary_ = FitSummary(
@@ -139,7 +147,7 @@ class DiffusionDetector:
         )
         return self
 
-    def _train(self, model, loss_fn, inputs, steps, gen, name, progress) -> float:
+    def _train(self, model, loss_fn, inputs, weights, steps, gen, name, progress) -> float:
         cfg = self.config
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -150,10 +158,13 @@ class DiffusionDetector:
         perm = torch.randperm(n, generator=gen)
         pos = 0
         for step in range(steps):
-            if pos + cfg.batch_size > n:
-                perm, pos = torch.randperm(n, generator=gen), 0
-            batch = inputs[perm[pos : pos + cfg.batch_size]]
-            pos += cfg.batch_size
+            if weights is not None:
+                batch = inputs[torch.multinomial(weights, cfg.batch_size, True, generator=gen)]
+            else:
+                if pos + cfg.batch_size > n:
+                    perm, pos = torch.randperm(n, generator=gen), 0
+                batch = inputs[perm[pos : pos + cfg.batch_size]]
+                pos += cfg.batch_size
             losses = loss_fn(batch)
             if cfg.trim and step >= warmup:
                 # Contaminated benign data: the worst-explained samples are likelier attacks.
@@ -225,6 +236,16 @@ class DiffusionDetector:
         """n synthetic benign flows (raw features) by DDPM ancestral sampling."""
         self._check_fitted()
         return sample_flows(self.denoiser, self.schedule, self.preprocessor, n, seed)
+
+
+def host_weights(x: np.ndarray, balance: int) -> torch.Tensor | None:
+    """Sampling weights min(1, balance / src_host_flows), or None when balancing is off."""
+    if not balance:
+        return None
+    from quietwire.agent.features import FEATURE_NAMES
+
+    per_host = np.nan_to_num(x[:, FEATURE_NAMES.index("src_host_flows")], nan=1.0)
+    return torch.from_numpy(np.minimum(1.0, balance / np.maximum(per_host, 1.0)).astype(np.float64))
 
 
 @torch.no_grad()

@@ -268,38 +268,50 @@ def compare(s: EvalSet, train_steps: int) -> dict[str, Report]:
 
 
 def contamination(s: EvalSet, train_steps: int, shares=(0.0, 0.01, 0.05)) -> dict:
-    """AUROC and recall@1e-3 with attacks mixed into the benign training data, robust training
-    (trim 0.05) on and off. Half the attack flows are the contamination pool, the other half
-    the test attacks, so no test attack was trained on."""
+    """AUROC and recall@1e-3 with attacks mixed into the benign training data, with the
+    robust options (trim 0.05, host_balance 10: the defaults) and without (plain). Half the
+    attack flows are the contamination pool, the other half the test attacks, so no test
+    attack was trained on."""
     rng = np.random.default_rng(1)
     order = rng.permutation(len(s.attack))
     pool, test = order[: len(order) // 2], order[len(order) // 2 :]
     out = {}
-    for trim in (0.0, 0.05):
+    for mode, trim, balance in (("plain", 0.0, 0), ("robust", 0.05, 10)):
         for share in shares:
             n = int(round(share * len(s.train) / (1 - share)))
             mixed = np.concatenate([s.train, s.attack[rng.choice(pool, n, replace=n > len(pool))]])
-            det = DiffusionDetector(TrainConfig(train_steps=train_steps, trim=trim)).fit(mixed)
+            config = TrainConfig(train_steps=train_steps, trim=trim, host_balance=balance)
+            det = DiffusionDetector(config).fit(mixed)
             b, a = det.score(s.benign)[0], det.score(s.attack[test])[0]
-            out[f"trim={trim:g} contamination={share:g}"] = {
+            out[f"{mode} contamination={share:g}"] = {
                 "auroc": auroc(a, b),
                 "recall_at_1e-3": recall_at_fpr(a, b, 1e-3),
             }
     return out
 
 
-def degradation(s: EvalSet, det: DiffusionDetector, seed: int = 0) -> dict:
-    """AUROC when test features are masked (NaN) or jittered."""
+def degradation(s: EvalSet, det, seed: int = 0) -> dict:
+    """AUROC when test features are masked (NaN) or jittered: timing jitter (clock noise on
+    times and rates) and, as a stress test, multiplicative noise on every feature."""
+    from quietwire.agent.features import SCHEMA
+
     rng = np.random.default_rng(seed)
+    timing = np.array([f.unit in ("s", "packets/s", "bytes/s") for f in SCHEMA])
+
+    def jitter(x, sd, cols):
+        noise = rng.normal(1.0, sd, x.shape).astype(np.float32)
+        return np.where(cols, x * noise, x)
+
     out = {}
     for name, fn in (
         ("clean", lambda x: x),
         ("10% masked", lambda x: np.where(rng.random(x.shape) < 0.1, np.nan, x)),
         ("30% masked", lambda x: np.where(rng.random(x.shape) < 0.3, np.nan, x)),
-        ("10% jitter", lambda x: x * rng.normal(1.0, 0.1, x.shape).astype(np.float32)),
-        ("30% jitter", lambda x: x * rng.normal(1.0, 0.3, x.shape).astype(np.float32)),
+        ("10% timing jitter", lambda x: jitter(x, 0.1, timing)),
+        ("30% timing jitter", lambda x: jitter(x, 0.3, timing)),
+        ("10% jitter, all features", lambda x: jitter(x, 0.1, np.ones_like(timing))),
     ):
-        out[name] = auroc(det.score(fn(s.attack))[0], det.score(fn(s.benign))[0])
+        out[name] = auroc(det.score(fn(s.attack)), det.score(fn(s.benign)))
     return out
 
 
