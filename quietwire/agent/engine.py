@@ -98,9 +98,7 @@ class Engine:
                 self.metrics.set_model(
                     model.version, model.metadata["schema_hash"], model.score_kind, time.time()
                 )
-        memory = self.rules._last
-        self.rules = RuleEngine(rules or self.rules.ruleset, self.model.thresholds)
-        self.rules._last = memory  # repeat windows survive a reload
+        self.rules = self.rules.replaced(rules or self.rules.ruleset, self.model.thresholds)
 
     def _handle(self, flows: MeteredFlows, interface: str) -> None:
         if len(flows) == 0:

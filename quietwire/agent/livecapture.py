@@ -14,7 +14,6 @@ import mmap
 import select
 import socket
 import struct
-import time
 
 import numpy as np
 
@@ -182,7 +181,3 @@ def _empty() -> PacketBatch:
     return PacketBatch(
         np.zeros(PAD, np.uint8), z, z, z, z, np.zeros(0, np.int32), np.zeros(0, np.int32)
     )
-
-
-def wall_ns() -> int:
-    return time.time_ns()

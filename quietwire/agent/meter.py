@@ -6,7 +6,6 @@ Replay and live capture differ only in the iterable of PacketBatches they feed i
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -81,10 +80,3 @@ class FlowMeter:
         for reason, count in zip(END_REASONS, counts.tolist()):
             self.stats.ended_by_reason[reason] += count
         return MeteredFlows(ended, extract(ended, self.context.features(ended)))
-
-
-def meter_batches(batches: Iterable[PacketBatch], meter: FlowMeter) -> Iterator[MeteredFlows]:
-    """Run batches through a FlowMeter, then flush it."""
-    for batch in batches:
-        yield meter.add(batch)
-    yield meter.flush()

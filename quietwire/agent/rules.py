@@ -375,6 +375,12 @@ class RuleEngine:
     def threshold(self, fpr: float) -> float:
         return nearest_threshold(self.thresholds, fpr)
 
+    def replaced(self, ruleset: RuleSet, thresholds: dict[float, float]) -> RuleEngine:
+        """A new engine for new rules or thresholds that keeps the repeat windows."""
+        engine = RuleEngine(ruleset, thresholds)
+        engine._last = self._last
+        return engine
+
     def evaluate(
         self, flows: FlowRecords, features: np.ndarray, score: np.ndarray, tail: np.ndarray
     ) -> Verdicts:
