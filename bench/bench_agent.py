@@ -27,7 +27,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_meter import _peak_rss_mib, run_nfstream, run_quietwire  # noqa: E402
+from bench_meter import _peak_rss_mib, measure, run_nfstream, run_quietwire  # noqa: E402
 from gen_capture import generate  # noqa: E402
 
 
@@ -64,18 +64,6 @@ def child(tool: str, path: str) -> None:
     result = runner(path)
     result["peak_rss_mib"] = _peak_rss_mib()
     print(json.dumps(result))
-
-
-def measure(tool: str, path: Path) -> dict:
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", tool, str(path)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    result["pps"] = result["packets"] / result["seconds"]
-    return result
 
 
 def live(path: Path, n_packets: int) -> None:
@@ -155,7 +143,7 @@ def main() -> None:
         path = work / "gen.pcap"
         n = generate(path, args.packets)
         print(f"\ncapture: {n:,} packets, {path.stat().st_size / 1e6:,.0f} MB")
-        results = {t: measure(t, path) for t in ("replay", "meter", "nfstream")}
+        results = {t: measure(t, path, script=__file__) for t in ("replay", "meter", "nfstream")}
         print(f"{'':<28} {'packets/s':>11} {'seconds':>8} {'flows':>8} {'peak RSS':>9}")
         names = {
             "replay": "quietwire replay (end to end)",

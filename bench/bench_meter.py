@@ -86,9 +86,10 @@ def child(tool: str, path: str, limit: int) -> None:
     print(json.dumps(result))
 
 
-def measure(tool: str, path: Path, limit: int) -> dict:
+def measure(tool: str, path: Path, *extra: str, script: str = __file__) -> dict:
+    """Run ``script --child TOOL PCAP`` in its own process; its JSON result plus packets/s."""
     out = subprocess.run(
-        [sys.executable, __file__, "--child", tool, str(path), "--scapy-packets", str(limit)],
+        [sys.executable, script, "--child", tool, str(path), *extra],
         capture_output=True,
         text=True,
         check=True,
@@ -127,7 +128,8 @@ def main() -> None:
             size_mb = path.stat().st_size / 1e6
             print(f"\ncapture: {n:,} packets, {size_mb:,.0f} MB (bench/gen_capture.py)")
             tools = ["quietwire", "nfstream", "scapy"] if i == 0 else ["quietwire"]
-            results = {t: measure(t, path, args.scapy_packets) for t in tools}
+            limit = ("--scapy-packets", str(args.scapy_packets))
+            results = {t: measure(t, path, *limit) for t in tools}
             print(
                 f"{'tool':<10} {'packets':>10} {'flows':>8} {'seconds':>8} "
                 f"{'packets/s':>11} {'peak RSS':>9}  quietwire is"
