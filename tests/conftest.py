@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -45,3 +46,52 @@ def meter_file(path: Path, chunk_bytes: int = 8 << 20, **config) -> MeteredFlows
     feats = np.concatenate([p.features for p in parts]) if parts else np.zeros((0, 0))
     order = np.argsort(records["seq"], kind="stable")
     return MeteredFlows(records.take(order), feats[order])
+
+
+def free_port() -> int:
+    """A TCP port on loopback that was free a moment ago."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+REPLAY_FILES = ("synscan.pcap", "1kxun.pcap", "dns-tunnel-iodine.pcap")
+
+
+@contextlib.contextmanager
+def serving_replay(ndpi: Path, tmp_path: Path):
+    """`quietwire replay REPLAY_FILES --serve-metrics`: yields (metrics port, summary line)
+    once the replay is done and still serving; stops it with SIGTERM, which must exit 0."""
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    files = [str(ndpi / "pcap" / f) for f in REPLAY_FILES]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "quietwire.cli",
+            "replay",
+            *files,
+            "--serve-metrics",
+            f"127.0.0.1:{port}",
+            "--alerts",
+            str(tmp_path / "alerts.json"),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "still serving metrics" in line:
+                break
+        yield port, next(x for x in lines if x.startswith("replay: "))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0

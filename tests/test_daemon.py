@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,13 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from quietwire.cli import main
 
+from .conftest import serving_replay
+
 PY = sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_replay_alerts_for_scans_and_tunnels(ndpi, tmp_path, capsys):
@@ -94,32 +89,7 @@ def total(samples, name, **labels):
 
 
 def test_replay_metrics_equal_the_summary(ndpi, tmp_path):
-    port = free_port()
-    files = [
-        str(ndpi / "pcap" / f) for f in ("synscan.pcap", "1kxun.pcap", "dns-tunnel-iodine.pcap")
-    ]
-    proc = subprocess.Popen(
-        [
-            PY,
-            "-m",
-            "quietwire.cli",
-            "replay",
-            *files,
-            "--serve-metrics",
-            f"127.0.0.1:{port}",
-            "--alerts",
-            str(tmp_path / "a.json"),
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    lines = []
-    try:
-        for line in proc.stderr:
-            lines.append(line)
-            if "still serving metrics" in line:
-                break
-        summary = next(x for x in lines if x.startswith("replay: "))
+    with serving_replay(ndpi, tmp_path) as (port, summary):
         m = re.search(
             r"replay: (\d+) packets, (\d+) flows, (\d+) alerts \(([^)]*)\), (\d+) suppressed",
             summary,
@@ -136,9 +106,6 @@ def test_replay_metrics_equal_the_summary(ndpi, tmp_path):
         assert total(s, "quietwire_model_info") == 1
         for sev in re.findall(r"severity (\d): (\d+)", m.group(4)):
             assert total(s, "quietwire_alerts_total", severity=sev[0]) == int(sev[1])
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
 
 
 def test_metrics_basic_auth(tmp_path):

@@ -9,8 +9,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +20,8 @@ import pytest
 import yaml
 
 from quietwire.agent.metrics import Metrics
+
+from .conftest import free_port, serving_replay
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "quietwire-dashboard.json"
@@ -118,12 +118,6 @@ def test_systemd_unit_verifies(tmp_path):
     assert "quietwire.service" not in res.stderr, res.stderr  # no warning about the unit
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def api(port: int, path: str, **params) -> dict:
     url = f"http://127.0.0.1:{port}/api/v1/{path}?" + urllib.parse.urlencode(params)
     return json.loads(urllib.request.urlopen(url, timeout=10).read())
@@ -131,119 +125,98 @@ def api(port: int, path: str, **params) -> dict:
 
 def test_prometheus_scrapes_a_replay(ndpi, tmp_path):
     prometheus = need("prometheus")
-    agent_port, prom_port = free_port(), free_port()
-    files = [
-        str(ndpi / "pcap" / f) for f in ("synscan.pcap", "1kxun.pcap", "dns-tunnel-iodine.pcap")
-    ]
-    agent = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "quietwire.cli",
-            "replay",
-            *files,
-            "--serve-metrics",
-            f"127.0.0.1:{agent_port}",
-            "--alerts",
-            str(tmp_path / "alerts.json"),
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    prom_port = free_port()
     prom = None
-    try:
-        lines = []
-        for line in agent.stderr:
-            lines.append(line)
-            if "still serving metrics" in line:
-                break
-        summary = next(x for x in lines if x.startswith("replay: "))
-        packets, flows, alerts = map(
-            int, re.search(r"replay: (\d+) packets, (\d+) flows, (\d+) alerts", summary).groups()
-        )
+    with serving_replay(ndpi, tmp_path) as (agent_port, summary):
+        try:
+            packets, flows, alerts = map(
+                int,
+                re.search(r"replay: (\d+) packets, (\d+) flows, (\d+) alerts", summary).groups(),
+            )
 
-        shipped = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
-        job = shipped["scrape_configs"][0]
-        job["scrape_interval"] = "1s"
-        job["static_configs"] = [
-            {"targets": [f"127.0.0.1:{agent_port}"], "labels": job["static_configs"][0]["labels"]}
-        ]
-        shipped["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
-        shipped["rule_files"] = [str(ALERT_RULES)]
-        config = tmp_path / "prometheus.yml"
-        config.write_text(yaml.safe_dump(shipped))
-        prom = subprocess.Popen(
-            [
-                prometheus,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{prom_port}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+            shipped = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+            job = shipped["scrape_configs"][0]
+            job["scrape_interval"] = "1s"
+            job["static_configs"] = [
+                {
+                    "targets": [f"127.0.0.1:{agent_port}"],
+                    "labels": job["static_configs"][0]["labels"],
+                }
+            ]
+            shipped["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+            shipped["rule_files"] = [str(ALERT_RULES)]
+            config = tmp_path / "prometheus.yml"
+            config.write_text(yaml.safe_dump(shipped))
+            prom = subprocess.Popen(
+                [
+                    prometheus,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{prom_port}",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
 
-        def value(expr: str) -> float | None:
-            r = api(prom_port, "query", query=expr)["data"]["result"]
-            return float(r[0]["value"][1]) if r else None
+            def value(expr: str) -> float | None:
+                r = api(prom_port, "query", query=expr)["data"]["result"]
+                return float(r[0]["value"][1]) if r else None
 
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if (
-                    value('up{job="quietwire"}') == 1
-                    and value("sum(quietwire_packets_total)") is not None
-                ):
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "Prometheus never scraped the agent"
-            time.sleep(0.5)
-        assert value('sum(quietwire_packets_total{job="quietwire", site="hq"})') == packets
-        assert value("sum(quietwire_flows_total)") == flows
-        assert value("sum(quietwire_alerts_total)") == alerts
-        assert value("sum(quietwire_flow_score_count)") == flows
-        assert value("count(quietwire_model_info == 1)") == 1
-        assert value("quietwire_config_last_reload_successful") == 1
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if (
+                        value('up{job="quietwire"}') == 1
+                        and value("sum(quietwire_packets_total)") is not None
+                    ):
+                        break
+                except OSError:
+                    pass
+                assert time.monotonic() < deadline, "Prometheus never scraped the agent"
+                time.sleep(0.5)
+            assert value('sum(quietwire_packets_total{job="quietwire", site="hq"})') == packets
+            assert value("sum(quietwire_flows_total)") == flows
+            assert value("sum(quietwire_alerts_total)") == alerts
+            assert value("sum(quietwire_flow_score_count)") == flows
+            assert value("count(quietwire_model_info == 1)") == 1
+            assert value("quietwire_config_last_reload_successful") == 1
 
-        time.sleep(3)  # a few scrapes, so rate() and increase() have two samples
-        filled = {
-            "Packets/s by interface",
-            "Bytes/s by interface",
-            "Active flows",
-            "Flows ended/s by reason",
-            "Decode errors/s by reason",
-            "Scoring latency per batch (p50, p99)",
-            "Alerts/s by severity",
-            "Alerts/s by rule",
-            "Suppressed alerts/s by rule and reason",
-            "Flow score distribution (p50, p90, p99)",
-            "Model version and schema",
-            "Model loaded",
-            "Agent build",
-            "Last reload successful",
-        }
-        for p in panels():
-            for t in p["targets"]:
-                expr = (
-                    t["expr"]
-                    .replace("$__rate_interval", "1m")
-                    .replace("$__range", "5m")
-                    .replace("$instance", ".*")
-                )
+            time.sleep(3)  # a few scrapes, so rate() and increase() have two samples
+            filled = {
+                "Packets/s by interface",
+                "Bytes/s by interface",
+                "Active flows",
+                "Flows ended/s by reason",
+                "Decode errors/s by reason",
+                "Scoring latency per batch (p50, p99)",
+                "Alerts/s by severity",
+                "Alerts/s by rule",
+                "Suppressed alerts/s by rule and reason",
+                "Flow score distribution (p50, p90, p99)",
+                "Model version and schema",
+                "Model loaded",
+                "Agent build",
+                "Last reload successful",
+            }
+            for p in panels():
+                for t in p["targets"]:
+                    expr = (
+                        t["expr"]
+                        .replace("$__rate_interval", "1m")
+                        .replace("$__range", "5m")
+                        .replace("$instance", ".*")
+                    )
+                    res = api(prom_port, "query", query=expr)
+                    assert res["status"] == "success", (p["title"], expr, res)
+                    if p["title"] in filled:
+                        assert res["data"]["result"], (p["title"], expr)
+            for name, expr in alert_exprs():
                 res = api(prom_port, "query", query=expr)
-                assert res["status"] == "success", (p["title"], expr, res)
-                if p["title"] in filled:
-                    assert res["data"]["result"], (p["title"], expr)
-        for name, expr in alert_exprs():
-            res = api(prom_port, "query", query=expr)
-            assert res["status"] == "success", (name, res)
-        rules = api(prom_port, "rules")["data"]["groups"]
-        assert sum(len(g["rules"]) for g in rules) == len(alert_exprs())
-        assert all(r["health"] != "err" for g in rules for r in g["rules"])
-    finally:
-        agent.send_signal(signal.SIGTERM)
-        agent.wait(timeout=10)
-        if prom:
-            prom.terminate()
-            prom.wait(timeout=20)
+                assert res["status"] == "success", (name, res)
+            rules = api(prom_port, "rules")["data"]["groups"]
+            assert sum(len(g["rules"]) for g in rules) == len(alert_exprs())
+            assert all(r["health"] != "err" for g in rules for r in g["rules"])
+        finally:
+            if prom:
+                prom.terminate()
+                prom.wait(timeout=20)
