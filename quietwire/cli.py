@@ -232,6 +232,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from .trainer import evaluate as ev
 
+    if args.seeds < 1:
+        _error(f"--seeds {args.seeds}: need at least 1")
+        return 2
+    seeds = tuple(range(args.seed, args.seed + args.seeds))
     out = ev.workdir(args.out)
     sets = []
     if args.data in ("generated", "all"):
@@ -241,21 +245,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
             _error(f"{args.pcap_dir}: the nDPI captures are not there (--pcap-dir)")
             return 2
         sets.append(ev.real_set(args.pcap_dir, seed=args.seed))
-    result: dict = {"train_steps": args.train_steps}
+    result: dict = {"train_steps": args.train_steps, "seeds": args.seeds}
     for s in sets:
         print(
             f"\n{s.name}: {len(s.train)} benign training flows; test: {len(s.benign)} "
             f"benign, {len(s.attack)} attack flows of {len(set(s.kinds.tolist()))} types"
         )
-        scores = {}
-        reports = {}
-        for det in ev.detectors(args.train_steps):
-            det.fit(s.train, seed=args.seed)
-            b, a = det.score(s.benign), det.score(s.attack)
-            scores[det.name] = (b, a)
-            reports[det.name] = ev.report(b, a, s.kinds, det.threshold_)
-            if det.name.startswith("diffusion"):
-                diffusion = det
+        result_set = ev.compare(s, args.train_steps, seeds)
+        reports, scores = result_set.reports, result_set.scores
         print(ev.table(s.name, reports))
         entry = {k: r.as_dict() for k, r in reports.items()}
         b, a = scores["diffusion (dte)"]
@@ -265,12 +262,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
             + ", ".join(f"{k}: {v:.3f}" for k, v in entry["imbalance_auprc"].items())
         )
         if args.hard:
-            entry["degradation_auroc"] = ev.degradation(s, diffusion)
+            entry["degradation_auroc"] = ev.degradation(s, result_set.diffusion)
             print(
                 "AUROC with degraded test features: "
                 + ", ".join(f"{k}: {v:.3f}" for k, v in entry["degradation_auroc"].items())
             )
-            entry["contamination"] = ev.contamination(s, args.train_steps)
+            entry["contamination"] = ev.contamination(s, args.train_steps, seeds=seeds)
             print(
                 "contaminated training (AUROC / recall@1e-3): "
                 + "; ".join(
@@ -278,6 +275,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     for k, v in entry["contamination"].items()
                 )
             )
+            for mode in ("plain", "robust"):
+                c = entry["contamination"]
+                clean, dirty = c[f"{mode} contamination=0"], c[f"{mode} contamination=0.05"]
+                print(
+                    f"  {mode}: 5% contamination drops AUROC by "
+                    f"{clean['auroc'] - dirty['auroc']:.3f} ({clean['auroc']:.3f} -> "
+                    f"{dirty['auroc']:.3f}, sd {dirty['auroc_sd']:.3f} over {len(seeds)} seeds)"
+                )
             entry["augmentation"] = ev.augmentation(s, args.train_steps)
             print(
                 "200 benign training flows, AUROC: "
@@ -647,7 +652,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--train-steps", type=int, default=2000, metavar="N")
     ev.add_argument("--scale", type=float, default=2.0, help="size of the generated set")
     ev.add_argument("--hard", action="store_true", help="also run the hard cases")
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--seed", type=int, default=0, help="first seed")
+    ev.add_argument(
+        "--seeds",
+        type=int,
+        default=3,
+        metavar="N",
+        help="fit every detector with N seeds and report the means (default 3)",
+    )
     ev.set_defaults(func=cmd_eval)
 
     schema = sub.add_parser(

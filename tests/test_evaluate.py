@@ -12,7 +12,7 @@ pytest.importorskip("torch", reason="the trainer extra (torch) is not installed"
 pytest.importorskip("sklearn", reason="scikit-learn (dev extra) is not installed")
 
 from quietwire.cli import main  # noqa: E402
-from quietwire.trainer.evaluate import auprc, recall_at_fpr, report  # noqa: E402
+from quietwire.trainer.evaluate import auprc, mean_report, recall_at_fpr, report  # noqa: E402
 from quietwire.trainer.fidelity import auroc  # noqa: E402
 from quietwire.trainer.trafficgen import ATTACKS, generate, read_labels  # noqa: E402
 
@@ -38,6 +38,21 @@ def test_perfect_and_random_scorers():
         "true_negative": 2,
     }
     assert r.per_attack["b"]["auroc"] == 1.0 and r.per_attack["a"]["auroc"] == pytest.approx(2 / 3)
+
+
+def test_mean_over_seeds():
+    kinds = np.array(["a", "b"])
+    benign = np.array([0.0, 1.0, 2.0, 3.0])
+    one = report(benign, np.array([2.5, 3.5]), kinds, 2.2)  # a: 3/4, b: 1
+    two = report(benign, np.array([0.5, 1.5]), kinds, 2.2)  # a: 1/4, b: 2/4
+    m = mean_report([one, two])
+    assert m.runs == 2
+    assert m.per_attack["a"]["auroc"] == pytest.approx(0.5)
+    assert m.per_attack["b"]["auroc"] == pytest.approx(0.75)
+    assert m.auroc == pytest.approx((one.auroc + two.auroc) / 2)
+    assert m.type_mean == pytest.approx(0.625)
+    assert m.sd["type_mean"] == pytest.approx(abs(one.type_mean - two.type_mean) / 2)
+    assert m.confusion["true_positive"] == 1  # (2 + 0) / 2
 
 
 def test_generator_labels_every_flow(tmp_path):
@@ -70,6 +85,8 @@ def test_eval_command_small(tmp_path, capsys):
                 "0.5",
                 "--train-steps",
                 "150",
+                "--seeds",
+                "2",
                 "--out",
                 str(out),
             ]
@@ -91,3 +108,4 @@ def test_eval_command_small(tmp_path, capsys):
     for det in ("diffusion (dte)", "isolation_forest", "lof", "autoencoder"):
         assert 0.5 < gen[det]["auroc"] <= 1.0  # every detector beats chance on this set
         assert set(gen[det]["per_attack"]) == set(ATTACKS)
+        assert gen[det]["runs"] == 2 and gen[det]["sd"]["auroc"] >= 0

@@ -11,7 +11,7 @@ Every detector is fitted on the same benign training flows and scored on the sam
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,13 +54,20 @@ def recall_at_fpr(positive: np.ndarray, negative: np.ndarray, fpr: float) -> flo
 
 @dataclass
 class Report:
-    """Metrics of one detector on one set."""
+    """Metrics of one detector on one set: one run, or the mean of runs with other seeds."""
 
     auroc: float
     auprc: float
     recall: dict[float, float]
     per_attack: dict[str, dict[str, float]]
     confusion: dict[str, int]  # at the detector's calibrated threshold (FPR 1e-2)
+    runs: int = 1
+    sd: dict[str, float] = field(default_factory=dict)  # across runs: auroc, type_mean
+
+    @property
+    def type_mean(self) -> float:
+        """Mean AUROC over attack types (each type counts once, whatever its size)."""
+        return float(np.mean([v["auroc"] for v in self.per_attack.values()]))
 
     def as_dict(self) -> dict:
         return {
@@ -68,8 +75,34 @@ class Report:
             "auprc": self.auprc,
             "recall_at_fpr": {f"{k:g}": v for k, v in self.recall.items()},
             "per_attack": self.per_attack,
+            "mean_auroc_over_types": self.type_mean,
             "confusion": self.confusion,
+            "runs": self.runs,
+            "sd": self.sd,
         }
+
+
+def mean_report(runs: list[Report]) -> Report:
+    """Every metric averaged over runs (confusion counts rounded), with the standard
+    deviation of the AUROC and of the mean over attack types."""
+    per = {
+        kind: {k: float(np.mean([r.per_attack[kind][k] for r in runs])) for k in v}
+        for kind, v in runs[0].per_attack.items()
+    }
+    for kind in per:
+        per[kind]["flows"] = runs[0].per_attack[kind]["flows"]
+    return Report(
+        float(np.mean([r.auroc for r in runs])),
+        float(np.mean([r.auprc for r in runs])),
+        {f: float(np.mean([r.recall[f] for r in runs])) for f in runs[0].recall},
+        per,
+        {k: int(round(np.mean([r.confusion[k] for r in runs]))) for k in runs[0].confusion},
+        len(runs),
+        {
+            "auroc": float(np.std([r.auroc for r in runs])),
+            "type_mean": float(np.std([r.type_mean for r in runs])),
+        },
+    )
 
 
 def report(benign: np.ndarray, attack: np.ndarray, kinds: np.ndarray, threshold: float) -> Report:
@@ -180,7 +213,7 @@ class DiffusionBaseline:
         self.config = config
 
     def fit(self, x, seed=0):
-        self.det = DiffusionDetector(self.config).fit(x)
+        self.det = DiffusionDetector(replace(self.config, seed=seed)).fit(x)
         self.threshold_ = self.det.threshold_[1e-2]
         return self
 
@@ -258,35 +291,64 @@ def detectors(train_steps: int) -> list:
     ]
 
 
-def compare(s: EvalSet, train_steps: int) -> dict[str, Report]:
-    """Every detector fitted on s.train, reported on s.benign vs s.attack."""
-    out = {}
-    for det in detectors(train_steps):
-        det.fit(s.train)
-        out[det.name] = report(det.score(s.benign), det.score(s.attack), s.kinds, det.threshold_)
-    return out
+@dataclass
+class Comparison:
+    reports: dict[str, Report]  # per detector, averaged over seeds
+    scores: dict[str, tuple[np.ndarray, np.ndarray]]  # (benign, attack) of the first seed
+    diffusion: DiffusionBaseline  # the first seed's fitted diffusion model
 
 
-def contamination(s: EvalSet, train_steps: int, shares=(0.0, 0.01, 0.05)) -> dict:
+def compare(s: EvalSet, train_steps: int, seeds=(0,)) -> Comparison:
+    """Every detector fitted on s.train once per seed, reported on s.benign vs s.attack.
+    A seed changes the detector's initialisation and its calibration split; the reports are
+    the means over seeds, so one lucky or unlucky run does not decide a comparison."""
+    runs: dict[str, list[Report]] = {}
+    scores, first = {}, None
+    for seed in seeds:
+        for det in detectors(train_steps):
+            det.fit(s.train, seed=seed)
+            b, a = det.score(s.benign), det.score(s.attack)
+            runs.setdefault(det.name, []).append(report(b, a, s.kinds, det.threshold_))
+            if seed == seeds[0]:
+                scores[det.name] = (b, a)
+                if isinstance(det, DiffusionBaseline):
+                    first = det
+    return Comparison({k: mean_report(v) for k, v in runs.items()}, scores, first)
+
+
+def contamination(s: EvalSet, train_steps: int, shares=(0.0, 0.01, 0.05), seeds=(0,)) -> dict:
     """AUROC and recall@1e-3 with attacks mixed into the benign training data, with the
     robust options (trim 0.05, host_balance 10: the defaults) and without (plain). Half the
     attack flows are the contamination pool, the other half the test attacks, so no test
-    attack was trained on."""
-    rng = np.random.default_rng(1)
-    order = rng.permutation(len(s.attack))
-    pool, test = order[: len(order) // 2], order[len(order) // 2 :]
-    out = {}
-    for mode, trim, balance in (("plain", 0.0, 0), ("robust", 0.05, 10)):
-        for share in shares:
-            n = int(round(share * len(s.train) / (1 - share)))
-            mixed = np.concatenate([s.train, s.attack[rng.choice(pool, n, replace=n > len(pool))]])
-            config = TrainConfig(train_steps=train_steps, trim=trim, host_balance=balance)
-            det = DiffusionDetector(config).fit(mixed)
-            b, a = det.score(s.benign)[0], det.score(s.attack[test])[0]
-            out[f"{mode} contamination={share:g}"] = {
-                "auroc": auroc(a, b),
-                "recall_at_1e-3": recall_at_fpr(a, b, 1e-3),
-            }
+    attack was trained on. Each seed draws another pool, mix and initialisation; the values
+    are means over seeds (``runs`` keeps each seed's AUROC)."""
+    out: dict[str, dict] = {}
+    for seed in seeds:
+        rng = np.random.default_rng(seed + 1)
+        order = rng.permutation(len(s.attack))
+        pool, test = order[: len(order) // 2], order[len(order) // 2 :]
+        for mode, trim, balance in (("plain", 0.0, 0), ("robust", 0.05, 10)):
+            for share in shares:
+                n = int(round(share * len(s.train) / (1 - share)))
+                drawn = rng.choice(pool, n, replace=n > len(pool))
+                mixed = np.concatenate([s.train, s.attack[drawn]])
+                config = TrainConfig(
+                    train_steps=train_steps, trim=trim, host_balance=balance, seed=seed
+                )
+                det = DiffusionDetector(config).fit(mixed)
+                b, a = det.score(s.benign)[0], det.score(s.attack[test])[0]
+                entry = out.setdefault(f"{mode} contamination={share:g}", {"runs": []})
+                entry["runs"].append(
+                    {
+                        "seed": seed,
+                        "auroc": auroc(a, b),
+                        "recall_at_1e-3": recall_at_fpr(a, b, 1e-3),
+                    }
+                )
+    for entry in out.values():
+        for k in ("auroc", "recall_at_1e-3"):
+            entry[k] = float(np.mean([r[k] for r in entry["runs"]]))
+        entry["auroc_sd"] = float(np.std([r["auroc"] for r in entry["runs"]]))
     return out
 
 
@@ -349,30 +411,40 @@ def workdir(path: Path | None) -> Path:
 
 
 def table(name: str, reports: dict[str, Report]) -> str:
-    """The comparison table: one row per detector, then per attack type."""
+    """The comparison table: one row per detector, then per attack type. Means over seeds
+    when the reports are; the AUROC columns then carry their standard deviation."""
+    runs = next(iter(reports.values())).runs
+    over = f", mean of {runs} seeds (± sd)" if runs > 1 else ""
     lines = [
         f"== {name}: AUROC, AUPRC, recall at FPR 1e-2 / 1e-3 / 1e-4, confusion at the "
-        "calibrated threshold (FPR 1e-2)",
-        f"{'detector':<18} {'AUROC':>6} {'AUPRC':>6} {'R@1e-2':>7} {'R@1e-3':>7} "
+        f"calibrated threshold (FPR 1e-2){over}",
+        f"{'detector':<18} {'AUROC':>12} {'AUPRC':>6} {'R@1e-2':>7} {'R@1e-3':>7} "
         f"{'R@1e-4':>7} {'TP':>6} {'FN':>6} {'FP':>5} {'TN':>6}",
     ]
+
+    def pm(value: float, sd: float | None) -> str:
+        return f"{value:.3f}" + (f"±{sd:.3f}" if runs > 1 and sd is not None else "      ")
+
     for det, r in reports.items():
         c = r.confusion
         lines.append(
-            f"{det:<18} {r.auroc:6.3f} {r.auprc:6.3f} {r.recall[1e-2]:7.3f} "
-            f"{r.recall[1e-3]:7.3f} {r.recall[1e-4]:7.3f} {c['true_positive']:6} "
-            f"{c['false_negative']:6} {c['false_positive']:5} {c['true_negative']:6}"
+            f"{det:<18} {pm(r.auroc, r.sd.get('auroc')):>12} {r.auprc:6.3f} "
+            f"{r.recall[1e-2]:7.3f} {r.recall[1e-3]:7.3f} {r.recall[1e-4]:7.3f} "
+            f"{c['true_positive']:6} {c['false_negative']:6} {c['false_positive']:5} "
+            f"{c['true_negative']:6}"
         )
     kinds = sorted(next(iter(reports.values())).per_attack)
     dets = list(reports)
     lines.append(f"AUROC per attack type ({', '.join(dets)}):")
     for kind in kinds:
         flows = reports[dets[0]].per_attack[kind]["flows"]
-        values = " ".join(f"{reports[d].per_attack[kind]['auroc']:6.3f}" for d in dets)
+        values = " ".join(f"{reports[d].per_attack[kind]['auroc']:12.3f}" for d in dets)
         best = max(dets, key=lambda d: reports[d].per_attack[kind]["auroc"])
-        lines.append(f"  {kind:<26} {flows:6} flows  {values}   best: {best}")
-    means = {d: float(np.mean([reports[d].per_attack[k]["auroc"] for k in kinds])) for d in dets}
-    lines.append("  mean over attack types       " + " ".join(f"{means[d]:6.3f}" for d in dets))
+        lines.append(f"  {kind:<26} {flows:6} flows {values}   best: {best}")
+    lines.append(
+        f"  {'mean over attack types':<38}"
+        + " ".join(f"{pm(reports[d].type_mean, reports[d].sd.get('type_mean')):>12}" for d in dets)
+    )
     return "\n".join(lines)
 
 
