@@ -78,3 +78,54 @@ def test_silent_probes_end_by_idle_timeout_with_their_window(tmp_path):
     counts = feature(flows, "src_host_flows")[probes]
     assert counts.tolist() == list(range(1, 11))
     assert (feature(flows, "src_host_unanswered_share")[probes] == 1.0).all()
+
+
+def test_service_pair_series(tmp_path):
+    """A beacon every 60 s to one server port, then one more after a 4,000 s silence (a new
+    series); a person's three visits to another port; identical whatever the batching."""
+    c2, web = "203.0.113.9", "10.0.0.80"
+    pkts, times = [], []
+    for i, t in enumerate([0.0, 60.0, 120.0, 180.0, 240.0, 4240.0]):
+        pkts.append(syn(TARGET, c2, 40000 + i, 443))
+        times.append(t)
+    for i, t in enumerate([5.0, 15.0, 105.0]):
+        pkts.append(syn(TARGET, web, 41000 + i, 80))
+        times.append(t)
+    order = np.argsort(times, kind="stable")
+    path = write_pcap(tmp_path / "beacon.pcap", [pkts[i] for i in order], sorted(times))
+    flows = meter_file(path)
+    r = flows.records
+    beacon = r["dst_port"] == 443
+    assert feature(flows, "pair_prior_flows")[beacon].tolist() == [0, 1, 2, 3, 4, 0]
+    np.testing.assert_array_equal(
+        feature(flows, "pair_gap_mean_s")[beacon], [np.nan, 60, 60, 60, 60, np.nan]
+    )
+    np.testing.assert_array_equal(
+        feature(flows, "pair_gap_cv")[beacon], [np.nan, np.nan, 0, 0, 0, np.nan]
+    )
+    visits = r["dst_port"] == 80
+    assert feature(flows, "pair_prior_flows")[visits].tolist() == [0, 1, 2]
+    # gaps 10 s and 90 s: mean 50, population sd 40
+    np.testing.assert_allclose(feature(flows, "pair_gap_mean_s")[visits], [np.nan, 10, 50])
+    np.testing.assert_allclose(feature(flows, "pair_gap_cv")[visits], [np.nan, np.nan, 0.8])
+    small = meter_file(path, chunk_bytes=64)
+    np.testing.assert_array_equal(small.features, flows.features)
+
+
+def test_series_state_is_bounded(tmp_path):
+    """400 clients, one flow each to one server: the pair table keeps at most max_series
+    pairs, and an ended flow's series values are not kept."""
+    from quietwire.agent.capture import read_capture
+    from quietwire.agent.context import ContextConfig
+    from quietwire.agent.meter import FlowMeter
+
+    pkts = [syn(f"10.1.{i // 200}.{i % 200 + 1}", TARGET, 40000, 443) for i in range(400)]
+    path = write_pcap(tmp_path / "many.pcap", pkts, [i * 0.01 for i in range(400)])
+    meter = FlowMeter(context_config=ContextConfig(max_series=50), seed=1)
+    ended = 0
+    for batch in read_capture(path, chunk_bytes=2000):
+        ended += len(meter.add(batch))
+        assert meter.context.sizes()["pairs"] <= 50
+    ended += len(meter.flush())
+    assert ended == 400
+    assert meter.context.sizes()["open"] == 0

@@ -15,6 +15,14 @@ starts that a future query can still need (idle timeout + window) and at most ``
 Each count is the number of log records whose "counts at time t" interval covers t:
 a record starting at s counts for flows on [s, s+W); it is the latest start of its
 (host, peer) pair on [s, min(next start of the pair, s+W)); it is answered on [a, s+W).
+
+Series: a beacon is an ordinary small session repeated at a steady period, so what gives it
+away spans flows and hours, far beyond the window. For each flow, at its start, over the
+earlier flows of its service pair (client, server, protocol, server port) with no gap longer
+than ``series_gap_s`` between consecutive starts: how many there were, the mean gap between
+starts, and the gaps' coefficient of variation (near 0 for a timer, near 1 for a person).
+These are running sums per pair, updated in start order, so they too do not depend on
+batching; the pair table keeps pairs seen within ``series_gap_s`` and at most ``max_series``.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import numpy as np
 from .flowrecords import NEVER, FlowRecords, FlowUpdate
 from .flows import host_hash
 
-CONTEXT_FEATURES = (
+WINDOW_FEATURES = (
     "src_host_flows",
     "src_host_distinct_dst_hosts",
     "src_host_distinct_dst_ports",
@@ -34,6 +42,8 @@ CONTEXT_FEATURES = (
     "dst_host_flows",
     "dst_host_distinct_src_hosts",
 )
+SERIES_FEATURES = ("pair_prior_flows", "pair_gap_mean_s", "pair_gap_cv")
+CONTEXT_FEATURES = WINDOW_FEATURES + SERIES_FEATURES
 _US = 1000  # log times in microseconds
 _TIME_BITS = 40  # about 12.7 days of microseconds after the log's base time
 
@@ -42,6 +52,8 @@ _TIME_BITS = 40  # about 12.7 days of microseconds after the log's base time
 class ContextConfig:
     window_s: float = 60.0
     max_records: int = 1_000_000
+    series_gap_s: float = 3600.0
+    max_series: int = 1_000_000
 
 
 class HostContext:
@@ -58,13 +70,19 @@ class HostContext:
             "start": np.zeros(0, np.int64),
             "answered": np.zeros(0, np.int64),
         }
+        self._series = _Series(self.config)
 
     def __len__(self) -> int:
         return len(self._cols["seq"])
 
+    def sizes(self) -> dict[str, int]:
+        """What the context holds: logged starts, service pairs, open flows' series values."""
+        return {"starts": len(self), "pairs": len(self._series), "open": self._series.open}
+
     def observe(self, update: FlowUpdate) -> None:
         """Log a batch's new flows and first answers."""
         started = update.started
+        self._series.observe(started)
         if len(started):
             new = {
                 "seq": started["seq"],
@@ -93,10 +111,12 @@ class HostContext:
         keep[: max(len(keep) - self.config.max_records, 0)] = False  # oldest-logged first
         if not keep.all():
             self._cols = {k: v[keep] for k, v in self._cols.items()}
+        self._series.prune(now_ns)
 
     def features(self, flows: FlowRecords) -> np.ndarray:
         """(len(flows), len(CONTEXT_FEATURES)) float32 context values at each flow's end."""
         out = np.zeros((len(flows), len(CONTEXT_FEATURES)), dtype=np.float32)
+        out[:, len(WINDOW_FEATURES) :] = self._series.take(flows["seq"])
         if len(flows) == 0 or len(self) == 0:
             return out
         w = int(self.config.window_s * 1e6)
@@ -134,6 +154,109 @@ class HostContext:
         out[:, 4] = by_dst.count(start, window_end)
         out[:, 5] = by_dst.count(start, pair_end)
         return out
+
+
+class _Series:
+    """Per service pair: the running gap statistics of its current series of flow starts;
+    per open flow: its pair's statistics as of its start, until the flow ends."""
+
+    def __init__(self, config: ContextConfig) -> None:
+        self.config = config
+        self._gap_us = int(config.series_gap_s * 1e6)
+        # pairs, sorted by key: last start (us); gaps, sum and sum of squares of gaps (ms),
+        # in integers so that the running sums are exact whatever the batches
+        self._key = np.zeros(0, np.uint64)
+        self._last = np.zeros(0, np.int64)
+        self._sums = np.zeros((0, 3), np.int64)
+        # open flows, sorted by seq: their series features
+        self._seq = np.zeros(0, np.int64)
+        self._values = np.zeros((0, len(SERIES_FEATURES)), np.float32)
+
+    def observe(self, started: FlowRecords) -> None:
+        if len(started) == 0:
+            return
+        key = host_hash(
+            host_hash(started["src_hi"], started["src_lo"]),
+            host_hash(started["dst_hi"], started["dst_lo"])
+            ^ (started["dst_port"].astype(np.uint64) | started["proto"].astype(np.uint64) << 16),
+        )
+        t = started["first_ns"] // _US
+        order = np.argsort(key, kind="stable")  # within a pair: start (seq) order
+        k, ts = key[order], t[order]
+        first = np.r_[True, k[1:] != k[:-1]]
+        pos = np.minimum(np.searchsorted(self._key, k), max(len(self._key) - 1, 0))
+        known = first & (len(self._key) > 0)
+        known[known] = self._key[pos[known]] == k[known]
+        prev = np.where(first, np.where(known, self._last[pos] if len(self._key) else 0, 0), 0)
+        prev[~first] = ts[np.flatnonzero(~first) - 1]
+        gap = np.maximum(ts - prev, 0)
+        # a series goes on from the previous start of the pair unless the gap is too long
+        goes_on = (~first | known) & (gap <= self._gap_us)
+        g = np.where(goes_on, gap // 1000, 0)
+        step = np.stack([goes_on.astype(np.int64), g, g * g], axis=1)
+        carry = np.zeros_like(step)
+        carry_rows = first & known & goes_on
+        carry[carry_rows] = self._sums[pos[carry_rows]]
+        # running sums within each run of starts that goes on from its predecessor
+        begins = ~goes_on | first
+        run = np.cumsum(begins) - 1
+        total = np.cumsum(step, axis=0)
+        base = (total - step)[np.flatnonzero(begins)]
+        sums = total - base[run] + carry[np.flatnonzero(begins)][run]
+        n, s1, s2 = sums[:, 0], sums[:, 1] / 1e3, sums[:, 2] / 1e6  # seconds
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mean = np.where(n > 0, s1 / np.maximum(n, 1), np.nan)
+            sd = np.sqrt(np.maximum(s2 / np.maximum(n, 1) - mean * mean, 0.0))
+            cv = np.where(n > 1, np.where(mean > 0, sd / mean, 0.0), np.nan)
+        values = np.empty((len(started), len(SERIES_FEATURES)), np.float32)
+        values[order] = np.stack([n, mean, cv], axis=1)
+        # open flows: started is in seq order, after every flow already pending
+        self._seq = np.concatenate([self._seq, started["seq"]])
+        self._values = np.concatenate([self._values, values])
+        # pairs: each pair's last start in this batch replaces or joins the table
+        last = np.r_[k[1:] != k[:-1], True]
+        upd_key, upd_last, upd_sums = k[last], ts[last], sums[last]  # sorted by key
+        at = np.searchsorted(self._key, upd_key)
+        there = at < len(self._key)
+        there[there] = self._key[at[there]] == upd_key[there]
+        self._last[at[there]] = upd_last[there]
+        self._sums[at[there]] = upd_sums[there]
+        new, where = ~there, at[~there]
+        self._key = np.insert(self._key, where, upd_key[new])
+        self._last = np.insert(self._last, where, upd_last[new])
+        self._sums = np.insert(self._sums, where, upd_sums[new], axis=0)
+
+    def __len__(self) -> int:
+        return len(self._key)
+
+    @property
+    def open(self) -> int:
+        return len(self._seq)
+
+    def take(self, seq: np.ndarray) -> np.ndarray:
+        """The series features of ended flows (by seq); they are forgotten afterwards."""
+        out = np.zeros((len(seq), len(SERIES_FEATURES)), np.float32)
+        out[:, 1:] = np.nan
+        if len(seq) == 0 or len(self._seq) == 0:
+            return out
+        pos = np.minimum(np.searchsorted(self._seq, seq), len(self._seq) - 1)
+        hit = self._seq[pos] == seq
+        out[hit] = self._values[pos[hit]]
+        keep = np.ones(len(self._seq), bool)
+        keep[pos[hit]] = False
+        self._seq, self._values = self._seq[keep], self._values[keep]
+        return out
+
+    def prune(self, now_ns: int) -> None:
+        """Forget pairs whose series has ended (no start within series_gap_s), and keep at
+        most max_series pairs (the longest-quiet go first)."""
+        keep = self._last >= now_ns // _US - self._gap_us
+        excess = int(keep.sum()) - self.config.max_series
+        if excess > 0:
+            quiet = np.flatnonzero(keep)[np.argsort(self._last[keep], kind="stable")[:excess]]
+            keep[quiet] = False
+        if not keep.all():
+            self._key, self._last, self._sums = self._key[keep], self._last[keep], self._sums[keep]
 
 
 def _to_us(ns: np.ndarray) -> np.ndarray:

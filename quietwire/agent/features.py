@@ -22,7 +22,7 @@ from .decode import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, TCP_
 from .flowrecords import NS, FlowRecords
 
 SCHEMA_NAME = "quietwire.flow"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DIRECTIONS = ("src2dst", "dst2src")
 
 
@@ -83,6 +83,12 @@ def _schema() -> tuple[Feature, ...]:
         Feature("src_host_unanswered_share", "ratio", False, f"share unanswered, {window}"),
         Feature("dst_host_flows", "flows", False, f"{window}, to the server"),
         Feature("dst_host_distinct_src_hosts", "hosts", False, f"distinct clients, {window}"),
+    ]
+    series = "earlier flows of this client to this server, protocol and port, no gap over 1 h"
+    f += [
+        Feature("pair_prior_flows", "flows", False, series),
+        Feature("pair_gap_mean_s", "s", True, f"mean time between flow starts, {series}"),
+        Feature("pair_gap_cv", "ratio", True, f"std / mean of the time between starts, {series}"),
     ]
     assert tuple(x.name for x in f[-len(CONTEXT_FEATURES) :]) == CONTEXT_FEATURES
     return tuple(f)
