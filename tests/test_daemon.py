@@ -302,3 +302,17 @@ def test_sighup_with_broken_rules_keeps_the_old_ones(netns, tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
+
+
+def test_beacon_rule_fires_on_the_timer_only(tmp_path, capsys):
+    """trafficgen's capture (benign web, DNS, NTP, SSH, mail and eleven attacks): the beacon
+    rule (2106) fires on the C2 client's flows to its server and on nothing else."""
+    from quietwire.trainer.trafficgen import generate
+
+    pcap, alerts = tmp_path / "gen.pcap", tmp_path / "alerts.json"
+    generate(pcap, tmp_path / "gen.labels.csv", seed=0, scale=0.5)
+    assert main(["replay", str(pcap), "--alerts", str(alerts)]) == 0
+    capsys.readouterr()
+    beacons = [r for r in map(json.loads, alerts.open()) if r["alert"]["signature_id"] == 2106]
+    assert beacons
+    assert {(r["dest_ip"], r["dest_port"]) for r in beacons} == {("198.51.100.66", 443)}
