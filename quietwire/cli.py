@@ -255,7 +255,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         reports, scores = result_set.reports, result_set.scores
         print(ev.table(s.name, reports))
         entry = {k: r.as_dict() for k, r in reports.items()}
-        b, a = scores["diffusion (dte)"]
+        b, a = scores[result_set.diffusion.name]
         entry["imbalance_auprc"] = ev.imbalance(b, a)
         print(
             "AUPRC of the diffusion model at attack shares of the test flows: "
@@ -580,9 +580,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("-o", "--out", type=Path, required=True, help="the ONNX file to write")
     train.add_argument(
         "--score",
-        choices=("dte", "noise"),
+        choices=("dte", "noise", "dte_noise"),
         default="dte",
-        help="anomaly score: diffusion time estimation (default) or noise error",
+        help="anomaly score: diffusion time estimation (dte), noise error (noise), or DTE "
+        "with ties broken by the denoiser's error (dte_noise); default %(default)s",
     )
     train.add_argument(
         "--train-steps",

@@ -12,6 +12,7 @@ pytest.importorskip("torch", reason="the trainer extra (torch) is not installed"
 pytest.importorskip("sklearn", reason="scikit-learn (dev extra) is not installed")
 
 from quietwire.cli import main  # noqa: E402
+from quietwire.trainer.detector import TrainConfig  # noqa: E402
 from quietwire.trainer.evaluate import auprc, mean_report, recall_at_fpr, report  # noqa: E402
 from quietwire.trainer.fidelity import auroc  # noqa: E402
 from quietwire.trainer.trafficgen import ATTACKS, generate, read_labels  # noqa: E402
@@ -94,18 +95,19 @@ def test_eval_command_small(tmp_path, capsys):
         == 0
     )
     text = capsys.readouterr().out
-    for name in ("diffusion (dte)", "isolation_forest", "lof", "autoencoder", "syn_scan"):
+    diffusion = f"diffusion ({TrainConfig.score})"
+    for name in (diffusion, "isolation_forest", "lof", "autoencoder", "syn_scan"):
         assert name in text
     result = json.loads((out / "report.json").read_text())
     gen = result["generated"]
     assert set(gen) >= {
-        "diffusion (dte)",
+        diffusion,
         "isolation_forest",
         "lof",
         "autoencoder",
         "imbalance_auprc",
     }
-    for det in ("diffusion (dte)", "isolation_forest", "lof", "autoencoder"):
+    for det in (diffusion, "isolation_forest", "lof", "autoencoder"):
         assert 0.5 < gen[det]["auroc"] <= 1.0  # every detector beats chance on this set
         assert set(gen[det]["per_attack"]) == set(ATTACKS)
         assert gen[det]["runs"] == 2 and gen[det]["sd"]["auroc"] >= 0

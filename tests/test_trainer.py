@@ -104,11 +104,15 @@ def test_same_data_and_seed_give_the_same_model(corpus):
     assert not np.array_equal(a.score(corpus[1])[0], c.score(corpus[1])[0])
 
 
-def test_noise_score_exports_too(corpus, tmp_path):
-    det = DiffusionDetector(TrainConfig(score="noise", train_steps=100)).fit(corpus[0][:600])
+@pytest.mark.parametrize("score", ["noise", "dte_noise"])
+def test_other_scores_export_too(corpus, tmp_path, score):
+    det = DiffusionDetector(TrainConfig(score=score, train_steps=100)).fit(corpus[0][:600])
     path = export(det, tmp_path / "n.onnx")
-    rel = np.abs(ScoringModel(path).score(corpus[1]).score - det.score(corpus[1])[0])
-    assert (rel / np.maximum(np.abs(det.score(corpus[1])[0]), 1e-3)).max() < 1e-4
+    expected = det.score(corpus[1])[0]
+    rel = np.abs(ScoringModel(path).score(corpus[1]).score - expected)
+    assert (rel / np.maximum(np.abs(expected), 1e-3)).max() < 1e-4
+    again = load_detector(path)  # the torch detector rebuilt from the file scores the same
+    np.testing.assert_allclose(again.score(corpus[1])[0], expected, rtol=1e-4)
 
 
 def test_samples_look_like_flows(trained):

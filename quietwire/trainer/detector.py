@@ -7,6 +7,11 @@ Scores (both deterministic, so they export):
   anomalies look like noised benign flows.
 - ``noise``: the denoiser's noise-prediction error, averaged over a few fixed steps with fixed
   noise vectors.
+- ``dte_noise``: the DTE score times the denoiser's error at ``contribution_steps`` (relative
+  to its median on the training flows). DTE saturates: an input noisier than the largest step
+  it was trained on gets the top step, so the most anomalous flows tie with the few most
+  unusual benign ones; the denoiser's error, already computed for the contributions, ranks
+  them. Same scale as DTE for typical flows, no extra network pass.
 Per-feature contributions always come from the denoiser's error at ``contribution_steps``.
 """
 
@@ -23,7 +28,7 @@ from .diffusion import Denoiser, NoiseSchedule, noise_loss, time_loss
 from .preprocess import CLIP, Preprocessor
 
 FPR_LEVELS = (1e-2, 1e-3, 1e-4)
-SCORES = ("dte", "noise")
+SCORES = ("dte", "noise", "dte_noise")
 MAX_CALIBRATION_POINTS = 4096
 
 
@@ -90,6 +95,7 @@ class DiffusionDetector:
         self.denoiser: Denoiser | None = None
         self.dte: Denoiser | None = None
         self.threshold_: dict[float, float] = {}
+        self.noise_reference_ = 1.0  # median training error at contribution_steps (dte_noise)
         self.calibration_scores_ = np.zeros(0, dtype=np.float32)
         self.summary_: FitSummary | None = None
         g = torch.Generator().manual_seed(self.config.seed + 1)
@@ -132,6 +138,10 @@ class DiffusionDetector:
         loss_n = self._train(self.denoiser, denoise_loss, *args, "denoiser", progress)
         loss_t = self._train(self.dte, dte_loss, *args, "time estimator", progress)
         seconds = time.perf_counter() - started
+        with torch.no_grad():
+            k = len(cfg.noise_steps)
+            train_err = self._noise_error(inputs, cfg.contribution_steps, self.noise_vectors[k:])
+        self.noise_reference_ = float(train_err.mean(1).median())
         self.calibrate(cal)
         self.summary_ = FitSummary(
             flows=len(x),
@@ -208,6 +218,8 @@ class DiffusionDetector:
         contrib = self._noise_error(inputs, cfg.contribution_steps, self.noise_vectors[k:])
         if cfg.score == "dte":
             score = self.expected_step(inputs)
+        elif cfg.score == "dte_noise":
+            score = self.expected_step(inputs) * contrib.mean(1) / self.noise_reference_
         else:
             score = self._noise_error(inputs, cfg.noise_steps, self.noise_vectors[:k]).mean(1)
         n_features = len(self.preprocessor.center)

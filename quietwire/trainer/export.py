@@ -9,6 +9,7 @@ agent is exactly this file's arithmetic:
       -> DTE classifier: expected diffusion step                 (score, if score == "dte")
       -> denoiser at fixed steps with fixed noise: squared error (score, if score == "noise";
                                                                   contributions [N, F])
+      -> DTE step x mean contribution error / its training median (score, if "dte_noise")
       -> tail probability against the held-out benign scores     (tail_probability [N])
 
 Weights are stored as initializers named after the torch parameters (``denoiser/...``,
@@ -159,12 +160,18 @@ def build_model(det: DiffusionDetector) -> onnx.ModelProto:
         g.const("out/end", np.array([n_features], np.int64)),
         g.const("out/axis", np.array([1], np.int64)),
     )
-    if cfg.score == "dte":
+    if cfg.score in ("dte", "dte_noise"):
         logits = _mlp(g, "dte", det.dte, inputs, [0], "clean")
         centers = (np.arange(cfg.dte_bins, dtype=np.float32) + 0.5) * (
             cfg.dte_max_step / cfg.dte_bins
         )
         score = g.op("MatMul", g.op("Softmax", logits, axis=1), g.const("dte/bin_steps", centers))
+        if cfg.score == "dte_noise":
+            mean_err = g.op(
+                "ReduceMean", err, g.const("score/axes1", np.array([1], np.int64)), keepdims=0
+            )
+            ref = g.const("score/noise_reference", np.float32(det.noise_reference_))
+            score = g.op("Div", g.op("Mul", score, mean_err), ref)
     else:
         score_err = _noise_error(g, det, inputs, cfg.noise_steps, det.noise_vectors[:k], "score")
         score = g.op(
@@ -258,15 +265,17 @@ def load_detector(path: str | Path) -> DiffusionDetector:
     det.denoiser = Denoiser(d, d, cfg.width, cfg.depth, cfg.time_dim, cfg.steps)
     det.denoiser.load_state_dict(_state_dict(inits, "denoiser", det.denoiser))
     det.denoiser.eval()
-    if cfg.score == "dte":
+    if cfg.score in ("dte", "dte_noise"):
         det.dte = Denoiser(d, cfg.dte_bins, cfg.width, cfg.depth, cfg.time_dim, cfg.steps)
         det.dte.load_state_dict(_state_dict(inits, "dte", det.dte))
         det.dte.eval()
     noise = [
         inits[f"{n}/noise"].reshape(-1, d) for n in ("score", "contrib") if f"{n}/noise" in inits
     ]
-    if cfg.score == "dte":  # the score's noise vectors are fixed at fit even when unused
+    if cfg.score != "noise":  # the score's noise vectors are fixed at fit even when unused
         noise.insert(0, np.zeros((len(cfg.noise_steps), d), np.float32))
+    if "score/noise_reference" in inits:
+        det.noise_reference_ = float(inits["score/noise_reference"])
     det.noise_vectors = torch.from_numpy(np.concatenate(noise))
     det.calibration_scores_ = inits["calibration/scores"].reshape(-1)
     det.threshold_ = {float(k): v for k, v in json.loads(meta["thresholds"]).items()}
