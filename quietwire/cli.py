@@ -275,7 +275,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     for k, v in entry["contamination"].items()
                 )
             )
-            for mode in ("plain", "robust"):
+            for mode in ev.MODES:
                 c = entry["contamination"]
                 clean, dirty = c[f"{mode} contamination=0"], c[f"{mode} contamination=0.05"]
                 print(
@@ -344,6 +344,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             train_steps=args.train_steps,
             trim=args.trim,
             host_balance=args.host_balance,
+            refit=args.refit,
             holdout=args.holdout,
             seed=args.seed,
         )
@@ -369,7 +370,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(
         f"model: {args.out} (score {config.score}, {s.inputs} inputs from {s.features} "
         f"features)\n"
-        f"flows: {s.train_flows} trained, {s.calibration_flows} held out for calibration\n"
+        f"flows: {s.train_flows} trained, {s.calibration_flows} held out for calibration"
+        + (f", {s.refit_removed} dropped by the refit" if s.refit_removed else "")
+        + "\n"
         f"time: {s.seconds:.1f} s ({s.seconds_per_epoch:.3f} s per epoch), "
         f"final losses: noise {s.final_noise_loss:.3f}, time {s.final_time_loss:.3f}\n"
         "thresholds: " + ", ".join(f"FPR {k:g} -> {v:.4g}" for k, v in det.threshold_.items())
@@ -607,6 +610,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="robust training: a host's flows beyond K per context window are sampled less, "
         "so a scan or flood hidden in the benign data is not learnt as normal (10; 0 = off)",
+    )
+    train.add_argument(
+        "--refit",
+        type=float,
+        default=0.0,
+        metavar="Q",
+        help="robust training: fit, drop the share Q of training flows scored highest, fit "
+        "again (twice the time; 0 = off, the default)",
     )
     train.add_argument(
         "--holdout",

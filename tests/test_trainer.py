@@ -183,3 +183,17 @@ def test_fidelity_measures_on_known_cases():
     assert ks_statistic(a, a + 1000) == 1.0
     assert auroc(np.array([3.0, 4.0]), np.array([1.0, 2.0])) == 1.0
     assert auroc(np.array([1.0, 2.0]), np.array([1.0, 2.0])) == 0.5
+
+
+def test_refit_drops_the_highest_scoring_training_flows(corpus):
+    """Robust refit: the second fit trains without the share of training flows the first
+    model scored highest (its effect on contamination is measured by quietwire eval)."""
+    train, _, _ = corpus
+    x = train[:600]
+    det = DiffusionDetector(TrainConfig(train_steps=100, refit=0.1)).fit(x)
+    s = det.summary_
+    fitted = len(x) - s.calibration_flows
+    assert abs(s.refit_removed - 0.1 * fitted) <= 2
+    assert s.train_flows == fitted - s.refit_removed
+    with pytest.raises(ValueError, match="refit"):
+        TrainConfig(refit=0.5)

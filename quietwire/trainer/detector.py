@@ -57,6 +57,9 @@ class TrainConfig:
     # (weight host_balance / src_host_flows), so one scanner's or flooder's burst of near-
     # identical flows cannot teach the model that it is normal; 0 = every flow alike
     host_balance: int = 10
+    # robust training: fit, drop this share of the training flows that score highest, fit
+    # again (twice the training time); 0 = one fit
+    refit: float = 0.0
     holdout: float = 0.2  # share of benign flows kept aside to calibrate thresholds
     seed: int = 0
 
@@ -67,6 +70,8 @@ class TrainConfig:
             raise ValueError(f"trim must be in [0, 0.5), got {self.trim!r}")
         if self.host_balance < 0:
             raise ValueError(f"host_balance must be >= 0, got {self.host_balance!r}")
+        if not 0.0 <= self.refit < 0.5:
+            raise ValueError(f"refit must be in [0, 0.5), got {self.refit!r}")
         if not 0.05 <= self.holdout <= 0.5:
             raise ValueError(f"holdout must be in [0.05, 0.5], got {self.holdout!r}")
 
@@ -83,6 +88,7 @@ class FitSummary:
     final_noise_loss: float
     final_time_loss: float
     config: dict = field(default_factory=dict)
+    refit_removed: int = 0
 
 
 class DiffusionDetector:
@@ -115,6 +121,37 @@ class DiffusionDetector:
         order = rng.permutation(len(x))
         n_cal = max(int(len(x) * cfg.holdout), 20)
         cal, train = x[order[:n_cal]], x[order[n_cal:]]
+        steps, per_epoch, loss_n, loss_t = self._fit_networks(train, progress)
+        removed = 0
+        if cfg.refit:
+            # Robust training: the flows the first model finds least benign are likelier
+            # contamination than benign; fit again without them.
+            scores = self.score(train)[0]
+            keep = scores <= np.quantile(scores, 1.0 - cfg.refit, method="lower")
+            removed = int((~keep).sum())
+            train = train[keep]
+            steps, per_epoch, loss_n, loss_t = self._fit_networks(train, progress)
+        seconds = time.perf_counter() - started
+        self.calibrate(cal)
+        fits = 2 if cfg.refit else 1
+        self.summary_ = FitSummary(
+            flows=len(x),
+            train_flows=len(train),
+            calibration_flows=len(cal),
+            features=x.shape[1],
+            inputs=self.preprocessor.n_inputs,
+            seconds=round(seconds, 2),
+            seconds_per_epoch=round(seconds / (2 * fits * steps / per_epoch), 4),
+            final_noise_loss=round(loss_n, 4),
+            final_time_loss=round(loss_t, 4),
+            config={k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
+            refit_removed=removed,
+        )
+        return self
+
+    def _fit_networks(self, train: np.ndarray, progress) -> tuple[int, int, float, float]:
+        """Preprocessing and both networks on ``train``; (steps, steps per epoch, losses)."""
+        cfg = self.config
         self.preprocessor = Preprocessor.fit(train)
         inputs = torch.from_numpy(self.preprocessor.transform(train))
         d = inputs.shape[1]
@@ -137,25 +174,11 @@ class DiffusionDetector:
         args = (inputs, weights, steps, gen)
         loss_n = self._train(self.denoiser, denoise_loss, *args, "denoiser", progress)
         loss_t = self._train(self.dte, dte_loss, *args, "time estimator", progress)
-        seconds = time.perf_counter() - started
         with torch.no_grad():
             k = len(cfg.noise_steps)
             train_err = self._noise_error(inputs, cfg.contribution_steps, self.noise_vectors[k:])
         self.noise_reference_ = float(train_err.mean(1).median())
-        self.calibrate(cal)
-        self.summary_ = FitSummary(
-            flows=len(x),
-            train_flows=len(train),
-            calibration_flows=len(cal),
-            features=x.shape[1],
-            inputs=d,
-            seconds=round(seconds, 2),
-            seconds_per_epoch=round(seconds / (2 * steps / per_epoch), 4),
-            final_noise_loss=round(loss_n, 4),
-            final_time_loss=round(loss_t, 4),
-            config={k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
-        )
-        return self
+        return steps, per_epoch, loss_n, loss_t
 
     def _train(self, model, loss_fn, inputs, weights, steps, gen, name, progress) -> float:
         cfg = self.config
