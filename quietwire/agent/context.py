@@ -184,25 +184,26 @@ class _Series:
         order = np.argsort(key, kind="stable")  # within a pair: start (seq) order
         k, ts = key[order], t[order]
         first = np.r_[True, k[1:] != k[:-1]]
-        pos = np.minimum(np.searchsorted(self._key, k), max(len(self._key) - 1, 0))
-        known = first & (len(self._key) > 0)
+        # the previous start of each pair: in this batch, or the table's for a pair's first
+        prev = np.r_[0, ts[:-1]]
+        pos = np.searchsorted(self._key, k)
+        known = first & (pos < len(self._key))
         known[known] = self._key[pos[known]] == k[known]
-        prev = np.where(first, np.where(known, self._last[pos] if len(self._key) else 0, 0), 0)
-        prev[~first] = ts[np.flatnonzero(~first) - 1]
+        prev[known] = self._last[pos[known]]
         gap = np.maximum(ts - prev, 0)
         # a series goes on from the previous start of the pair unless the gap is too long
         goes_on = (~first | known) & (gap <= self._gap_us)
         g = np.where(goes_on, gap // 1000, 0)
         step = np.stack([goes_on.astype(np.int64), g, g * g], axis=1)
-        carry = np.zeros_like(step)
-        carry_rows = first & known & goes_on
-        carry[carry_rows] = self._sums[pos[carry_rows]]
-        # running sums within each run of starts that goes on from its predecessor
-        begins = ~goes_on | first
-        run = np.cumsum(begins) - 1
+        # running sums within each run of starts that goes on from its predecessor; a run
+        # that goes on from the table carries the table's sums
+        begins = np.flatnonzero(~goes_on | first)
+        run = np.cumsum(~goes_on | first) - 1
         total = np.cumsum(step, axis=0)
-        base = (total - step)[np.flatnonzero(begins)]
-        sums = total - base[run] + carry[np.flatnonzero(begins)][run]
+        offset = -(total - step)[begins]
+        carried = known[begins] & goes_on[begins]
+        offset[carried] += self._sums[pos[begins[carried]]]
+        sums = total + offset[run]
         n, s1, s2 = sums[:, 0], sums[:, 1] / 1e3, sums[:, 2] / 1e6  # seconds
         with np.errstate(divide="ignore", invalid="ignore"):
             mean = np.where(n > 0, s1 / np.maximum(n, 1), np.nan)
