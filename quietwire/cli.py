@@ -608,8 +608,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=10,
         metavar="K",
-        help="robust training: a host's flows beyond K per context window are sampled less, "
-        "so a scan or flood hidden in the benign data is not learnt as normal (10; 0 = off)",
+        help="robust training: a client's flows, or a server's distinct clients, beyond K "
+        "per context window are sampled less, so a scan or flood (spoofed ones too) hidden "
+        "in the benign data is not learnt as normal (10; 0 = off)",
     )
     train.add_argument(
         "--refit",

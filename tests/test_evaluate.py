@@ -11,9 +11,16 @@ import pytest
 pytest.importorskip("torch", reason="the trainer extra (torch) is not installed")
 pytest.importorskip("sklearn", reason="scikit-learn (dev extra) is not installed")
 
+from quietwire.agent.features import FEATURE_NAMES  # noqa: E402
 from quietwire.cli import main  # noqa: E402
-from quietwire.trainer.detector import TrainConfig  # noqa: E402
-from quietwire.trainer.evaluate import auprc, mean_report, recall_at_fpr, report  # noqa: E402
+from quietwire.trainer.detector import TrainConfig, host_weights  # noqa: E402
+from quietwire.trainer.evaluate import (  # noqa: E402
+    auprc,
+    generated_set,
+    mean_report,
+    recall_at_fpr,
+    report,
+)
 from quietwire.trainer.fidelity import auroc  # noqa: E402
 from quietwire.trainer.trafficgen import ATTACKS, generate, read_labels  # noqa: E402
 
@@ -72,6 +79,30 @@ def test_generator_labels_every_flow(tmp_path):
     again = tmp_path / "h.pcap"
     generate(again, tmp_path / "h.csv", seed=5, scale=0.2)
     assert again.read_bytes() == pcap.read_bytes()  # seeded
+
+
+def test_robust_weights_see_bursts_from_one_host_and_to_one_server(tmp_path):
+    """Host balancing on the generator's capture: a scan's probes (one source) and a spoofed
+    SYN flood's flows (one forged source each, so the client side cannot see them) are
+    sampled far less than their share of flows; ordinary benign flows keep full weight."""
+    s = generated_set(tmp_path, seed=5, scale=0.2)
+    x = np.concatenate([s.train, s.benign, s.attack])
+    kinds = np.concatenate([np.full(len(s.train) + len(s.benign), "benign"), s.kinds])
+    w = host_weights(x, 10).numpy()
+    assert host_weights(x, 0) is None
+    assert np.median(w[kinds == "benign"]) == 1.0
+    flood = kinds == "syn_flood"
+    assert np.nanmax(x[flood, FEATURE_NAMES.index("src_host_flows")]) <= 2
+    for kind in ("syn_flood", "udp_flood"):
+        share_of_flows, share_of_weight = (kinds == kind).mean(), w[kinds == kind].sum() / w.sum()
+        assert share_of_weight < share_of_flows / 3, kind
+    assert np.median(w[kinds == "syn_scan"]) <= 0.1  # a scan's first probes are not a burst yet
+    # weight = 10 / the larger of the client's flows and the server's distinct clients
+    burst = np.maximum(
+        x[:, FEATURE_NAMES.index("src_host_flows")],
+        x[:, FEATURE_NAMES.index("dst_host_distinct_src_hosts")],
+    )
+    assert np.allclose(w, np.minimum(1.0, 10 / np.maximum(np.nan_to_num(burst, nan=1.0), 1.0)))
 
 
 def test_eval_command_small(tmp_path, capsys):

@@ -53,9 +53,11 @@ class TrainConfig:
     batch_size: int = 256
     lr: float = 1e-3
     trim: float = 0.05  # robust training: ignore this share of each batch's highest losses
-    # robust training: a host's flows beyond this many per context window are sampled less
-    # (weight host_balance / src_host_flows), so one scanner's or flooder's burst of near-
-    # identical flows cannot teach the model that it is normal; 0 = every flow alike
+    # robust training: a burst of near-identical flows from one host (scan, flood, brute
+    # force) or to one server from many sources (spoofed or distributed flood) is sampled
+    # less, so it cannot teach the model that it is normal: weight host_balance / the larger
+    # of the client's flows and the server's distinct clients in the context window; 0 =
+    # every flow alike
     host_balance: int = 10
     # robust training: fit, drop this share of the training flows that score highest, fit
     # again (twice the training time); 0 = one fit
@@ -274,13 +276,19 @@ class DiffusionDetector:
 
 
 def host_weights(x: np.ndarray, balance: int) -> torch.Tensor | None:
-    """Sampling weights min(1, balance / src_host_flows), or None when balancing is off."""
+    """Sampling weights min(1, balance / burst), or None when balancing is off. A flow's
+    burst is the larger of its client's flows and its server's distinct clients in the
+    context window: one scanner's probes share the first, a spoofed SYN flood's flows (one
+    per forged source) the second."""
     if not balance:
         return None
     from quietwire.agent.features import FEATURE_NAMES
 
-    per_host = np.nan_to_num(x[:, FEATURE_NAMES.index("src_host_flows")], nan=1.0)
-    return torch.from_numpy(np.minimum(1.0, balance / np.maximum(per_host, 1.0)).astype(np.float64))
+    def column(name: str) -> np.ndarray:
+        return np.nan_to_num(x[:, FEATURE_NAMES.index(name)], nan=1.0)
+
+    burst = np.maximum(column("src_host_flows"), column("dst_host_distinct_src_hosts"))
+    return torch.from_numpy(np.minimum(1.0, balance / np.maximum(burst, 1.0)).astype(np.float64))
 
 
 @torch.no_grad()
