@@ -344,6 +344,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             train_steps=args.train_steps,
             trim=args.trim,
             host_balance=args.host_balance,
+            server_balance=args.server_balance,
             refit=args.refit,
             holdout=args.holdout,
             seed=args.seed,
@@ -608,9 +609,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=10,
         metavar="K",
-        help="robust training: a client's flows, or a server's distinct clients, beyond K "
-        "per context window are sampled less, so a scan or flood (spoofed ones too) hidden "
-        "in the benign data is not learnt as normal (10; 0 = off)",
+        help="robust training: a client's flows beyond K per context window are sampled "
+        "less, so a scan or flood hidden in the benign data is not learnt as normal "
+        "(10; 0 = off)",
+    )
+    train.add_argument(
+        "--server-balance",
+        type=int,
+        default=100,
+        metavar="K",
+        help="robust training: flows to a server beyond K distinct clients per context "
+        "window are sampled less (a spoofed or distributed flood; 100; 0 = off)",
     )
     train.add_argument(
         "--refit",

@@ -82,27 +82,36 @@ def test_generator_labels_every_flow(tmp_path):
 
 
 def test_robust_weights_see_bursts_from_one_host_and_to_one_server(tmp_path):
-    """Host balancing on the generator's capture: a scan's probes (one source) and a spoofed
-    SYN flood's flows (one forged source each, so the client side cannot see them) are
-    sampled far less than their share of flows; ordinary benign flows keep full weight."""
+    """Host balancing on the generator's capture: a scan's or UDP flood's flows (one source)
+    are sampled far less than their share of flows by the client side; a spoofed SYN
+    flood's flows (one forged source each) only by the server side; ordinary benign flows
+    keep full weight."""
     s = generated_set(tmp_path, seed=5, scale=0.2)
     x = np.concatenate([s.train, s.benign, s.attack])
     kinds = np.concatenate([np.full(len(s.train) + len(s.benign), "benign"), s.kinds])
-    w = host_weights(x, 10).numpy()
-    assert host_weights(x, 0) is None
+    w, client_only = host_weights(x, 10, 100).numpy(), host_weights(x, 10).numpy()
+    assert host_weights(x, 0, 0) is None
     assert np.median(w[kinds == "benign"]) == 1.0
+
+    def weight_share(weights, kind):
+        return weights[kinds == kind].sum() / weights.sum()
+
+    assert weight_share(w, "udp_flood") < (kinds == "udp_flood").mean() / 3
+    assert np.median(w[kinds == "syn_scan"]) <= 0.1  # a scan's first probes are no burst yet
     flood = kinds == "syn_flood"
     assert np.nanmax(x[flood, FEATURE_NAMES.index("src_host_flows")]) <= 2
-    for kind in ("syn_flood", "udp_flood"):
-        share_of_flows, share_of_weight = (kinds == kind).mean(), w[kinds == kind].sum() / w.sum()
-        assert share_of_weight < share_of_flows / 3, kind
-    assert np.median(w[kinds == "syn_scan"]) <= 0.1  # a scan's first probes are not a burst yet
-    # weight = 10 / the larger of the client's flows and the server's distinct clients
-    burst = np.maximum(
-        x[:, FEATURE_NAMES.index("src_host_flows")],
-        x[:, FEATURE_NAMES.index("dst_host_distinct_src_hosts")],
+    assert (client_only[flood] == 1.0).all()
+    assert np.median(w[flood]) < 0.4
+    assert weight_share(w, "syn_flood") < 0.7 * weight_share(client_only, "syn_flood")
+
+    # weight = min(1, 10 / the client's flows, 100 / the server's distinct clients)
+    def count(name):
+        return np.maximum(np.nan_to_num(x[:, FEATURE_NAMES.index(name)], nan=1.0), 1.0)
+
+    expected = np.minimum.reduce(
+        [np.ones(len(x)), 10 / count("src_host_flows"), 100 / count("dst_host_distinct_src_hosts")]
     )
-    assert np.allclose(w, np.minimum(1.0, 10 / np.maximum(np.nan_to_num(burst, nan=1.0), 1.0)))
+    assert np.allclose(w, expected)
 
 
 def test_eval_command_small(tmp_path, capsys):

@@ -53,12 +53,14 @@ class TrainConfig:
     batch_size: int = 256
     lr: float = 1e-3
     trim: float = 0.05  # robust training: ignore this share of each batch's highest losses
-    # robust training: a burst of near-identical flows from one host (scan, flood, brute
-    # force) or to one server from many sources (spoofed or distributed flood) is sampled
-    # less, so it cannot teach the model that it is normal: weight host_balance / the larger
-    # of the client's flows and the server's distinct clients in the context window; 0 =
-    # every flow alike
+    # robust training: a burst of near-identical flows is sampled less, so it cannot teach
+    # the model that it is normal: flows of a client that started more than host_balance in
+    # the context window (scan, flood, brute force) and flows to a server that more than
+    # server_balance distinct clients reached in it (spoofed or distributed flood); weight
+    # the smaller of host_balance / client's flows and server_balance / server's clients;
+    # 0 turns either side off
     host_balance: int = 10
+    server_balance: int = 100
     # robust training: fit, drop this share of the training flows that score highest, fit
     # again (twice the training time); 0 = one fit
     refit: float = 0.0
@@ -70,8 +72,11 @@ class TrainConfig:
             raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
         if not 0.0 <= self.trim < 0.5:
             raise ValueError(f"trim must be in [0, 0.5), got {self.trim!r}")
-        if self.host_balance < 0:
-            raise ValueError(f"host_balance must be >= 0, got {self.host_balance!r}")
+        if self.host_balance < 0 or self.server_balance < 0:
+            raise ValueError(
+                f"host_balance and server_balance must be >= 0, got {self.host_balance!r}, "
+                f"{self.server_balance!r}"
+            )
         if not 0.0 <= self.refit < 0.5:
             raise ValueError(f"refit must be in [0, 0.5), got {self.refit!r}")
         if not 0.05 <= self.holdout <= 0.5:
@@ -172,7 +177,7 @@ class DiffusionDetector:
 
         per_epoch = max(1, -(-len(inputs) // cfg.batch_size))
         steps = max(cfg.train_steps, per_epoch)
-        weights = host_weights(train, cfg.host_balance)
+        weights = host_weights(train, cfg.host_balance, cfg.server_balance)
         args = (inputs, weights, steps, gen)
         loss_n = self._train(self.denoiser, denoise_loss, *args, "denoiser", progress)
         loss_t = self._train(self.dte, dte_loss, *args, "time estimator", progress)
@@ -275,20 +280,22 @@ class DiffusionDetector:
         return sample_flows(self.denoiser, self.schedule, self.preprocessor, n, seed)
 
 
-def host_weights(x: np.ndarray, balance: int) -> torch.Tensor | None:
-    """Sampling weights min(1, balance / burst), or None when balancing is off. A flow's
-    burst is the larger of its client's flows and its server's distinct clients in the
-    context window: one scanner's probes share the first, a spoofed SYN flood's flows (one
-    per forged source) the second."""
-    if not balance:
+def host_weights(x: np.ndarray, client: int, server: int = 0) -> torch.Tensor | None:
+    """Sampling weights min(1, client / the client's flows, server / the server's distinct
+    clients) in the context window, or None when both are off. One scanner's probes share
+    the first count; a spoofed SYN flood's flows (one forged source each) the second. The
+    server side needs a larger bound: a popular server's many real clients are no burst, and
+    down-weighting them would make flows to rare servers (a C2 beacon's) look commoner."""
+    if not client and not server:
         return None
     from quietwire.agent.features import FEATURE_NAMES
 
-    def column(name: str) -> np.ndarray:
-        return np.nan_to_num(x[:, FEATURE_NAMES.index(name)], nan=1.0)
+    def bound(limit: int, name: str) -> np.ndarray:
+        count = np.nan_to_num(x[:, FEATURE_NAMES.index(name)], nan=1.0)
+        return np.minimum(1.0, limit / np.maximum(count, 1.0)) if limit else np.ones(len(x))
 
-    burst = np.maximum(column("src_host_flows"), column("dst_host_distinct_src_hosts"))
-    return torch.from_numpy(np.minimum(1.0, balance / np.maximum(burst, 1.0)).astype(np.float64))
+    w = np.minimum(bound(client, "src_host_flows"), bound(server, "dst_host_distinct_src_hosts"))
+    return torch.from_numpy(w.astype(np.float64))
 
 
 @torch.no_grad()

@@ -320,7 +320,7 @@ def compare(s: EvalSet, train_steps: int, seeds=(0,)) -> Comparison:
     return Comparison({k: mean_report(v) for k, v in runs.items()}, scores, first)
 
 
-PLAIN = {"trim": 0.0, "host_balance": 0, "refit": 0.0}  # every robust option off
+PLAIN = {"trim": 0.0, "host_balance": 0, "server_balance": 0, "refit": 0.0}  # all off
 MODES = {"plain": PLAIN, "robust": {}, "robust+refit": {"refit": 0.1}}
 
 
