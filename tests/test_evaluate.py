@@ -91,6 +91,8 @@ def test_robust_weights_see_bursts_from_one_host_and_to_one_server(tmp_path):
     kinds = np.concatenate([np.full(len(s.train) + len(s.benign), "benign"), s.kinds])
     w, client_only = host_weights(x, 10, 100).numpy(), host_weights(x, 10).numpy()
     assert host_weights(x, 0, 0) is None
+    with pytest.raises(ValueError, match="server_balance"):
+        TrainConfig(server_balance=-1)
     assert np.median(w[kinds == "benign"]) == 1.0
 
     def weight_share(weights, kind):
