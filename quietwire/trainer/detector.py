@@ -1,7 +1,7 @@
 """DiffusionDetector: fit on benign flows, score (higher = more anomalous), calibrated
 thresholds, and sampling of synthetic benign flows. Torch only; export.py writes it as ONNX.
 
-Scores (both deterministic, so they export):
+Scores (all deterministic, so they export):
 - ``dte``: Diffusion Time Estimation. A classifier learns how many diffusion steps of noise an
   input carries; a clean input's expected step is its score: benign flows look noise-free,
   anomalies look like noised benign flows.
@@ -128,7 +128,7 @@ class DiffusionDetector:
         order = rng.permutation(len(x))
         n_cal = max(int(len(x) * cfg.holdout), 20)
         cal, train = x[order[:n_cal]], x[order[n_cal:]]
-        steps, per_epoch, loss_n, loss_t = self._fit_networks(train, progress)
+        epochs, loss_n, loss_t = self._fit_networks(train, progress)
         removed = 0
         if cfg.refit:
             # Robust training: the flows the first model finds least benign are likelier
@@ -137,10 +137,10 @@ class DiffusionDetector:
             keep = scores <= np.quantile(scores, 1.0 - cfg.refit, method="lower")
             removed = int((~keep).sum())
             train = train[keep]
-            steps, per_epoch, loss_n, loss_t = self._fit_networks(train, progress)
+            more, loss_n, loss_t = self._fit_networks(train, progress)
+            epochs += more
         seconds = time.perf_counter() - started
         self.calibrate(cal)
-        fits = 2 if cfg.refit else 1
         self.summary_ = FitSummary(
             flows=len(x),
             train_flows=len(train),
@@ -148,7 +148,7 @@ class DiffusionDetector:
             features=x.shape[1],
             inputs=self.preprocessor.n_inputs,
             seconds=round(seconds, 2),
-            seconds_per_epoch=round(seconds / (2 * fits * steps / per_epoch), 4),
+            seconds_per_epoch=round(seconds / epochs, 4),
             final_noise_loss=round(loss_n, 4),
             final_time_loss=round(loss_t, 4),
             config={k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
@@ -156,8 +156,9 @@ class DiffusionDetector:
         )
         return self
 
-    def _fit_networks(self, train: np.ndarray, progress) -> tuple[int, int, float, float]:
-        """Preprocessing and both networks on ``train``; (steps, steps per epoch, losses)."""
+    def _fit_networks(self, train: np.ndarray, progress) -> tuple[float, float, float]:
+        """Preprocessing and both networks on ``train``; (epochs of both networks together,
+        final losses)."""
         cfg = self.config
         self.preprocessor = Preprocessor.fit(train)
         inputs = torch.from_numpy(self.preprocessor.transform(train))
@@ -185,7 +186,7 @@ class DiffusionDetector:
             k = len(cfg.noise_steps)
             train_err = self._noise_error(inputs, cfg.contribution_steps, self.noise_vectors[k:])
         self.noise_reference_ = float(train_err.mean(1).median())
-        return steps, per_epoch, loss_n, loss_t
+        return 2 * steps / per_epoch, loss_n, loss_t
 
     def _train(self, model, loss_fn, inputs, weights, steps, gen, name, progress) -> float:
         cfg = self.config
