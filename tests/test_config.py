@@ -21,6 +21,9 @@ metrics:
   basic_auth:
     username: prom
     password_sha256: 5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8
+  allow_plaintext_auth: true
+  timeout_s: 2
+  max_connections: 4
 """
 
 
@@ -33,6 +36,8 @@ def test_good_config(tmp_path):
     assert s.flow.active_timeout_s == 1800.0 and s.context.window_s == 30.0
     assert s.alerts.file == tmp_path / "alerts.json"
     assert s.metrics.port == 9200 and s.metrics.username == "prom"
+    assert s.metrics.allow_plaintext_auth and s.metrics.timeout_s == 2.0
+    assert s.metrics.max_connections == 4
     assert s.model == DEFAULT_MODEL and s.rules == DEFAULT_RULES
 
 
@@ -59,6 +64,15 @@ def test_good_config(tmp_path):
         (
             "capture: {interfaces: [eth0]}\nmetrics: {tls_cert: a.pem}\n",
             r"c\.yaml:2: metrics: tls_cert and tls_key go together",
+        ),
+        (
+            "capture: {interfaces: [eth0]}\nmetrics:\n  basic_auth: {username: p, "
+            "password_sha256: " + "ab" * 32 + "}\n",
+            r"c\.yaml:3: metrics: basic_auth without TLS sends the password in clear text",
+        ),
+        (
+            "capture: {interfaces: [eth0]}\nmetrics: {max_connections: 0}\n",
+            r"c\.yaml:2: metrics.max_connections: expected at least 1",
         ),
         ("capture: {interfaces: []}\n", r"c\.yaml:1: capture.interfaces: give at least one"),
         (

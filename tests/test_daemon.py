@@ -108,29 +108,6 @@ def test_replay_metrics_equal_the_summary(ndpi, tmp_path):
             assert total(s, "quietwire_alerts_total", severity=sev[0]) == int(sev[1])
 
 
-def test_metrics_basic_auth(tmp_path):
-    import hashlib
-
-    from quietwire.agent.metrics import Metrics, MetricsServer, ServerSettings
-
-    digest = hashlib.sha256(b"s3cret").hexdigest()
-    server = MetricsServer(
-        Metrics(), ServerSettings(port=0, username="prom", password_sha256=digest)
-    )
-    try:
-        with pytest.raises(urllib.error.HTTPError, match="401"):
-            scrape(server.port)
-        import base64
-
-        good = "Basic " + base64.b64encode(b"prom:s3cret").decode()
-        assert total(scrape(server.port, good), "quietwire_build_info") == 1
-        bad = "Basic " + base64.b64encode(b"prom:wrong").decode()
-        with pytest.raises(urllib.error.HTTPError, match="401"):
-            scrape(server.port, bad)
-    finally:
-        server.close()
-
-
 # ---- the live daemon in a network namespace -------------------------------------------------
 
 

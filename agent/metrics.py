@@ -115,6 +115,10 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+class MetricsServerError(Exception):
+    """The metrics endpoint cannot start (address in use, bad certificate, unsafe settings)."""
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     listen: str = "127.0.0.1"
@@ -123,10 +127,35 @@ class ServerSettings:
     tls_key: str | None = None
     username: str | None = None
     password_sha256: str | None = None
+    # Basic auth sends the password in clear text without TLS: refused unless the operator
+    # says so explicitly (e.g. the endpoint only listens on loopback behind a TLS proxy).
+    allow_plaintext_auth: bool = False
+    # A client gets this long for the TLS handshake and for each read; past it, it is dropped.
+    timeout_s: float = 5.0
+    # Connections handled at once; more are closed at once, so idle ones cannot pile up.
+    max_connections: int = 16
+
+    def __post_init__(self) -> None:
+        if self.username and not self.tls_cert and not self.allow_plaintext_auth:
+            raise ValueError(
+                "metrics: basic_auth without TLS sends the password in clear text; set "
+                "tls_cert/tls_key, or allow_plaintext_auth: true to accept that"
+            )
+        if self.timeout_s <= 0:
+            raise ValueError(f"metrics.timeout_s: expected a positive number, got {self.timeout_s}")
+        if self.max_connections < 1:
+            raise ValueError(
+                f"metrics.max_connections: expected at least 1, got {self.max_connections}"
+            )
 
 
 class MetricsServer:
-    """GET /metrics over HTTP(S) in a background thread."""
+    """GET /metrics over HTTP(S) in background threads.
+
+    The accept loop only accepts: each connection is handled in its own thread, where the TLS
+    handshake and every read run under ``timeout_s``, and at most ``max_connections`` are
+    handled at once (more are closed at once). So a client that connects and says nothing
+    delays nobody, and idle connections cannot pile up threads."""
 
     def __init__(self, metrics: Metrics, settings: ServerSettings) -> None:
         expected = None
@@ -134,6 +163,8 @@ class MetricsServer:
             expected = (settings.username, (settings.password_sha256 or "").lower())
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = settings.timeout_s  # every read of the request, after the handshake
+
             def do_GET(self) -> None:  # noqa: N802 - the http.server API
                 if self.path.split("?")[0] not in ("/metrics", "/"):
                     self.send_error(404)
@@ -153,21 +184,71 @@ class MetricsServer:
             def log_message(self, *args) -> None:  # scrapes are not log lines
                 pass
 
-        self.httpd = ThreadingHTTPServer((settings.listen, settings.port), Handler)
-        self.httpd.daemon_threads = True
+        tls = None
         if settings.tls_cert:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
-            self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+            tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            try:
+                tls.load_cert_chain(settings.tls_cert, settings.tls_key)
+            except (OSError, ssl.SSLError) as exc:
+                raise MetricsServerError(
+                    f"metrics: cannot load tls_cert {settings.tls_cert} / tls_key "
+                    f"{settings.tls_key}: {exc}"
+                ) from exc
+        try:
+            self.httpd = _BoundedServer((settings.listen, settings.port), Handler, tls, settings)
+        except OSError as exc:
+            raise MetricsServerError(
+                f"metrics: cannot listen on {settings.listen}:{settings.port}: "
+                f"{exc.strerror or exc}"
+            ) from exc
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(
             target=self.httpd.serve_forever, daemon=True, name="quietwire-metrics"
         )
         self._thread.start()
 
+    @property
+    def refused(self) -> int:
+        """Connections closed at once because ``max_connections`` were being handled."""
+        return self.httpd.refused
+
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer with a cap on connections in flight and the TLS handshake moved
+    from the accept loop into each connection's thread, under a timeout."""
+
+    daemon_threads = True
+
+    def __init__(self, address, handler, tls: ssl.SSLContext | None, settings: ServerSettings):
+        self._tls = tls
+        self._timeout_s = settings.timeout_s
+        self._slots = threading.BoundedSemaphore(settings.max_connections)
+        self.refused = 0
+        super().__init__(address, handler)
+
+    def verify_request(self, request, client_address) -> bool:
+        if self._slots.acquire(blocking=False):
+            return True
+        self.refused += 1  # closed by the caller (shutdown_request)
+        return False
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            request.settimeout(self._timeout_s)
+            if self._tls is not None:
+                request = self._tls.wrap_socket(request, server_side=True)
+            self.finish_request(request, client_address)
+        except (OSError, ssl.SSLError):
+            pass  # a client that timed out, hung up or spoke no TLS: nothing to answer
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            self._slots.release()
 
 
 def _authorized(header: str | None, expected: tuple[str, str]) -> bool:

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
+from quietwire import DATA
+
 from .features import FEATURE_NAMES, SCHEMA_HASH
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "data" / "default.onnx"
+DEFAULT_MODEL = DATA / "default.onnx"
 OUTPUTS = ("score", "tail_probability", "contributions")
 
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from quietwire.rules import DEFAULT_RULES
+
 from .context import ContextConfig
 from .flows import FlowConfig
 from .metrics import ServerSettings
 from .model import DEFAULT_MODEL
 from .yamlnodes import Node, YamlError, load
-
-DEFAULT_RULES = Path(__file__).resolve().parent.parent / "data" / "rules" / "default.yaml"
 
 
 class ConfigError(YamlError):
@@ -121,7 +121,17 @@ def _settings(root: Node, path: Path) -> Settings:
             metrics = None
         else:
             m = top["metrics"].mapping(
-                "metrics", {"listen", "port", "tls_cert", "tls_key", "basic_auth"}
+                "metrics",
+                {
+                    "listen",
+                    "port",
+                    "tls_cert",
+                    "tls_key",
+                    "basic_auth",
+                    "allow_plaintext_auth",
+                    "timeout_s",
+                    "max_connections",
+                },
             )
             kw = {}
             if "listen" in m:
@@ -148,7 +158,18 @@ def _settings(root: Node, path: Path) -> Settings:
                         "(sha256sum of the password)"
                     )
                 kw["password_sha256"] = digest
-            metrics = ServerSettings(**kw)
+            if "allow_plaintext_auth" in m:
+                kw["allow_plaintext_auth"] = m["allow_plaintext_auth"].scalar(
+                    "metrics.allow_plaintext_auth", bool
+                )
+            if "timeout_s" in m:
+                kw["timeout_s"] = m["timeout_s"].scalar("metrics.timeout_s", float)
+            if "max_connections" in m:
+                kw["max_connections"] = m["max_connections"].scalar("metrics.max_connections", int)
+            try:
+                metrics = ServerSettings(**kw)
+            except ValueError as exc:
+                raise top["metrics"].error(str(exc)) from None
     return Settings(
         capture=capture,
         flow=flow,

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from quietwire import DATA
 from quietwire.agent.capture import CaptureError, read_capture
 from quietwire.agent.features import FEATURE_NAMES
 from quietwire.agent.flowfile import read_flow_table
@@ -18,7 +19,7 @@ from quietwire.agent.meter import FlowMeter
 
 from .detector import TrainingError
 
-LABELS = Path(__file__).resolve().parent.parent / "data" / "ndpi_labels.yaml"
+LABELS = DATA / "ndpi_labels.yaml"
 CAPTURE_SUFFIXES = {".pcap", ".pcapng", ".cap"}
 TABLE_SUFFIXES = {".csv", ".jsonl"}
 

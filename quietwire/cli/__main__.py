@@ -1,0 +1,5 @@
+import sys
+
+from quietwire.cli import main
+
+sys.exit(main())

@@ -1,0 +1,166 @@
+"""The agent's commands: `replay`, `run` (the daemon), `check-config`, `rules check`."""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from pathlib import Path
+
+from quietwire.agent.config import DEFAULT_RULES
+from quietwire.agent.flows import FlowConfig
+from quietwire.agent.metrics import MetricsServerError, ServerSettings
+from quietwire.agent.model import DEFAULT_MODEL, ModelError, ScoringModel
+from quietwire.agent.rules import RuleError, load_rules
+
+from .common import DEFAULT_CAPTURE, error
+
+
+def _listen(text: str) -> ServerSettings:
+    host, _, port = text.rpartition(":")
+    return ServerSettings(listen=host or "127.0.0.1", port=int(port))
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from quietwire.agent.daemon import ReplayOptions, replay
+
+    try:
+        flow_config = FlowConfig(
+            idle_timeout_s=args.idle_timeout, active_timeout_s=args.active_timeout
+        )
+        serve = _listen(args.serve_metrics) if args.serve_metrics else None
+    except ValueError as exc:
+        error(str(exc))
+        return 2
+    opts = ReplayOptions(
+        files=args.files,
+        model=args.model,
+        rules=args.rules,
+        alerts=None if args.alerts in (None, "-") else Path(args.alerts),
+        stdout=args.alerts == "-",
+        realtime=args.realtime or args.speed is not None,
+        speed=args.speed or 1.0,
+        serve=serve,
+        flow=flow_config,
+    )
+    try:
+        return replay(opts)
+    except (ModelError, RuleError, MetricsServerError, OSError) as exc:
+        error(str(exc))
+        return 2
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from quietwire.agent.config import ConfigError, load_config
+    from quietwire.agent.daemon import run
+    from quietwire.agent.livecapture import CaptureSetupError
+
+    try:
+        settings = load_config(args.config)
+        return run(settings, args.config)
+    except (
+        ConfigError,
+        ModelError,
+        RuleError,
+        CaptureSetupError,
+        MetricsServerError,
+        OSError,
+    ) as exc:
+        error(str(exc))
+        return 2
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from quietwire.agent.config import ConfigError, load_config
+
+    try:
+        settings = load_config(args.config)
+        model = ScoringModel(settings.model)
+        rules = load_rules(settings.rules)
+    except (ConfigError, ModelError, RuleError) as exc:
+        error(str(exc))
+        return 2
+    print(
+        f"{args.config}: OK (interfaces {', '.join(settings.capture.interfaces)}; model "
+        f"{model.path} {model.version}; {len(rules)} rules from {', '.join(rules.sources)})"
+    )
+    return 0
+
+
+def cmd_rules_check(args: argparse.Namespace) -> int:
+    failed = 0
+    for path in args.files:
+        try:
+            rules = load_rules(path)
+        except RuleError as exc:
+            error(str(exc))
+            failed = 1
+            continue
+        counts = Counter(r.action for r in rules.rules)
+        print(
+            f"{path}: OK, {len(rules)} rules ("
+            + ", ".join(f"{n} {a}" for a, n in sorted(counts.items()))
+            + ")"
+        )
+    return 2 if failed else 0
+
+
+def register(sub) -> None:
+    """Add this module's subcommands to the parser."""
+    rp = sub.add_parser(
+        "replay",
+        help="score captures end to end: flows, model, rules, EVE alerts",
+        description="Read captures as fast as possible (or in real time), score every flow, "
+        "apply the rules, write alerts as EVE JSON lines and print a summary.",
+    )
+    rp.add_argument(
+        "files",
+        nargs="*",
+        type=Path,
+        default=[DEFAULT_CAPTURE, DEFAULT_CAPTURE.with_name("scan.pcap")],
+        help="capture files (default: the bundled sample and scan captures)",
+    )
+    rp.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="ONNX model (bundled)")
+    rp.add_argument(
+        "--rules",
+        type=Path,
+        default=DEFAULT_RULES,
+        help="rule file or directory (rules/default.yaml)",
+    )
+    rp.add_argument(
+        "--alerts",
+        metavar="FILE",
+        default="-",
+        help="alert file (JSON lines); '-' for stdout (the default)",
+    )
+    rp.add_argument("--realtime", action="store_true", help="honour the capture's timing")
+    rp.add_argument("--speed", type=float, help="real time times X (implies --realtime)")
+    rp.add_argument(
+        "--serve-metrics",
+        metavar="[HOST:]PORT",
+        help="serve Prometheus metrics, and keep serving after the replay",
+    )
+    rp.add_argument("--idle-timeout", type=float, default=FlowConfig.idle_timeout_s, metavar="S")
+    rp.add_argument(
+        "--active-timeout", type=float, default=FlowConfig.active_timeout_s, metavar="S"
+    )
+    rp.set_defaults(func=cmd_replay)
+
+    run = sub.add_parser(
+        "run",
+        help="the daemon: live capture, scoring, alerts, metrics",
+        description="Capture on the configured interfaces until SIGTERM "
+        "(drain, score every open flow, exit 0); SIGHUP reloads rules and "
+        "model and reopens the alert file.",
+    )
+    run.add_argument("--config", type=Path, default=Path("/etc/quietwire/config.yaml"))
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check-config", help="validate a daemon config without starting")
+    check.add_argument("--config", type=Path, default=Path("/etc/quietwire/config.yaml"))
+    check.set_defaults(func=cmd_check_config)
+
+    rules = sub.add_parser("rules", help="rule files")
+    rules_sub = rules.add_subparsers(dest="rules_command", required=True, metavar="ACTION")
+    rc = rules_sub.add_parser("check", help="validate rule files (errors as file:line)")
+    rc.add_argument("files", nargs="+", type=Path)
+    rc.set_defaults(func=cmd_rules_check)
