@@ -3,13 +3,14 @@ Unknown keys and wrong types are errors naming file:line and the key."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from quietwire.rules import DEFAULT_RULES
 
 from .context import ContextConfig
 from .flows import FlowConfig
+from .incidents import BudgetSettings, IncidentSettings
 from .metrics import ServerSettings
 from .model import DEFAULT_MODEL
 from .yamlnodes import Node, YamlError, load
@@ -40,6 +41,8 @@ class Settings:
     capture: CaptureSettings
     flow: FlowConfig = field(default_factory=FlowConfig)
     context: ContextConfig = field(default_factory=ContextConfig)
+    incidents: IncidentSettings = field(default_factory=IncidentSettings)
+    budget: BudgetSettings = field(default_factory=BudgetSettings)
     model: Path = DEFAULT_MODEL
     rules: Path = DEFAULT_RULES
     alerts: AlertSettings = field(default_factory=AlertSettings)
@@ -65,7 +68,18 @@ def _relative(base: Path, value: str) -> Path:
 
 def _settings(root: Node, path: Path) -> Settings:
     top = root.mapping(
-        "config", {"capture", "flow", "host_window_s", "model", "rules", "alerts", "metrics"}
+        "config",
+        {
+            "capture",
+            "flow",
+            "host_window_s",
+            "model",
+            "rules",
+            "alerts",
+            "metrics",
+            "incidents",
+            "alert_budget",
+        },
     )
     if "capture" not in top:
         raise root.error("config: missing key 'capture' (at least: capture: {interfaces: [eth0]})")
@@ -90,16 +104,9 @@ def _settings(root: Node, path: Path) -> Settings:
         ring_blocks=_positive(cap, "ring_blocks", 64, "capture"),
         snaplen=_positive(cap, "snaplen", 65535, "capture"),
     )
-    flow = FlowConfig()
-    if "flow" in top:
-        f = top["flow"].mapping(
-            "flow", {"idle_timeout_s", "active_timeout_s", "tcp_close_linger_s", "max_flows"}
-        )
-        kw = {k: v.scalar(f"flow.{k}", int if k == "max_flows" else float) for k, v in f.items()}
-        try:
-            flow = FlowConfig(**kw)
-        except ValueError as exc:
-            raise top["flow"].error(f"flow: {exc}") from exc
+    flow = _section(top, "flow", FlowConfig)
+    incidents = _section(top, "incidents", IncidentSettings)
+    budget = _section(top, "alert_budget", BudgetSettings)
     context = ContextConfig()
     if "host_window_s" in top:
         w = top["host_window_s"].scalar("host_window_s", float)
@@ -174,12 +181,29 @@ def _settings(root: Node, path: Path) -> Settings:
         capture=capture,
         flow=flow,
         context=context,
+        incidents=incidents,
+        budget=budget,
         model=model,
         rules=rules,
         alerts=alerts,
         metrics=metrics,
         source=path,
     )
+
+
+def _section(top: dict[str, Node], key: str, cls):
+    """A flat section whose keys are the fields of a settings dataclass, typed like their
+    defaults; the dataclass's own checks become errors at the section's line."""
+    if key not in top:
+        return cls()
+    kinds = {f.name: type(f.default) for f in fields(cls)}
+    given = top[key].mapping(key, set(kinds))
+    kw = {k: v.scalar(f"{key}.{k}", kinds[k]) for k, v in given.items()}
+    try:
+        return cls(**kw)
+    except ValueError as exc:
+        message = str(exc)
+        raise top[key].error(message if message.startswith(key) else f"{key}: {message}") from None
 
 
 def _positive(m: dict[str, Node], key: str, default: int, where: str) -> int:

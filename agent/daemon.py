@@ -16,6 +16,7 @@ from .config import Settings
 from .context import ContextConfig
 from .engine import Engine
 from .flows import FlowConfig
+from .incidents import BudgetSettings, IncidentSettings
 from .livecapture import LiveCapture
 from .metrics import Metrics, MetricsServer, ServerSettings
 from .model import ModelError, ScoringModel
@@ -38,6 +39,8 @@ class ReplayOptions:
     serve: ServerSettings | None = None
     flow: FlowConfig | None = None
     context: ContextConfig | None = None
+    incidents: IncidentSettings | None = None
+    budget: BudgetSettings | None = None
 
 
 def replay(opts: ReplayOptions) -> int:
@@ -49,7 +52,9 @@ def replay(opts: ReplayOptions) -> int:
     if server:
         log(f"metrics on http://{opts.serve.listen}:{server.port}/metrics")
     sink = AlertSink(opts.alerts, stdout=opts.stdout)
-    engine = Engine(model, rules, sink, metrics, opts.flow, opts.context)
+    engine = Engine(
+        model, rules, sink, metrics, opts.flow, opts.context, opts.incidents, opts.budget
+    )
     failed = False
     started = time.perf_counter()
     for path in opts.files:
@@ -118,7 +123,16 @@ def run(settings: Settings, config_path: Path) -> int:
     metrics = Metrics()
     server = MetricsServer(metrics, settings.metrics) if settings.metrics else None
     sink = AlertSink(settings.alerts.file, stdout=settings.alerts.stdout)
-    engine = Engine(model, rules, sink, metrics, settings.flow, settings.context)
+    engine = Engine(
+        model,
+        rules,
+        sink,
+        metrics,
+        settings.flow,
+        settings.context,
+        settings.incidents,
+        settings.budget,
+    )
     cap = settings.capture
     sources = [
         LiveCapture(
@@ -185,7 +199,8 @@ def run(settings: Settings, config_path: Path) -> int:
     s = engine.summary
     drops = sum(src.kernel_drops for src in sources)
     log(
-        f"stopped: {s.packets} packets, {s.flows} flows, {sum(s.alerts.values())} alerts, "
+        f"stopped: {s.packets} packets, {s.flows} flows, {sum(s.incidents.values())} "
+        f"incidents, {sum(s.alerts.values())} alert lines ({s.held_back} held back), "
         f"{drops} kernel drops"
     )
     return 0

@@ -1,4 +1,5 @@
-"""The agent's pipeline after the packet source: meter -> score -> rules -> alerts + metrics.
+"""The agent's pipeline after the packet source: meter -> score -> rules -> incidents ->
+alert lines (under the line budget) + metrics.
 
 Replay and the live daemon both feed an Engine PacketBatches (one flow meter per interface),
 call ``expire`` when time passes without packets, and ``flush`` at the end.
@@ -17,10 +18,18 @@ from .capture import PacketBatch
 from .context import ContextConfig
 from .flowrecords import END_REASONS
 from .flows import FlowConfig
+from .incidents import (
+    BudgetSettings,
+    Incident,
+    IncidentSettings,
+    IncidentTracker,
+    LineBudget,
+    eve_incident,
+)
 from .meter import FlowMeter, MeteredFlows
 from .metrics import Metrics
 from .model import ScoringModel
-from .rules import RuleEngine, RuleSet
+from .rules import Rule, RuleEngine, RuleSet
 
 
 @dataclass
@@ -28,16 +37,20 @@ class Summary:
     packets: int = 0
     bytes: int = 0
     flows: int = 0
-    alerts: Counter = field(default_factory=Counter)  # by severity
+    incidents: Counter = field(default_factory=Counter)  # opened, by cause
+    alerts: Counter = field(default_factory=Counter)  # alert lines written, by severity
+    held_back: int = 0  # alert lines the budget held back
     decode_errors: Counter = field(default_factory=Counter)
-    suppressed: int = 0
+    suppressed: int = 0  # flows allowlisted, and per-flow alerts held back as repeats
 
     def line(self, seconds: float) -> str:
+        causes = ", ".join(f"{k} {v}" for k, v in sorted(self.incidents.items())) or "none"
         sev = ", ".join(f"severity {k}: {v}" for k, v in sorted(self.alerts.items())) or "none"
         errors = ", ".join(f"{k} {v}" for k, v in sorted(self.decode_errors.items()) if v)
         return (
-            f"{self.packets} packets, {self.flows} flows, {sum(self.alerts.values())} alerts "
-            f"({sev}), {self.suppressed} suppressed; {seconds:.2f} s, "
+            f"{self.packets} packets, {self.flows} flows, {sum(self.incidents.values())} "
+            f"incidents ({causes}), {sum(self.alerts.values())} alerts ({sev}), "
+            f"{self.held_back} held back, {self.suppressed} suppressed; {seconds:.2f} s, "
             f"{self.packets / max(seconds, 1e-9):,.0f} packets/s"
             + (f"; skipped packets: {errors}" if errors else "")
         )
@@ -52,9 +65,14 @@ class Engine:
         metrics: Metrics | None = None,
         flow_config: FlowConfig | None = None,
         context_config: ContextConfig | None = None,
+        incidents: IncidentSettings | None = None,
+        budget: BudgetSettings | None = None,
+        clock=time.monotonic,
     ) -> None:
         self.model = model
         self.rules = RuleEngine(rules, model.thresholds)
+        self.incidents = IncidentTracker(incidents)
+        self.budget = LineBudget(budget, clock)
         self.sink = sink
         self.metrics = metrics
         self.flow_config = flow_config
@@ -79,16 +97,19 @@ class Engine:
         self._account(interface)
 
     def expire(self, now_ns: int) -> None:
-        """End flows that timed out by ``now_ns`` (the daemon calls this as time passes)."""
+        """End flows that timed out by ``now_ns`` (the daemon calls this as time passes), and
+        close the incidents that went quiet."""
         for interface, meter in self.meters.items():
             self._handle(meter.expire(now_ns), interface)
             self._account(interface)
+        self._write_incidents(self.incidents.advance(now_ns))
 
     def flush(self) -> None:
-        """End and score every open flow (end of input, shutdown)."""
+        """End and score every open flow, and close every incident (end of input, shutdown)."""
         for interface, meter in self.meters.items():
             self._handle(meter.flush(), interface)
             self._account(interface)
+        self._write_incidents(self.incidents.close_all())
         self.sink.flush()
 
     def reload(self, model: ScoringModel | None = None, rules: RuleSet | None = None) -> None:
@@ -109,31 +130,33 @@ class Engine:
         verdicts = self.rules.evaluate(
             flows.records, flows.features, scores.score, scores.tail_probability
         )
-        records = eve_alerts(
-            flows.records,
-            scores,
-            verdicts.alerts,
-            self.model.version,
-            None if interface == "file" else interface,
-        )
-        self.sink.write(records)
+        due = self.incidents.observe(flows.records, scores, verdicts, self.model.thresholds)
+        self._write_incidents(due + self.incidents.advance())
+        deduplicated: dict[int, int] = {}
+        if self.incidents.settings.flow_alerts:
+            alerts, deduplicated = self.rules.flow_alerts(verdicts, flows.records)
+            granted = self._grant([rule.cause for _, rule, _ in alerts])
+            records = eve_alerts(
+                flows.records,
+                scores,
+                alerts[:granted],
+                self.model.version,
+                None if interface == "file" else interface,
+            )
+            self._write([(rule, record) for (_, rule, _), record in zip(alerts, records)])
         s = self.summary
         s.flows += len(flows)
-        for _, rule, _ in verdicts.alerts:
-            s.alerts[rule.severity] += 1
         s.suppressed += sum(verdicts.suppressed_by_rule.values())
-        s.suppressed += sum(verdicts.deduplicated_by_rule.values())
+        s.suppressed += sum(deduplicated.values())
         m = self.metrics
         if m is None:
             return
         m.scoring_seconds.observe(elapsed)
         for value in scores.score.tolist():
             m.score.observe(value)
-        for _, rule, _ in verdicts.alerts:
-            m.alerts.labels(str(rule.severity), str(rule.id)).inc()
         for rid, count in verdicts.suppressed_by_rule.items():
             m.suppressed.labels(str(rid), "allowlist").inc(count)
-        for rid, count in verdicts.deduplicated_by_rule.items():
+        for rid, count in deduplicated.items():
             m.suppressed.labels(str(rid), "repeat").inc(count)
         reasons = np.bincount(
             flows.records["end_reason"].astype(np.int64), minlength=len(END_REASONS)
@@ -141,6 +164,44 @@ class Engine:
         for reason, count in zip(END_REASONS, reasons.tolist()):
             if count:
                 m.flows.labels(reason).inc(count)
+
+    def _write_incidents(self, due: list[tuple[Incident, str]]) -> None:
+        """Incident lines, as far as the budget allows (opened incidents count either way)."""
+        for inc, state in due:
+            if state == "open":
+                self.summary.incidents[inc.cause] += 1
+                if self.metrics:
+                    self.metrics.incidents.labels(inc.cause).inc()
+        granted = self._grant([inc.cause for inc, _ in due])
+        cap = self.incidents.settings.distinct_cap
+        self._write(
+            [
+                (inc.rule, eve_incident(inc, state, self.model.version, cap))
+                for inc, state in due[:granted]
+            ]
+        )
+        if self.metrics:
+            self.metrics.open_incidents.set(len(self.incidents.open))
+
+    def _grant(self, causes: list[str]) -> int:
+        """How many of these lines the budget lets through; the rest are counted by cause."""
+        granted = self.budget.grant(causes)
+        held = causes[granted:]
+        self.summary.held_back += len(held)
+        if self.metrics and held:
+            for cause, count in Counter(held).items():
+                self.metrics.held_back.labels(cause).inc(count)
+        return granted
+
+    def _write(self, lines: list[tuple[Rule, dict]]) -> None:
+        if not lines:
+            return
+        self.budget.note(lines[0][1])
+        self.sink.write([record for _, record in lines])
+        for rule, _ in lines:
+            self.summary.alerts[rule.severity] += 1
+            if self.metrics:
+                self.metrics.alerts.labels(str(rule.severity), str(rule.id)).inc()
 
     def _account(self, interface: str) -> None:
         """Fold the meter's running totals into the summary and the metrics (as deltas)."""

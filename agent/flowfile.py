@@ -64,7 +64,7 @@ def format_ips(version: np.ndarray, hi: np.ndarray, lo: np.ndarray) -> list[str]
     return [text[i] for i in inverse.reshape(-1).tolist()]
 
 
-def _iso(ns: np.ndarray) -> list[str]:
+def iso_times(ns: np.ndarray) -> list[str]:
     """ISO 8601 UTC timestamps with microseconds (EVE's format)."""
     seconds, micros = np.divmod(ns // 1000, 1_000_000)
     uniq, inverse = np.unique(seconds, return_inverse=True)
@@ -82,8 +82,8 @@ def identity_columns(flows: FlowRecords) -> dict[str, list]:
     return {
         "flow_id": flows["seq"].tolist(),
         "community_id": flow_community_ids(flows),
-        "start": _iso(flows["first_ns"]),
-        "end": _iso(flows["last_ns"]),
+        "start": iso_times(flows["first_ns"]),
+        "end": iso_times(flows["last_ns"]),
         "src_ip": format_ips(ver, flows["src_hi"], flows["src_lo"]),
         "src_port": [p if ok else None for p, ok in zip(flows["src_port"].tolist(), port_proto)],
         "dest_ip": format_ips(ver, flows["dst_hi"], flows["dst_lo"]),

@@ -55,7 +55,20 @@ class Metrics:
             registry=r,
         )
         self.alerts = Counter(
-            "quietwire_alerts", "Alerts written", ["severity", "rule"], registry=r
+            "quietwire_alerts",
+            "Alert lines written (incident open/update/close, or per-flow alerts)",
+            ["severity", "rule"],
+            registry=r,
+        )
+        self.incidents = Counter(
+            "quietwire_incidents", "Incidents opened, by cause", ["cause"], registry=r
+        )
+        self.open_incidents = Gauge("quietwire_open_incidents", "Incidents open now", registry=r)
+        self.held_back = Counter(
+            "quietwire_alert_lines_held_back",
+            "Alert lines the line budget held back, by cause",
+            ["cause"],
+            registry=r,
         )
         self.suppressed = Counter(
             "quietwire_alerts_suppressed",

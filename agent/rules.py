@@ -4,9 +4,14 @@ at load with file:line errors, evaluated over a batch of flows with column opera
 Actions, applied in this order to each flow:
 - ``suppress``: matching flows raise no alert (allowlists: known scanners, backups, monitoring);
 - ``threshold``: matching flows are judged at another false-positive rate (per service/subnet);
-- ``alert``: matching flows whose score passes the rule's condition raise an alert with the
-  rule's severity, category and message. Repeats per (rule, source address) inside the rule's
-  ``dedupe_s`` window are counted, not written; the next alert carries the count.
+- ``alert``: matching flows whose score passes the rule's condition are evidence for the
+  rule's ``cause`` (port_scan, syn_flood, ...) against its ``entity`` (the source host, the
+  destination host, or the destination host and service). Each flow is evidence for one cause:
+  the first alert rule in file order that names a cause other than ``unknown_anomaly`` and
+  matches it; ``unknown_anomaly`` rules take only the flows no other cause explains. The
+  incidents stage (incidents.py) turns evidence into incidents. Per-flow alert lines (an
+  option) still follow every matching rule, with repeats per (rule, source address) inside
+  the rule's ``dedupe_s`` window counted, not written; the next alert carries the count.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from .model import nearest_threshold
 from .yamlnodes import Node, YamlError, load
 
 ACTIONS = ("alert", "suppress", "threshold")
+UNKNOWN_CAUSE = "unknown_anomaly"
+# Who an incident is about: the host that sends (scans, tunnels, beacons) or the victim.
+ENTITIES = ("src", "dest", "dest_service")
 DIRECTIONS = ("inbound", "outbound", "internal", "external")
 PROTOS = {"TCP": 6, "UDP": 17, "ICMP": 1, "IPV6-ICMP": 58, "ICMPV6": 58, "SCTP": 132}
 SERVICES = {
@@ -62,6 +70,8 @@ RULE_KEYS = {
     "min_score",
     "match",
     "dedupe_s",
+    "cause",
+    "entity",
 }
 MATCH_KEYS = {
     "proto",
@@ -131,6 +141,8 @@ class Rule:
     max_tail_probability: float | None = None
     min_score: float | None = None
     dedupe_s: float = 60.0
+    cause: str = UNKNOWN_CAUSE
+    entity: str = "src"
     protos: tuple[int, ...] = ()
     src_nets: tuple[Network, ...] = ()
     dest_nets: tuple[Network, ...] = ()
@@ -290,6 +302,18 @@ def _rule(node: Node, variables: dict[str, list[str]]) -> Rule:
         kw["dedupe_s"] = m["dedupe_s"].scalar("dedupe_s", float)
         if kw["dedupe_s"] < 0:
             raise m["dedupe_s"].error("dedupe_s: expected >= 0")
+    if "cause" in m:
+        kw["cause"] = m["cause"].scalar("cause", str)
+        if not kw["cause"].replace("_", "").isalnum() or not kw["cause"].islower():
+            raise m["cause"].error(
+                f"cause: {kw['cause']!r} is not a lower-case name (letters, digits, _)"
+            )
+    elif "match" in m:
+        kw["cause"] = f"rule_{rid}"  # a rule with conditions explains what it matches
+    if "entity" in m:
+        kw["entity"] = m["entity"].scalar("entity", str)
+        if kw["entity"] not in ENTITIES:
+            raise m["entity"].error(f"entity: {kw['entity']!r} is not one of {', '.join(ENTITIES)}")
     if action == "threshold" and "fpr" not in m:
         raise node.error("rule: a threshold rule needs 'fpr'")
     if (
@@ -359,13 +383,14 @@ def _match(node: Node, variables: dict[str, list[str]]) -> dict:
 class Verdicts:
     """What the rules decided for one batch."""
 
-    alerts: list[tuple[int, Rule, int]]  # (flow index, rule, suppressed repeats before it)
+    hits: list[tuple[Rule, np.ndarray]]  # each alert rule and the flows it matched (bool)
+    cause: np.ndarray  # per flow: index into hits of the rule naming its cause, or -1
     suppressed_by_rule: dict[int, int]  # rule id -> flows an allowlist silenced
-    deduplicated_by_rule: dict[int, int]  # rule id -> alerts held back as repeats
 
 
 class RuleEngine:
-    """Applies a RuleSet to scored flows, with the per-(rule, source) repeat memory."""
+    """Applies a RuleSet to scored flows, with the per-(rule, source) repeat memory of the
+    per-flow alert lines."""
 
     def __init__(self, ruleset: RuleSet, thresholds: dict[float, float]) -> None:
         self.ruleset = ruleset
@@ -389,7 +414,7 @@ class RuleEngine:
         silenced = np.zeros(n, dtype=bool)
         suppressed: dict[int, int] = {}
         override = np.full(n, np.nan)
-        alert_rules = []
+        hits: list[tuple[Rule, np.ndarray]] = []
         for rule in self.ruleset.rules:
             if rule.action == "suppress":
                 hit = rule.matches(flows, features, home) & ~silenced
@@ -399,26 +424,39 @@ class RuleEngine:
             elif rule.action == "threshold":
                 hit = rule.matches(flows, features, home) & np.isnan(override)
                 override[hit] = self.threshold(rule.fpr)
-            else:
-                alert_rules.append(rule)
+        for rule in self.ruleset.rules:
+            if rule.action == "alert":  # after every suppress and threshold rule
+                hit = rule.matches(flows, features, home) & ~silenced
+                if rule.fpr is not None:
+                    thr = np.where(np.isnan(override), self.threshold(rule.fpr), override)
+                    hit &= score > thr
+                if rule.max_tail_probability is not None:
+                    hit &= tail <= rule.max_tail_probability
+                if rule.min_score is not None:
+                    hit &= score >= rule.min_score
+                hits.append((rule, hit))
+        cause = np.full(n, -1, dtype=np.int64)
+        for named in (True, False):  # named causes first; unknown_anomaly takes the rest
+            for k, (rule, hit) in enumerate(hits):
+                if (rule.cause != UNKNOWN_CAUSE) == named:
+                    cause[hit & (cause < 0)] = k
+        return Verdicts(hits, cause, suppressed)
+
+    def flow_alerts(
+        self, verdicts: Verdicts, flows: FlowRecords
+    ) -> tuple[list[tuple[int, Rule, int]], dict[int, int]]:
+        """Per-flow alert lines (an option): (flow index, rule, repeats held back before it)
+        for every matching rule, and rule id -> alerts held back as repeats."""
         alerts: list[tuple[int, Rule, int]] = []
         deduplicated: dict[int, int] = {}
-        for rule in alert_rules:
-            hit = rule.matches(flows, features, home) & ~silenced
-            if rule.fpr is not None:
-                thr = np.where(np.isnan(override), self.threshold(rule.fpr), override)
-                hit &= score > thr
-            if rule.max_tail_probability is not None:
-                hit &= tail <= rule.max_tail_probability
-            if rule.min_score is not None:
-                hit &= score >= rule.min_score
+        for rule, hit in verdicts.hits:
             for i in np.flatnonzero(hit).tolist():
                 repeats = self._admit(rule, flows, i)
                 if repeats is None:
                     deduplicated[rule.id] = deduplicated.get(rule.id, 0) + 1
                 else:
                     alerts.append((i, rule, repeats))
-        return Verdicts(alerts, suppressed, deduplicated)
+        return alerts, deduplicated
 
     def _admit(self, rule: Rule, flows: FlowRecords, i: int) -> int | None:
         """None if this alert repeats one inside the rule's window, else the count of

@@ -24,22 +24,63 @@ from .conftest import serving_replay
 PY = sys.executable
 
 
-def test_replay_alerts_for_scans_and_tunnels(ndpi, tmp_path, capsys):
-    files = [
-        ndpi / "pcap" / f
-        for f in ("synscan.pcap", "dns-tunnel-iodine.pcap", "icmp-tunnel.pcap", "android.pcap")
-    ]
+REPLAY_SET = ("synscan.pcap", "dns-tunnel-iodine.pcap", "icmp-tunnel.pcap", "android.pcap")
+
+
+def test_replay_incidents_for_scans_and_tunnels(ndpi, tmp_path, capsys):
+    files = [ndpi / "pcap" / f for f in REPLAY_SET]
     alerts = tmp_path / "alerts.json"
     assert main(["replay", *map(str, files), "--alerts", str(alerts)]) == 0
     summary = capsys.readouterr().err
     records = [json.loads(line) for line in alerts.open()]
-    by_sid = {}
+    incidents = {}
     for r in records:
+        inc = r["quietwire"]["incident"]
+        incidents.setdefault(inc["id"], []).append(r)
+    by_cause = {}
+    for lines in incidents.values():
+        inc = lines[-1]["quietwire"]["incident"]
+        # one open line first, one close line last, updates between (at most one a minute)
+        assert [x["quietwire"]["incident"]["state"] for x in lines][0] == "open"
+        assert lines[-1]["quietwire"]["incident"]["state"] == "close"
+        by_cause.setdefault(inc["cause"], []).append(inc)
+    assert set(by_cause) == {"port_scan", "dns_tunnel", "icmp_tunnel"}
+    (scan,) = by_cause["port_scan"]  # nmap's 1,000 probes: one incident, not 1,000 alerts
+    assert scan["entity"] == {"ip": "172.16.0.8", "role": "source"}
+    assert scan["flows"] > 900 and scan["ports"]["distinct"] > 900
+    assert len(scan["ports"]["sample"]) == 10 and len(scan["examples"]) == 10
+    assert scan["peers"] == {"distinct": 1, "sample": ["64.13.134.52"]}
+    assert scan["score"]["flows_over_threshold"]["0.01"] > 0.5 * scan["flows"]
+    assert 2101 in scan["rules"] and len(scan["top_features"]) == 5
+    assert all(e.startswith("1:") for e in scan["examples"])  # community ids
+    (dns,) = by_cause["dns_tunnel"]
+    assert dns["entity"]["ip"] == "10.0.2.30" and 2104 in dns["rules"]
+    r = records[0]
+    assert r["event_type"] == "alert" and r["src_ip"] == "172.16.0.8"
+    assert r["alert"]["signature_id"] == 2101 and r["alert"]["severity"] == 2
+    assert re.match(r"^[0-9a-f]{12}$", r["quietwire"]["model_version"])
+    m = re.search(
+        r"replay: (\d+) packets, (\d+) flows, (\d+) incidents \(([^)]*)\), (\d+) alerts", summary
+    )
+    assert int(m.group(3)) == len(incidents) and int(m.group(5)) == len(records)
+    assert "port_scan 1" in m.group(4)
+
+
+def test_replay_per_flow_alerts(ndpi, tmp_path, capsys):
+    """--flow-alerts: the incident lines plus one line per flow and rule (repeats per
+    (rule, source) within dedupe_s held back), each with the flow's EVE fields."""
+    files = [ndpi / "pcap" / f for f in REPLAY_SET]
+    alerts = tmp_path / "alerts.json"
+    assert main(["replay", *map(str, files), "--alerts", str(alerts), "--flow-alerts"]) == 0
+    records = [json.loads(line) for line in alerts.open()]
+    per_flow = [r for r in records if "incident" not in r["quietwire"]]
+    by_sid = {}
+    for r in per_flow:
         by_sid.setdefault(r["alert"]["signature_id"], set()).add((r["src_ip"], r["proto"]))
     assert ("172.16.0.8", "TCP") in by_sid[2101]  # the port scan
     assert any(proto == "UDP" for _, proto in by_sid[2104])  # iodine's DNS tunnel
     assert any(proto == "ICMP" for _, proto in by_sid[2105])  # the ICMP tunnel
-    r = records[0]
+    r = per_flow[0]
     for key in (
         "timestamp",
         "flow_id",
@@ -63,9 +104,7 @@ def test_replay_alerts_for_scans_and_tunnels(ndpi, tmp_path, capsys):
     }
     q = r["quietwire"]
     assert q["score"] > 0 and 0 < q["tail_probability"] <= 1 and len(q["top_features"]) == 5
-    assert re.match(r"^[0-9a-f]{12}$", q["model_version"])
-    m = re.search(r"replay: (\d+) packets, (\d+) flows, (\d+) alerts", summary)
-    assert int(m.group(3)) == len(records)
+    assert len(records) - len(per_flow) == 8  # the incident lines are there as well
 
 
 def scrape(port: int, auth: str | None = None) -> dict[tuple, float]:
@@ -91,11 +130,19 @@ def total(samples, name, **labels):
 def test_replay_metrics_equal_the_summary(ndpi, tmp_path):
     with serving_replay(ndpi, tmp_path) as (port, summary):
         m = re.search(
-            r"replay: (\d+) packets, (\d+) flows, (\d+) alerts \(([^)]*)\), (\d+) suppressed",
+            r"replay: (\d+) packets, (\d+) flows, (\d+) incidents \(([^)]*)\), (\d+) alerts "
+            r"\(([^)]*)\), (\d+) held back, (\d+) suppressed",
             summary,
         )
-        packets, flows, alerts, suppressed = (int(m.group(i)) for i in (1, 2, 3, 5))
+        packets, flows, incidents, alerts, held, suppressed = (
+            int(m.group(i)) for i in (1, 2, 3, 5, 7, 8)
+        )
         s = scrape(port)
+        assert total(s, "quietwire_incidents_total") == incidents > 0
+        for cause, count in re.findall(r"(\w+) (\d+)", m.group(4)):
+            assert total(s, "quietwire_incidents_total", cause=cause) == int(count)
+        assert total(s, "quietwire_alert_lines_held_back_total") == held
+        assert total(s, "quietwire_open_incidents") == 0
         assert total(s, "quietwire_packets_total", interface="file") == packets
         assert total(s, "quietwire_flows_total") == flows
         assert total(s, "quietwire_alerts_total") == alerts
@@ -104,7 +151,7 @@ def test_replay_metrics_equal_the_summary(ndpi, tmp_path):
         assert total(s, "quietwire_active_flows") == 0
         assert total(s, "quietwire_decode_errors_total", reason="non_ip") > 0
         assert total(s, "quietwire_model_info") == 1
-        for sev in re.findall(r"severity (\d): (\d+)", m.group(4)):
+        for sev in re.findall(r"severity (\d): (\d+)", m.group(6)):
             assert total(s, "quietwire_alerts_total", severity=sev[0]) == int(sev[1])
 
 
@@ -188,10 +235,12 @@ def test_live_capture_matches_replay(ndpi, netns, tmp_path, capsys):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0, log.read_text()
     m = re.search(
-        r"stopped: (\d+) packets, (\d+) flows, (\d+) alerts, (\d+) kernel drops", log.read_text()
+        r"stopped: (\d+) packets, (\d+) flows, (\d+) incidents, \d+ alert lines "
+        r"\(0 held back\), (\d+) kernel drops",
+        log.read_text(),
     )
     assert m, log.read_text()
-    live_packets, live_flows, live_alerts, drops = map(int, m.groups())
+    live_packets, live_flows, live_incidents, drops = map(int, m.groups())
 
     assert (
         main(
@@ -206,22 +255,22 @@ def test_live_capture_matches_replay(ndpi, netns, tmp_path, capsys):
         )
         == 0
     )
-    r = re.search(r"replay: (\d+) packets, (\d+) flows, (\d+) alerts", capsys.readouterr().err)
+    r = re.search(r"replay: (\d+) packets, (\d+) flows, (\d+) incidents", capsys.readouterr().err)
     assert "Actual: 2011 packets" in sent.stdout
     assert drops == 0
     assert (live_packets, live_flows) == (int(r.group(1)), int(r.group(2)))
 
-    def alerts(path):
-        # rule 1 alerts once per source (which probe comes first depends on timing);
-        # rule 2 alerts for every reset flow
-        out = []
+    def incidents(path):
+        # how many lines an incident gets depends on timing (updates); its evidence does not
+        out = {}
         for a in map(json.loads, path.open()):
-            sid = a["alert"]["signature_id"]
-            out.append((sid, a["src_ip"], a["dest_port"] if sid == 2 else None))
-        return sorted(out, key=str)
+            inc = a["quietwire"]["incident"]
+            if inc["state"] == "close":
+                out[(inc["cause"], inc["entity"]["ip"])] = (inc["flows"], inc["packets"])
+        return out
 
-    assert alerts(tmp_path / "live.json") == alerts(tmp_path / "replay.json")
-    assert live_alerts == int(r.group(3)) >= 2
+    assert incidents(tmp_path / "live.json") == incidents(tmp_path / "replay.json")
+    assert live_incidents == int(r.group(3)) >= 2
 
 
 def test_sighup_with_broken_rules_keeps_the_old_ones(netns, tmp_path):
@@ -290,6 +339,8 @@ def test_beacon_rule_fires_on_the_timer_only(tmp_path, capsys):
     generate(pcap, tmp_path / "gen.labels.csv", seed=0, scale=0.5)
     assert main(["replay", str(pcap), "--alerts", str(alerts)]) == 0
     capsys.readouterr()
-    beacons = [r for r in map(json.loads, alerts.open()) if r["alert"]["signature_id"] == 2106]
+    lines = [r["quietwire"]["incident"] for r in map(json.loads, alerts.open())]
+    beacons = [i for i in lines if i["cause"] == "c2_beacon"]
     assert beacons
-    assert {(r["dest_ip"], r["dest_port"]) for r in beacons} == {("198.51.100.66", 443)}
+    assert all(i["peers"]["sample"] == ["198.51.100.66"] for i in beacons)
+    assert all(i["ports"]["sample"] == [443] for i in beacons)

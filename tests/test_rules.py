@@ -3,6 +3,8 @@ on flows crafted with scapy and scored by the bundled model."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from scapy.all import IP, TCP, Ether
@@ -66,7 +68,7 @@ def test_rule_errors_name_file_and_line(tmp_path, body, message):
 
 def test_rules_check_command(tmp_path, capsys):
     assert main(["rules", "check", str(DEFAULT_RULES)]) == 0
-    assert "OK, 10 rules (8 alert, 1 suppress, 1 threshold)" in capsys.readouterr().out
+    assert "OK, 18 rules (16 alert, 1 suppress, 1 threshold)" in capsys.readouterr().out
     bad = write(
         tmp_path,
         "rules:\n  - id: 1\n    name: x\n    action: alert\n    fpr: 0.01\n    colour: red\n",
@@ -88,8 +90,13 @@ def evaluate(rules_text, tmp_path, flows):
     model = ScoringModel()
     scores = model.score(flows.features)
     engine = RuleEngine(load_rules(write(tmp_path, rules_text)), model.thresholds)
-    return engine, engine.evaluate(
-        flows.records, flows.features, scores.score, scores.tail_probability
+    v = engine.evaluate(flows.records, flows.features, scores.score, scores.tail_probability)
+    alerts, deduplicated = engine.flow_alerts(v, flows.records)
+    return engine, SimpleNamespace(
+        alerts=alerts,
+        deduplicated_by_rule=deduplicated,
+        suppressed_by_rule=v.suppressed_by_rule,
+        verdicts=v,
     )
 
 
@@ -161,3 +168,38 @@ rules:
     assert len(by_rule[3]) == len(flows)  # 10.9.9.9 is outside home_net, 10.0.0.5 inside
     assert 4 not in by_rule
     assert np.all(np.isin(by_rule[1], [1, 10, 11, 12]))
+
+
+def test_each_flow_is_evidence_for_one_cause(tmp_path):
+    """Named causes win in file order; unknown_anomaly takes only what no cause explains."""
+    flows = scan_flows(tmp_path)
+    text = """rules:
+  - {id: 1, name: any, action: alert, min_score: -1000, cause: unknown_anomaly}
+  - {id: 2, name: low ports, action: alert, min_score: -1000, cause: a, match: {dest_port: 1-9}}
+  - {id: 3, name: more ports, action: alert, min_score: -1000, cause: b, match: {dest_port: 1-30}}
+  - {id: 4, name: ports, action: alert, min_score: -1000, match: {dest_port: 25-40}}
+"""
+    _, v = evaluate(text, tmp_path, flows)
+    port = flows.records["dst_port"]
+    rule_ids = np.array([v.verdicts.hits[k][0].id for k in v.verdicts.cause])
+    np.testing.assert_array_equal(rule_ids[port <= 9], 2)
+    np.testing.assert_array_equal(rule_ids[(port >= 10) & (port <= 30)], 3)
+    np.testing.assert_array_equal(rule_ids[(port > 30) & (port <= 40)], 4)
+    np.testing.assert_array_equal(rule_ids[port > 40], 1)
+    causes = {r.id: r.cause for r, _ in v.verdicts.hits}
+    assert causes == {1: "unknown_anomaly", 2: "a", 3: "b", 4: "rule_4"}
+    # per-flow alert lines still follow every matching rule
+    assert sum(1 for _, rule, _ in v.alerts if rule.id == 1) >= 1
+
+
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ("cause: Port-Scan", r":3: cause: 'Port-Scan' is not a lower-case name"),
+        ("entity: victim", r":3: entity: 'victim' is not one of src, dest, dest_service"),
+    ],
+)
+def test_cause_and_entity_are_checked(tmp_path, body, message):
+    text = "rules:\n  - id: 1\n    " + body + "\n    name: x\n    action: alert\n    fpr: 0.01\n"
+    with pytest.raises(RuleError, match=message):
+        load_rules(write(tmp_path, text))

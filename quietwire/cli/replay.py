@@ -8,6 +8,7 @@ from pathlib import Path
 
 from quietwire.agent.config import DEFAULT_RULES
 from quietwire.agent.flows import FlowConfig
+from quietwire.agent.incidents import BudgetSettings, IncidentSettings
 from quietwire.agent.metrics import MetricsServerError, ServerSettings
 from quietwire.agent.model import DEFAULT_MODEL, ModelError, ScoringModel
 from quietwire.agent.rules import RuleError, load_rules
@@ -28,6 +29,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
             idle_timeout_s=args.idle_timeout, active_timeout_s=args.active_timeout
         )
         serve = _listen(args.serve_metrics) if args.serve_metrics else None
+        incidents = IncidentSettings(flow_alerts=args.flow_alerts)
+        budget = BudgetSettings(lines_per_s=args.lines_per_s, burst=args.burst)
     except ValueError as exc:
         error(str(exc))
         return 2
@@ -41,6 +44,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         speed=args.speed or 1.0,
         serve=serve,
         flow=flow_config,
+        incidents=incidents,
+        budget=budget,
     )
     try:
         return replay(opts)
@@ -110,7 +115,8 @@ def register(sub) -> None:
         "replay",
         help="score captures end to end: flows, model, rules, EVE alerts",
         description="Read captures as fast as possible (or in real time), score every flow, "
-        "apply the rules, write alerts as EVE JSON lines and print a summary.",
+        "apply the rules, correlate the evidence into incidents, write their open/update/"
+        "close lines as EVE JSON alerts and print a summary.",
     )
     rp.add_argument(
         "files",
@@ -142,6 +148,25 @@ def register(sub) -> None:
     rp.add_argument("--idle-timeout", type=float, default=FlowConfig.idle_timeout_s, metavar="S")
     rp.add_argument(
         "--active-timeout", type=float, default=FlowConfig.active_timeout_s, metavar="S"
+    )
+    rp.add_argument(
+        "--flow-alerts",
+        action="store_true",
+        help="also write one alert line per flow and matching rule (off: incidents only)",
+    )
+    rp.add_argument(
+        "--lines-per-s",
+        type=float,
+        default=BudgetSettings.lines_per_s,
+        metavar="R",
+        help="alert line budget: at most R lines per second on average (%(default)g)",
+    )
+    rp.add_argument(
+        "--burst",
+        type=int,
+        default=BudgetSettings.burst,
+        metavar="N",
+        help="alert line budget: up to N lines at once (%(default)d)",
     )
     rp.set_defaults(func=cmd_replay)
 

@@ -1,0 +1,490 @@
+"""Incidents: what the analyst gets instead of one alert per flow.
+
+Each flow the rules attribute to a cause (rules.Verdicts.cause) is evidence against an
+entity: the source host for scans, sweeps, brute force, tunnels, exfiltration, beacons and
+unknown anomalies; the victim (destination host, or host and service) for floods and slow DoS,
+however many sources there are. Evidence accumulates on one incident per (cause, entity), as
+risk accumulates on an entity in risk-based alerting. An incident opens on its first evidence
+(one line), is updated at most once per ``update_interval_s`` while evidence keeps coming, and
+closes (one line) after ``quiet_s`` without any; times are the traffic's own (flow ends), so a
+replay and a live capture of the same packets give the same incidents.
+
+Costs are bounded whatever arrives: evidence is grouped by (cause, entity) with column
+operations, so the Python work per batch grows with the number of incidents touched, not of
+flows; at most ``max_open`` incidents are open, and when new entities would pass that (a
+random-source flood that no cause rule explains), their evidence is folded into one incident
+per victim instead, and what still does not fit is counted and dropped. Samples of peers,
+ports and example flows are bounded. The line budget (LineBudget) then caps what is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .communityid import flow_community_ids
+from .features import FEATURE_NAMES
+from .flowfile import PROTO_NAMES, format_ips, iso_times
+from .flowrecords import FlowRecords
+from .flows import host_hash
+from .model import Scores
+from .rules import UNKNOWN_CAUSE, Rule, Verdicts
+
+
+@dataclass(frozen=True)
+class IncidentSettings:
+    """How evidence becomes incidents (config key ``incidents``)."""
+
+    quiet_s: float = 300.0  # close an incident after this long without evidence
+    update_interval_s: float = 60.0  # at most one update line per incident per interval
+    max_open: int = 10_000  # open incidents; beyond, new entities fold into their victim
+    samples: int = 10  # peers, ports and example flows shown per incident
+    distinct_cap: int = 1000  # distinct peers and ports counted exactly up to this many
+    flow_alerts: bool = False  # also one alert line per flow and rule (the old output)
+
+    def __post_init__(self) -> None:
+        for name in ("quiet_s", "update_interval_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"incidents.{name}: expected a positive number")
+        for name in ("max_open", "samples", "distinct_cap"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"incidents.{name}: expected a positive integer")
+
+
+@dataclass(frozen=True)
+class BudgetSettings:
+    """The global cap on alert lines (config key ``alert_budget``): a token bucket."""
+
+    lines_per_s: float = 50.0
+    burst: int = 200
+
+    def __post_init__(self) -> None:
+        if not self.lines_per_s > 0 or self.burst < 1:
+            raise ValueError("alert_budget: lines_per_s must be > 0 and burst >= 1")
+
+
+class LineBudget:
+    """A token bucket on alert lines, in wall-clock time (it protects the SIEM). Lines it
+    holds back are counted by cause, and the next line that gets through says how many."""
+
+    def __init__(self, settings: BudgetSettings | None = None, clock=time.monotonic) -> None:
+        self.settings = settings or BudgetSettings()
+        self._clock = clock
+        self._tokens = float(self.settings.burst)
+        self._at = clock()
+        self._pending: Counter = Counter()  # held back since the last line written
+        self.held: Counter = Counter()  # held back in all, by cause
+
+    def grant(self, causes: list[str]) -> int:
+        """How many of these lines (in order) may be written now; the rest are held back."""
+        now = self._clock()
+        s = self.settings
+        self._tokens = min(float(s.burst), self._tokens + (now - self._at) * s.lines_per_s)
+        self._at = now
+        k = min(len(causes), int(self._tokens))
+        self._tokens -= k
+        if k < len(causes):
+            rest = Counter(causes[k:])
+            self._pending.update(rest)
+            self.held.update(rest)
+        return k
+
+    def note(self, record: dict) -> None:
+        """Tell a line that is about to be written what was held back before it."""
+        if self._pending:
+            record["quietwire"]["held_back"] = {
+                "lines": sum(self._pending.values()),
+                "by_cause": dict(sorted(self._pending.items())),
+            }
+            self._pending.clear()
+
+
+@dataclass(eq=False)
+class Incident:
+    id: str
+    cause: str
+    rule: Rule  # the most severe rule that gave evidence: signature and category
+    role: str  # "source" or "victim"
+    ip: str
+    proto: str | None
+    port: int | None
+    first_ns: int
+    last_ns: int
+    flows: int = 0
+    packets: int = 0
+    bytes: int = 0
+    max_score: float = float("-inf")
+    min_tail: float = 1.0
+    over: Counter = field(default_factory=Counter)  # FPR level -> flows over its threshold
+    contributions: np.ndarray | None = None  # summed over the evidence
+    peers: set = field(default_factory=set)  # peer address hashes, up to distinct_cap
+    ports: set = field(default_factory=set)
+    peer_sample: list = field(default_factory=list)
+    port_sample: list = field(default_factory=list)
+    examples: list = field(default_factory=list)  # community ids
+    rules: set = field(default_factory=set)
+    key_hash: int = 0  # host_hash of the entity's address, to match flows against
+    merged_into: str | None = None  # the named incident that took this one over
+    lines: int = 0
+    last_line_ns: int = 0
+    flows_at_last_line: int = 0
+
+    def absorb(self, other: Incident, samples: int, cap: int) -> None:
+        """Take over another incident's evidence (its samples fill what room is left)."""
+        self.flows += other.flows
+        self.packets += other.packets
+        self.bytes += other.bytes
+        self.first_ns = min(self.first_ns, other.first_ns)
+        self.last_ns = max(self.last_ns, other.last_ns)
+        self.max_score = max(self.max_score, other.max_score)
+        self.min_tail = min(self.min_tail, other.min_tail)
+        self.over.update(other.over)
+        if other.contributions is not None:
+            self.contributions = (
+                other.contributions
+                if self.contributions is None
+                else self.contributions + other.contributions
+            )
+        self.rules |= other.rules
+        if self.role == other.role:  # the same host: its peers are ours
+            peers, peer_sample = other.peers, other.peer_sample
+        else:  # a victim taking over a source: that source is a peer
+            peers, peer_sample = {other.key_hash}, [other.ip]
+        for seen, sample, their_seen, their_sample in (
+            (self.peers, self.peer_sample, peers, peer_sample),
+            (self.ports, self.port_sample, other.ports, other.port_sample),
+        ):
+            sample += [v for v in their_sample if v not in sample][: samples - len(sample)]
+            seen.update(list(their_seen - seen)[: max(0, cap - len(seen))])
+        self.examples += other.examples[: samples - len(self.examples)]
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """One scored batch, as every incident update needs it."""
+
+    flows: FlowRecords
+    scores: Scores
+    thresholds: dict[float, float]
+    rules: list[Rule]
+
+
+class IncidentTracker:
+    """Folds each batch's evidence into incidents and says which lines to write."""
+
+    def __init__(self, settings: IncidentSettings | None = None) -> None:
+        self.settings = settings or IncidentSettings()
+        self.open: dict[tuple, Incident] = {}
+        self.dropped = 0  # evidence flows that fitted no incident (max_open reached)
+        self.now_ns = 0
+
+    def observe(
+        self,
+        flows: FlowRecords,
+        scores: Scores,
+        verdicts: Verdicts,
+        thresholds: dict[float, float],
+    ) -> list[tuple[Incident, str]]:
+        """Fold the evidence of one scored batch in; (incident, state) for each line due."""
+        if len(flows):
+            self.now_ns = max(self.now_ns, int(flows["last_ns"].max()))
+        ev = np.flatnonzero(verdicts.cause >= 0)
+        if len(ev) == 0:
+            return []
+        rules = [r for r, _ in verdicts.hits]
+        rule_of = verdicts.cause[ev]
+        unknown = np.array([r.cause == UNKNOWN_CAUSE for r in rules])[rule_of]
+        batch = _Batch(flows, scores, thresholds, rules)
+        due: list[tuple[Incident, str]] = []
+        # Named causes first, so the anomalous flows of a scan or flood that its rule does not
+        # match yet (its first probes, before the counts add up) join its incident.
+        touched = self._fold_groups(batch, ev[~unknown], rule_of[~unknown], due)
+        u, u_rule = ev[unknown], rule_of[unknown]
+        if len(u):
+            joined = np.zeros(len(u), dtype=bool)
+            for side, role in (("src", "source"), ("dst", "victim")):
+                named = {
+                    inc.key_hash: inc
+                    for inc in self.open.values()
+                    if inc.role == role and inc.cause != UNKNOWN_CAUSE
+                }
+                if not named:
+                    continue
+                keys = host_hash(flows[f"{side}_hi"][u], flows[f"{side}_lo"][u])
+                hit = ~joined & np.isin(keys, np.fromiter(named, np.uint64, len(named)))
+                joined |= hit
+                for key in np.unique(keys[hit]).tolist():
+                    members = hit & (keys == key)
+                    inc = named[key]
+                    self._fold(inc, rules[int(u_rule[members][0])], batch, u[members])
+                    touched.append(inc)
+            touched += self._fold_groups(batch, u[~joined], u_rule[~joined], due)
+        return due + self._lines_due(list(dict.fromkeys(touched)))
+
+    def _fold_groups(
+        self, batch: _Batch, ev: np.ndarray, rule_of: np.ndarray, due: list
+    ) -> list[Incident]:
+        """Group evidence by (cause, entity) and fold each group into its incident."""
+        if len(ev) == 0:
+            return []
+        entity = np.array([ENTITY_CODES[r.entity] for r in batch.rules])[rule_of]
+        names, inverse = self._group(batch, ev, rule_of, entity)
+        new = [j for j, name in enumerate(names) if name not in self.open]
+        room = self.settings.max_open - len(self.open)
+        if len(new) > room:
+            # Too many new entities (e.g. a random-source flood no cause rule explains):
+            # the evidence of the ones that do not fit goes to its victim's incident.
+            counts = np.bincount(inverse)
+            spill = sorted(new, key=lambda j: -counts[j])[max(room, 0) :]
+            entity[np.isin(inverse, spill)] = ENTITY_CODES["dest"]
+            names, inverse = self._group(batch, ev, rule_of, entity)
+        order = np.argsort(inverse, kind="stable")
+        bounds = np.r_[0, np.cumsum(np.bincount(inverse))]
+        touched = []
+        for j, name in enumerate(names):
+            members = ev[order[bounds[j] : bounds[j + 1]]]
+            rule = batch.rules[int(rule_of[order[bounds[j]]])]
+            inc = self.open.get(name)
+            if inc is None:
+                if len(self.open) >= self.settings.max_open:
+                    self.dropped += len(members)
+                    continue
+                inc = self._open(name, rule, batch.flows, int(members[0]))
+                self._fold(inc, rule, batch, members)
+                due += self._absorb_unknown(inc)
+            else:
+                self._fold(inc, rule, batch, members)
+            touched.append(inc)
+        return touched
+
+    def _absorb_unknown(self, inc: Incident) -> list[tuple[Incident, str]]:
+        """A named incident takes over the open unknown-anomaly incidents that were its
+        beginning: the same source, or (for a victim) sources whose only peer it is."""
+        if inc.cause == UNKNOWN_CAUSE:
+            return []
+        out = []
+        for name, other in list(self.open.items()):
+            if other.cause != UNKNOWN_CAUSE or other.role != "source":
+                continue
+            same = (
+                other.key_hash == inc.key_hash
+                if inc.role == "source"
+                else (other.peers == {inc.key_hash})
+            )
+            if not same:
+                continue
+            del self.open[name]
+            inc.absorb(other, self.settings.samples, self.settings.distinct_cap)
+            other.merged_into = inc.id
+            if other.lines:  # its open line went out: close it, saying where it went
+                out.append((other, "close"))
+        return out
+
+    def advance(self, now_ns: int | None = None) -> list[tuple[Incident, str]]:
+        """Close the incidents quiet for ``quiet_s`` by ``now_ns`` (traffic time)."""
+        if now_ns is not None:
+            self.now_ns = max(self.now_ns, now_ns)
+        quiet = int(self.settings.quiet_s * 1e9)
+        done = [k for k, inc in self.open.items() if self.now_ns - inc.last_ns >= quiet]
+        return [(self.open.pop(k), "close") for k in done]
+
+    def close_all(self) -> list[tuple[Incident, str]]:
+        """End of input or shutdown: every open incident closes (and the next input may
+        start at any time: a replay's files are each their own time line)."""
+        out = [(inc, "close") for inc in self.open.values()]
+        self.open.clear()
+        self.now_ns = 0
+        return out
+
+    # ---- internals -----------------------------------------------------------------------
+    @staticmethod
+    def _group(
+        batch: _Batch, ev: np.ndarray, rule_of: np.ndarray, entity: np.ndarray
+    ) -> tuple[list[tuple], np.ndarray]:
+        """Evidence grouped by (cause, entity): each group's name and each flow's group."""
+        flows = batch.flows
+        src = host_hash(flows["src_hi"][ev], flows["src_lo"][ev])
+        dst = host_hash(flows["dst_hi"][ev], flows["dst_lo"][ev])
+        service = (flows["proto"][ev].astype(np.uint64) << np.uint64(16)) | flows["dst_port"][
+            ev
+        ].astype(np.uint64)
+        key = np.where(
+            entity == ENTITY_CODES["src"],
+            src,
+            np.where(entity == ENTITY_CODES["dest"], dst, host_hash(dst, service)),
+        )
+        cause_code = np.array([_cause_code(r.cause) for r in batch.rules], np.uint64)[rule_of]
+        _, first, inverse = np.unique(
+            host_hash(key, cause_code), return_index=True, return_inverse=True
+        )
+        names = [
+            IncidentTracker._name(
+                flows, int(ev[i]), batch.rules[int(rule_of[i])].cause, int(entity[i])
+            )
+            for i in first.tolist()
+        ]
+        return names, inverse.reshape(-1)
+
+    @staticmethod
+    def _name(flows: FlowRecords, i: int, cause: str, code: int) -> tuple:
+        """The exact identity of an incident: (cause, role, address, proto, port)."""
+        side = "src" if code == ENTITY_CODES["src"] else "dst"
+        address = (int(flows[f"{side}_hi"][i]), int(flows[f"{side}_lo"][i]))
+        if code == ENTITY_CODES["dest_service"]:
+            return (cause, code, address, int(flows["proto"][i]), int(flows["dst_port"][i]))
+        return (cause, code, address, None, None)
+
+    def _open(self, name: tuple, rule: Rule, flows: FlowRecords, i: int) -> Incident:
+        cause, code, _, proto, port = name
+        side = "src" if code == ENTITY_CODES["src"] else "dst"
+        one = flows.take([i])
+        ip = format_ips(one["ip_version"], one[f"{side}_hi"], one[f"{side}_lo"])[0]
+        inc = Incident(
+            id=uuid.uuid4().hex[:16],
+            cause=cause,
+            rule=rule,
+            role="source" if code == ENTITY_CODES["src"] else "victim",
+            ip=ip,
+            proto=PROTO_NAMES.get(proto, str(proto)) if proto is not None else None,
+            port=port,
+            first_ns=int(flows["first_ns"][i]),
+            last_ns=int(flows["last_ns"][i]),
+            key_hash=int(host_hash(one[f"{side}_hi"], one[f"{side}_lo"])[0]),
+        )
+        self.open[name] = inc
+        return inc
+
+    def _fold(self, inc: Incident, rule: Rule, batch: _Batch, members: np.ndarray) -> None:
+        s = self.settings
+        flows, scores = batch.flows, batch.scores
+        if rule.cause == inc.cause and rule.severity < inc.rule.severity:
+            inc.rule = rule  # the most severe rule of the incident's own cause names it
+        inc.rules.add(rule.id)
+        inc.flows += len(members)
+        inc.packets += int(flows["packets"][members].sum())
+        inc.bytes += int(flows["bytes"][members].sum())
+        inc.first_ns = min(inc.first_ns, int(flows["first_ns"][members].min()))
+        inc.last_ns = max(inc.last_ns, int(flows["last_ns"][members].max()))
+        score = scores.score[members]
+        inc.max_score = max(inc.max_score, float(score.max()))
+        inc.min_tail = min(inc.min_tail, float(scores.tail_probability[members].min()))
+        for fpr, thr in batch.thresholds.items():
+            inc.over[fpr] += int((score > thr).sum())
+        contrib = scores.contributions[members].sum(axis=0, dtype=np.float64)
+        inc.contributions = contrib if inc.contributions is None else inc.contributions + contrib
+        # Peers: the other side of each flow; ports: the destination ports.
+        side = "dst" if inc.role == "source" else "src"
+        peer_keys = host_hash(flows[f"{side}_hi"][members], flows[f"{side}_lo"][members])
+        rows = members[_first_new(inc.peers, peer_keys, s.distinct_cap)]
+        if len(inc.peer_sample) < s.samples and len(rows):
+            sub = flows.take(rows[: s.samples - len(inc.peer_sample)])
+            inc.peer_sample += format_ips(sub["ip_version"], sub[f"{side}_hi"], sub[f"{side}_lo"])
+        ports = flows["dst_port"][members].astype(np.uint64)
+        rows = members[_first_new(inc.ports, ports, s.distinct_cap)]
+        if len(inc.port_sample) < s.samples:
+            inc.port_sample += flows["dst_port"][rows[: s.samples - len(inc.port_sample)]].tolist()
+        room = s.samples - len(inc.examples)
+        if room > 0:
+            inc.examples.extend(flow_community_ids(flows.take(members[:room])))
+
+    def _lines_due(self, touched: list[Incident]) -> list[tuple[Incident, str]]:
+        every = int(self.settings.update_interval_s * 1e9)
+        out = []
+        for inc in touched:
+            if inc.lines == 0:
+                out.append((inc, "open"))
+            elif inc.flows > inc.flows_at_last_line and self.now_ns - inc.last_line_ns >= every:
+                out.append((inc, "update"))
+        return out
+
+
+ENTITY_CODES = {"src": 0, "dest": 1, "dest_service": 2}
+
+
+def _cause_code(cause: str) -> int:
+    """A stable 64-bit number per cause name, mixed into the group key."""
+    return int.from_bytes(hashlib.blake2b(cause.encode(), digest_size=8).digest(), "little")
+
+
+def _first_new(seen: set, values: np.ndarray, cap: int) -> np.ndarray:
+    """Positions (in order) of the first occurrence of each value not yet in ``seen``, which
+    takes them in, up to ``cap`` values in all."""
+    if len(seen) >= cap:
+        return np.zeros(0, dtype=np.int64)
+    uniq, where = np.unique(values, return_index=True)
+    fresh = ~np.isin(uniq, np.fromiter(seen, np.uint64, len(seen)))
+    where = np.sort(where[fresh])[: cap - len(seen)]
+    seen.update(values[where].tolist())
+    return where
+
+
+def _distinct(seen: set, sample: list, cap: int) -> dict:
+    out = {"distinct": len(seen), "sample": list(sample)}
+    if len(seen) >= cap:
+        out["distinct_at_least"] = True  # counting stopped at the cap
+    return out
+
+
+def eve_incident(inc: Incident, state: str, model_version: str, cap: int) -> dict:
+    """One EVE alert line for an incident's open, update or close; marks the line written."""
+    inc.lines += 1
+    inc.last_line_ns = inc.last_ns
+    inc.flows_at_last_line = inc.flows
+    first, last = iso_times(np.array([inc.first_ns, inc.last_ns], dtype=np.int64))
+    top = []
+    if inc.contributions is not None:
+        mean = inc.contributions / max(inc.flows, 1)
+        for k in np.argsort(-mean)[:5].tolist():
+            top.append({"name": FEATURE_NAMES[k], "contribution": round(float(mean[k]), 4)})
+    record: dict = {"timestamp": last, "event_type": "alert"}
+    if inc.role == "source":
+        record["src_ip"] = inc.ip
+    else:
+        record["dest_ip"] = inc.ip
+        if inc.port is not None:
+            record["dest_port"] = inc.port
+            record["proto"] = inc.proto
+    record["alert"] = {
+        "action": "allowed",
+        "signature_id": inc.rule.id,
+        "signature": inc.rule.name,
+        "severity": inc.rule.severity,
+        "category": inc.rule.category,
+    }
+    record["quietwire"] = {
+        "model_version": model_version,
+        "incident": {
+            "id": inc.id,
+            "state": state,
+            "cause": inc.cause,
+            "entity": {
+                "ip": inc.ip,
+                "role": inc.role,
+                **({"proto": inc.proto, "port": inc.port} if inc.port is not None else {}),
+            },
+            "first_seen": first,
+            "last_seen": last,
+            "flows": inc.flows,
+            "packets": inc.packets,
+            "bytes": inc.bytes,
+            "peers": _distinct(inc.peers, inc.peer_sample, cap),
+            "ports": _distinct(inc.ports, inc.port_sample, cap),
+            "score": {
+                "max": round(inc.max_score, 6),
+                "min_tail_probability": inc.min_tail,
+                "flows_over_threshold": {f"{fpr:g}": n for fpr, n in sorted(inc.over.items())},
+            },
+            "top_features": top,
+            "examples": list(inc.examples),
+            "rules": sorted(inc.rules),
+            "lines": inc.lines,
+        },
+    }
+    if inc.merged_into:
+        record["quietwire"]["incident"]["merged_into"] = inc.merged_into
+    return record
