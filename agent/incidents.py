@@ -131,6 +131,8 @@ class Incident:
     key_hash: int = 0  # host_hash of the entity's address, to match flows against
     merged_into: str | None = None  # the named incident that took this one over
     lines: int = 0
+    evidence_ns: int = 0  # traffic time when evidence last arrived (a flow ended)
+    line_ns: int = 0  # traffic time of the line being written (its timestamp)
     last_line_ns: int = 0
     flows_at_last_line: int = 0
 
@@ -141,6 +143,7 @@ class Incident:
         self.bytes += other.bytes
         self.first_ns = min(self.first_ns, other.first_ns)
         self.last_ns = max(self.last_ns, other.last_ns)
+        self.evidence_ns = max(self.evidence_ns, other.evidence_ns)
         self.max_score = max(self.max_score, other.max_score)
         self.min_tail = min(self.min_tail, other.min_tail)
         self.over.update(other.over)
@@ -234,14 +237,19 @@ class IncidentTracker:
             return []
         entity = np.array([ENTITY_CODES[r.entity] for r in batch.rules])[rule_of]
         names, inverse = self._group(batch, ev, rule_of, entity)
-        new = [j for j, name in enumerate(names) if name not in self.open]
-        room = self.settings.max_open - len(self.open)
-        if len(new) > room:
-            # Too many new entities (e.g. a random-source flood no cause rule explains):
-            # the evidence of the ones that do not fit goes to its victim's incident.
+        dest = ENTITY_CODES["dest"]
+        for keep_share in (0.5, 0.0):
+            new = [j for j, name in enumerate(names) if name not in self.open]
+            room = self.settings.max_open - len(self.open)
+            if len(new) <= room:
+                break
+            # Too many new entities (e.g. a random-source flood no cause rule explains): the
+            # largest keep their own incidents (half the room, leaving the rest for victims),
+            # the evidence of the others goes to its victim's incident.
             counts = np.bincount(inverse)
-            spill = sorted(new, key=lambda j: -counts[j])[max(room, 0) :]
-            entity[np.isin(inverse, spill)] = ENTITY_CODES["dest"]
+            movable = [j for j in new if names[j][1] != dest]
+            spill = sorted(movable, key=lambda j: -counts[j])[int(max(room, 0) * keep_share) :]
+            entity[np.isin(inverse, spill)] = dest
             names, inverse = self._group(batch, ev, rule_of, entity)
         order = np.argsort(inverse, kind="stable")
         bounds = np.r_[0, np.cumsum(np.bincount(inverse))]
@@ -282,6 +290,7 @@ class IncidentTracker:
             inc.absorb(other, self.settings.samples, self.settings.distinct_cap)
             other.merged_into = inc.id
             if other.lines:  # its open line went out: close it, saying where it went
+                other.line_ns = self.now_ns
                 out.append((other, "close"))
         return out
 
@@ -290,13 +299,18 @@ class IncidentTracker:
         if now_ns is not None:
             self.now_ns = max(self.now_ns, now_ns)
         quiet = int(self.settings.quiet_s * 1e9)
-        done = [k for k, inc in self.open.items() if self.now_ns - inc.last_ns >= quiet]
-        return [(self.open.pop(k), "close") for k in done]
+        done = [k for k, inc in self.open.items() if self.now_ns - inc.evidence_ns >= quiet]
+        out = [(self.open.pop(k), "close") for k in done]
+        for inc, _ in out:
+            inc.line_ns = self.now_ns
+        return out
 
     def close_all(self) -> list[tuple[Incident, str]]:
         """End of input or shutdown: every open incident closes (and the next input may
         start at any time: a replay's files are each their own time line)."""
         out = [(inc, "close") for inc in self.open.values()]
+        for inc, _ in out:
+            inc.line_ns = self.now_ns
         self.open.clear()
         self.now_ns = 0
         return out
@@ -370,6 +384,7 @@ class IncidentTracker:
         inc.bytes += int(flows["bytes"][members].sum())
         inc.first_ns = min(inc.first_ns, int(flows["first_ns"][members].min()))
         inc.last_ns = max(inc.last_ns, int(flows["last_ns"][members].max()))
+        inc.evidence_ns = self.now_ns
         score = scores.score[members]
         inc.max_score = max(inc.max_score, float(score.max()))
         inc.min_tail = min(inc.min_tail, float(scores.tail_probability[members].min()))
@@ -397,9 +412,14 @@ class IncidentTracker:
         out = []
         for inc in touched:
             if inc.lines == 0:
-                out.append((inc, "open"))
+                state = "open"
             elif inc.flows > inc.flows_at_last_line and self.now_ns - inc.last_line_ns >= every:
-                out.append((inc, "update"))
+                state = "update"
+            else:
+                continue
+            inc.line_ns = inc.last_line_ns = self.now_ns
+            inc.flows_at_last_line = inc.flows
+            out.append((inc, state))
         return out
 
 
@@ -433,15 +453,15 @@ def _distinct(seen: set, sample: list, cap: int) -> dict:
 def eve_incident(inc: Incident, state: str, model_version: str, cap: int) -> dict:
     """One EVE alert line for an incident's open, update or close; marks the line written."""
     inc.lines += 1
-    inc.last_line_ns = inc.last_ns
-    inc.flows_at_last_line = inc.flows
-    first, last = iso_times(np.array([inc.first_ns, inc.last_ns], dtype=np.int64))
+    first, last, now = iso_times(
+        np.array([inc.first_ns, inc.last_ns, inc.line_ns or inc.last_ns], dtype=np.int64)
+    )
     top = []
     if inc.contributions is not None:
         mean = inc.contributions / max(inc.flows, 1)
         for k in np.argsort(-mean)[:5].tolist():
             top.append({"name": FEATURE_NAMES[k], "contribution": round(float(mean[k]), 4)})
-    record: dict = {"timestamp": last, "event_type": "alert"}
+    record: dict = {"timestamp": now, "event_type": "alert"}
     if inc.role == "source":
         record["src_ip"] = inc.ip
     else:
