@@ -100,6 +100,9 @@ def test_dashboard_structure_and_metrics():
         "suppressed",
         "model version",
         "reload",
+        "incidents opened",
+        "open incidents",
+        "held back",
     ):
         assert topic in titles, topic
 
@@ -129,9 +132,12 @@ def test_prometheus_scrapes_a_replay(ndpi, tmp_path):
     prom = None
     with serving_replay(ndpi, tmp_path) as (agent_port, summary):
         try:
-            packets, flows, alerts = map(
+            packets, flows, incidents, alerts = map(
                 int,
-                re.search(r"replay: (\d+) packets, (\d+) flows, (\d+) alerts", summary).groups(),
+                re.search(
+                    r"replay: (\d+) packets, (\d+) flows, (\d+) incidents \([^)]*\), (\d+) alerts",
+                    summary,
+                ).groups(),
             )
 
             shipped = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
@@ -177,6 +183,7 @@ def test_prometheus_scrapes_a_replay(ndpi, tmp_path):
             assert value('sum(quietwire_packets_total{job="quietwire", site="hq"})') == packets
             assert value("sum(quietwire_flows_total)") == flows
             assert value("sum(quietwire_alerts_total)") == alerts
+            assert value("sum(quietwire_incidents_total)") == incidents > 0
             assert value("sum(quietwire_flow_score_count)") == flows
             assert value("count(quietwire_model_info == 1)") == 1
             assert value("quietwire_config_last_reload_successful") == 1
@@ -191,12 +198,14 @@ def test_prometheus_scrapes_a_replay(ndpi, tmp_path):
                 "Scoring latency per batch (p50, p99)",
                 "Alerts/s by severity",
                 "Alerts/s by rule",
-                "Suppressed alerts/s by rule and reason",
                 "Flow score distribution (p50, p90, p99)",
                 "Model version and schema",
                 "Model loaded",
                 "Agent build",
                 "Last reload successful",
+                "Incidents opened/s by cause",
+                "Open incidents",
+                "Incidents in range by cause",
             }
             for p in panels():
                 for t in p["targets"]:
