@@ -496,7 +496,7 @@ def eve_incident(inc: Incident, state: str, model_version: str, cap: int) -> dic
             "ports": _distinct(inc.ports, inc.port_sample, cap),
             "score": {
                 "max": round(inc.max_score, 6),
-                "min_tail_probability": inc.min_tail,
+                "min_tail_probability": round(inc.min_tail, 6),
                 "flows_over_threshold": {f"{fpr:g}": n for fpr, n in sorted(inc.over.items())},
             },
             "top_features": top,
