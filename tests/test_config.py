@@ -99,3 +99,31 @@ def test_check_config_command(tmp_path, capsys):
     path.write_text("capture: {interfaces: [lo]}\nmodel: nothing.onnx\n")
     assert main(["check-config", "--config", str(path)]) == 2
     assert "nothing.onnx: cannot read model" in capsys.readouterr().err
+
+
+def test_the_example_config_is_valid_and_lists_the_defaults():
+    from pathlib import Path
+
+    from quietwire.agent.incidents import BudgetSettings, IncidentSettings
+
+    example = Path(__file__).resolve().parent.parent / "deploy" / "config.example.yaml"
+    s = load_config(example)
+    assert s.incidents == IncidentSettings() and s.budget == BudgetSettings()
+    assert s.metrics.timeout_s == 5.0 and s.metrics.max_connections == 16
+
+
+def test_incident_and_budget_sections(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "capture: {interfaces: [lo]}\nincidents: {quiet_s: 30, flow_alerts: true}\n"
+        "alert_budget: {lines_per_s: 5, burst: 10}\n"
+    )
+    s = load_config(path)
+    assert s.incidents.quiet_s == 30.0 and s.incidents.flow_alerts is True
+    assert (s.budget.lines_per_s, s.budget.burst) == (5.0, 10)
+    path.write_text("capture: {interfaces: [lo]}\nalert_budget: {burst: 0}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:2: alert_budget: lines_per_s must be > 0"):
+        load_config(path)
+    path.write_text("capture: {interfaces: [lo]}\nincidents: {max_open: 0}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:2: incidents.max_open: expected a positive"):
+        load_config(path)
