@@ -185,6 +185,9 @@ class IncidentTracker:
         self.open: dict[tuple, Incident] = {}
         self.dropped = 0  # evidence flows that fitted no incident (max_open reached)
         self.now_ns = 0
+        # Called as on_fold(incident, flows, member rows) for each fold (evaluation uses it to
+        # tell which flows made up an incident); None in the agent.
+        self.on_fold = None
 
     def observe(
         self,
@@ -375,6 +378,8 @@ class IncidentTracker:
 
     def _fold(self, inc: Incident, rule: Rule, batch: _Batch, members: np.ndarray) -> None:
         s = self.settings
+        if self.on_fold is not None:
+            self.on_fold(inc, batch.flows, members)
         flows, scores = batch.flows, batch.scores
         if rule.cause == inc.cause and rule.severity < inc.rule.severity:
             inc.rule = rule  # the most severe rule of the incident's own cause names it

@@ -153,3 +153,13 @@ def test_eval_command_small(tmp_path, capsys):
         assert 0.5 < gen[det]["auroc"] <= 1.0  # every detector beats chance on this set
         assert set(gen[det]["per_attack"]) == set(ATTACKS)
         assert gen[det]["runs"] == 2 and gen[det]["sd"]["auroc"] >= 0
+    # incident-level results on a fresh capture: every attack type has its entry, and the
+    # lines per incident are the open and close at least
+    inc = gen["incidents"]
+    assert set(inc["types"]) == set(ATTACKS)
+    named = [k for k, t in inc["types"].items() if t["named"]]
+    print(f"incident eval (150 training steps): named {sorted(named)}")
+    assert len(named) >= 8  # a 150-step model; the full eval names all eleven (README)
+    for t in inc["types"].values():
+        assert t["lines_per_incident"] is None or t["lines_per_incident"] >= 2
+    assert "incidents on a fresh generated capture" in text

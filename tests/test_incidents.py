@@ -200,32 +200,21 @@ def test_one_source_udp_or_syn_flood(tmp_path, proto):
     assert causes == {(expected, "10.0.0.9", "victim")}
 
 
-# trafficgen's attack types and the cause the default rules must give each; which side of a
-# flow the incident's entity is on
-EXPECTED = {
-    "syn_scan": ("port_scan", "src"),
-    "udp_scan": ("port_scan", "src"),
-    "ping_sweep": ("host_sweep", "src"),
-    "syn_flood": ("syn_flood", "dst"),
-    "udp_flood": ("udp_flood", "dst"),
-    "ssh_bruteforce": ("brute_force", "src"),
-    "http_bruteforce": ("brute_force", "src"),
-    "dns_tunnel": ("dns_tunnel", "src"),
-    "slow_exfil": ("exfiltration", "src"),
-    "c2_beacon": ("c2_beacon", "src"),
-    "slowloris": ("slow_dos", "dst"),
-}
-
-
 def test_every_generated_attack_is_named(tmp_path):
     """trafficgen's capture (benign office traffic and eleven attacks) through `replay` with
     the default rules: each attack type has an incident with its cause, on the right host."""
     from quietwire.agent.capture import read_capture
     from quietwire.agent.flowfile import format_ips
     from quietwire.agent.meter import FlowMeter
-    from quietwire.trainer.trafficgen import ATTACKS, generate, read_labels
+    from quietwire.trainer.trafficgen import (
+        ATTACKS,
+        EXPECTED_CAUSE,
+        flow_kinds,
+        generate,
+        read_labels,
+    )
 
-    assert set(EXPECTED) == set(ATTACKS)
+    assert set(EXPECTED_CAUSE) == set(ATTACKS)
     pcap, labels = tmp_path / "gen.pcap", tmp_path / "gen.labels.csv"
     generate(pcap, labels, seed=0, scale=1.0)
     out = tmp_path / "a.json"
@@ -241,15 +230,12 @@ def test_every_generated_attack_is_named(tmp_path):
     for r in records:
         src = format_ips(r["ip_version"], r["src_hi"], r["src_lo"])
         dst = format_ips(r["ip_version"], r["dst_hi"], r["dst_lo"])
-        for i in range(len(r)):
-            a = (int(r["src_lo"][i]) & 0xFFFFFFFF, int(r["src_port"][i]))
-            b = (int(r["dst_lo"][i]) & 0xFFFFFFFF, int(r["dst_port"][i]))
-            kind = label_of.get((int(r["proto"][i]),) + tuple(sorted([a, b])), "benign")
+        for i, kind in enumerate(flow_kinds(r, label_of)):
             if kind in hosts:
-                hosts[kind].add(src[i] if EXPECTED[kind][1] == "src" else dst[i])
+                hosts[kind].add(src[i] if EXPECTED_CAUSE[kind][1] == "source" else dst[i])
     missed = {
         kind: cause
-        for kind, (cause, _) in EXPECTED.items()
+        for kind, (cause, _) in EXPECTED_CAUSE.items()
         if not any((cause, ip) in incidents for ip in hosts[kind])
     }
     print(f"incidents: {sorted(incidents)}")

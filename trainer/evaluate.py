@@ -24,7 +24,7 @@ from .data import load_labels
 from .detector import DiffusionDetector, TrainConfig
 from .fidelity import auroc
 from .preprocess import Preprocessor
-from .trafficgen import ATTACKS, generate, read_labels
+from .trafficgen import ATTACKS, flow_kinds, generate, read_labels
 
 FPRS = (1e-2, 1e-3, 1e-4)
 
@@ -262,11 +262,7 @@ def generated_set(workdir: Path, seed: int = 0, scale: float = 1.0) -> EvalSet:
     labels = read_labels(label_file)
     x, kinds = [], []
     for part in _features(pcap):
-        r = part.records
-        for i in range(len(r)):
-            a = (int(r["src_lo"][i]) & 0xFFFFFFFF, int(r["src_port"][i]))
-            b = (int(r["dst_lo"][i]) & 0xFFFFFFFF, int(r["dst_port"][i]))
-            kinds.append(labels.get((int(r["proto"][i]),) + tuple(sorted([a, b])), "unlabelled"))
+        kinds += flow_kinds(part.records, labels)
         x.append(part.features)
     x, kinds = np.concatenate(x), np.array(kinds)
     benign = x[kinds == "benign"]

@@ -32,6 +32,21 @@ ATTACKS = (
     "slowloris",
 )
 RESOLVER, MAIL, WEB, SSH_SERVER = "10.2.0.53", "10.2.0.25", "10.2.0.80", "10.2.0.22"
+# The incident cause the default rules should give each attack type, and which end of its
+# flows the incident's entity is (the attacker as source, or the victim).
+EXPECTED_CAUSE = {
+    "syn_scan": ("port_scan", "source"),
+    "udp_scan": ("port_scan", "source"),
+    "ping_sweep": ("host_sweep", "source"),
+    "syn_flood": ("syn_flood", "victim"),
+    "udp_flood": ("udp_flood", "victim"),
+    "ssh_bruteforce": ("brute_force", "source"),
+    "http_bruteforce": ("brute_force", "source"),
+    "dns_tunnel": ("dns_tunnel", "source"),
+    "slow_exfil": ("exfiltration", "source"),
+    "c2_beacon": ("c2_beacon", "source"),
+    "slowloris": ("slow_dos", "victim"),
+}
 ETH_HEADER = bytes.fromhex("020000000002020000000001") + b"\x08\x00"
 FLAGS = {"F": 1, "S": 2, "R": 4, "P": 8, "A": 16}
 ICMP_P, TCP_P, UDP_P = 1, 6, 17
@@ -382,4 +397,14 @@ def read_labels(path: Path) -> dict[tuple, str]:
                     (_ip(row["b_ip"]), int(row["b_port"])),
                 )
             ] = row["label"]
+    return out
+
+
+def flow_kinds(records, labels: dict[tuple, str], default: str = "unlabelled") -> list[str]:
+    """The label of each flow record (by its addresses, ports and protocol)."""
+    out = []
+    for i in range(len(records)):
+        a = (int(records["src_lo"][i]) & 0xFFFFFFFF, int(records["src_port"][i]))
+        b = (int(records["dst_lo"][i]) & 0xFFFFFFFF, int(records["dst_port"][i]))
+        out.append(labels.get((int(records["proto"][i]),) + tuple(sorted([a, b])), default))
     return out

@@ -71,6 +71,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 "200 benign training flows, AUROC: "
                 + ", ".join(f"{k}: {v:.3f}" for k, v in entry["augmentation"].items())
             )
+        entry["incidents"] = _incidents(s.name, result_set.diffusion.det, out, args)
         for png in ev.plots(out, s.name, scores):
             print(f"plot: {png}")
         result[s.name] = entry
@@ -106,3 +107,36 @@ def register(sub) -> None:
         help="fit every detector with N seeds and report the means (default 3)",
     )
     ev.set_defaults(func=cmd_eval)
+
+
+def _incidents(name: str, det, out: Path, args: argparse.Namespace) -> dict:
+    """Incident-level results: the set's captures replayed by the agent with the first
+    seed's diffusion model (exported to ONNX) and the default rules."""
+    from quietwire.trainer import evaluate as ev
+    from quietwire.trainer.export import export
+    from quietwire.trainer.incident_eval import (
+        REAL_EXPECTED_CAUSE,
+        evaluate_incidents,
+        every_flow,
+    )
+    from quietwire.trainer.trafficgen import EXPECTED_CAUSE, flow_kinds, generate, read_labels
+
+    model = export(det, out / f"{name}.onnx")
+    if name == "generated":
+        # a fresh capture of the same network (another seed): no flow of it was trained on
+        pcap, label_file = out / "incidents.pcap", out / "incidents.labels.csv"
+        generate(pcap, label_file, seed=args.seed + 1000, scale=args.scale)
+        labels = read_labels(label_file)
+        captures = [(pcap, lambda r: flow_kinds(r, labels, default="benign"))]
+        expected = {k: cause for k, (cause, _) in EXPECTED_CAUSE.items()}
+        note = "a fresh generated capture (seed + 1000)"
+    else:
+        lab = ev.load_labels()
+        captures = [
+            (args.pcap_dir / f, every_flow(f.rsplit(".", 1)[0])) for f in lab["malicious"]
+        ] + [(args.pcap_dir / f, every_flow("benign")) for f in lab["benign"]]
+        expected = {f.rsplit(".", 1)[0]: None for f in lab["malicious"]} | REAL_EXPECTED_CAUSE
+        note = "every capture of the set (benign incidents: 70% of those flows were trained on)"
+    result = evaluate_incidents(model, captures, expected)
+    print(f"\nincidents on {note}:\n" + result.table(name))
+    return result.as_dict()
