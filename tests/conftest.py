@@ -14,6 +14,17 @@ from quietwire.agent.capture import read_capture
 from quietwire.agent.meter import FlowMeter, MeteredFlows
 
 REPO = Path(__file__).resolve().parent.parent
+
+# The trainer's tests: one intra-op thread and deterministic kernels, so one machine always
+# trains the same model. Other CPUs may still take other kernels and train a slightly other
+# one: the learned-quality bounds in test_trainer.py come from the measured spread.
+try:
+    import torch
+
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+except ImportError:  # an agent-only install: the trainer's tests skip
+    pass
 SHARED = Path(os.environ.get("QUIETWIRE_SHARED", REPO.parent / "shared")) / "data" / "ndpi"
 
 

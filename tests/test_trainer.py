@@ -59,26 +59,53 @@ def test_onnxruntime_matches_torch(trained, corpus):
     assert scores.contributions.shape == (len(x), len(FEATURE_NAMES))
 
 
-def test_malicious_flows_rank_above_unseen_benign(trained, corpus):
-    det, path = trained
+def quality(path, corpus) -> dict[str, float]:
+    """The learned qualities the trainer's tests bound, for a model file."""
     _, unseen, malicious = corpus
     model = ScoringModel(path)
     benign_scores = model.score(unseen).score
     bad = np.concatenate(list(malicious.values()))
-    value = auroc(model.score(bad).score, benign_scores)
-    print(
-        f"AUROC malicious ({len(bad)} flows, {len(malicious)} files) vs unseen benign "
-        f"({len(unseen)}): {value:.3f}"
+    return {
+        "auroc": auroc(model.score(bad).score, benign_scores),
+        "benign_over_1e-2": float(np.mean(benign_scores > model.threshold(1e-2))),
+        "synscan_auroc": auroc(model.score(malicious["synscan.pcap"]).score, benign_scores),
+    }
+
+
+# Bounds from the measured spread (issue 15): 10 seeds on an AVX-512 Xeon and 3 seeds under
+# each of ATEN_CPU_CAPABILITY=avx2/avx512/default and avx2 with oneDNN/MKL capped at AVX2
+# gave AUROC 0.963-0.986, unseen benign over the 1e-2 threshold 0.007-0.030 and synscan AUROC
+# 0.972-0.995; broken models (untrained, one optimiser step, trained on noise) gave AUROC
+# 0.16-0.73 and synscan AUROC 0.17-0.63, or put every benign flow over the threshold. The
+# share of synscan probes over the 1e-2 threshold is no bound: the probes are near-identical,
+# so it jumps between 0 and 0.97 from one seed or CPU to the next while their rank barely moves.
+BOUNDS = {"auroc": 0.9, "benign_over_1e-2": 0.06, "synscan_auroc": 0.9}
+
+
+def passes(q: dict[str, float]) -> bool:
+    return (
+        q["auroc"] > BOUNDS["auroc"]
+        and q["benign_over_1e-2"] < BOUNDS["benign_over_1e-2"]
+        and q["synscan_auroc"] > BOUNDS["synscan_auroc"]
     )
-    assert value > 0.85
-    # calibrated: about 1% of unseen benign flows exceed the 1e-2 threshold, most scans do
-    fp = np.mean(benign_scores > model.threshold(1e-2))
-    assert fp < 0.05
-    # most scan probes pass the calibrated threshold (host balancing, on by default, trades
-    # some of this recall for robustness to attacks hidden in the training data)
-    flagged = model.score(malicious["synscan.pcap"]).score > model.threshold(1e-2)
-    print(f"synscan probes flagged at FPR 1e-2: {flagged.mean():.3f}")
-    assert flagged.mean() > 0.5
+
+
+def test_malicious_flows_rank_above_unseen_benign(trained, corpus):
+    q = quality(trained[1], corpus)
+    print(
+        f"AUROC malicious vs unseen benign {q['auroc']:.3f}, synscan {q['synscan_auroc']:.3f}; "
+        f"unseen benign over the FPR 1e-2 threshold {q['benign_over_1e-2']:.3f}"
+    )
+    assert passes(q), q
+
+
+def test_the_bounds_fail_a_broken_model(corpus, tmp_path):
+    """The same bounds refuse a model that did not learn (one optimiser step)."""
+    det = DiffusionDetector(TrainConfig(train_steps=1)).fit(corpus[0])
+    q = quality(export(det, tmp_path / "broken.onnx"), corpus)
+    print(f"one-step model: {q}")
+    assert not passes(q)
+    assert q["auroc"] < BOUNDS["auroc"] and q["synscan_auroc"] < BOUNDS["synscan_auroc"]
 
 
 def test_tail_probability_and_metadata(trained, corpus):
