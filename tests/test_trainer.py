@@ -72,14 +72,16 @@ def quality(path, corpus) -> dict[str, float]:
     }
 
 
-# Bounds from the measured spread (issue 15): 10 seeds on an AVX-512 Xeon and 3 seeds under
+# Bounds from the measured spread (issue 15): 10 seeds on an AVX-512 Xeon and 5 seeds under
 # each of ATEN_CPU_CAPABILITY=avx2/avx512/default and avx2 with oneDNN/MKL capped at AVX2
-# gave AUROC 0.963-0.986, unseen benign over the 1e-2 threshold 0.007-0.030 and synscan AUROC
-# 0.972-0.995; broken models (untrained, one optimiser step, trained on noise) gave AUROC
-# 0.16-0.73 and synscan AUROC 0.17-0.63, or put every benign flow over the threshold. The
-# share of synscan probes over the 1e-2 threshold is no bound: the probes are near-identical,
-# so it jumps between 0 and 0.97 from one seed or CPU to the next while their rank barely moves.
-BOUNDS = {"auroc": 0.9, "benign_over_1e-2": 0.06, "synscan_auroc": 0.9}
+# (38 working runs) gave AUROC 0.963-0.986, unseen benign over the 1e-2 threshold
+# 0.007-0.030 and synscan AUROC 0.972-0.995 (the dispatch moved each by at most 0.002; seeds
+# by ten times that). Broken models: untrained or one optimiser step, AUROC 0.16-0.73 and
+# synscan AUROC 0.17-0.69; columns shuffled or trained on noise, benign over the threshold
+# 0.063-1.0. Every broken run fails at least one bound. The share of synscan probes over the
+# threshold is no bound: the probes are near-identical, so it jumps between 0 and 0.97 from
+# one seed to the next while their rank barely moves.
+BOUNDS = {"auroc": 0.9, "benign_over_1e-2": 0.05, "synscan_auroc": 0.9}
 
 
 def passes(q: dict[str, float]) -> bool:
