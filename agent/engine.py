@@ -152,8 +152,7 @@ class Engine:
         if m is None:
             return
         m.scoring_seconds.observe(elapsed)
-        for value in scores.score.tolist():
-            m.score.observe(value)
+        m.score.observe_many(scores.score)
         for rid, count in verdicts.suppressed_by_rule.items():
             m.suppressed.labels(str(rid), "allowlist").inc(count)
         for rid, count in deduplicated.items():

@@ -180,3 +180,32 @@ def test_bad_certificate_is_one_line(tmp_path):
             Metrics(),
             ServerSettings(port=free_port(), tls_cert=str(bogus), tls_key=str(bogus)),
         )
+
+
+def test_bulk_histogram_matches_prometheus_client():
+    """The score histogram counts a batch with numpy; its exposition must be what
+    prometheus_client's Histogram gives for the same values one by one."""
+    import numpy as np
+    from prometheus_client import CollectorRegistry, Histogram
+    from prometheus_client.exposition import generate_latest
+
+    from quietwire.agent.metrics import SCORE_BUCKETS, BulkHistogram
+
+    values = np.r_[np.random.default_rng(0).gamma(2.0, 20.0, 5000), 1.0, 300.0, -2.0, 1e9]
+    one, bulk = CollectorRegistry(), CollectorRegistry()
+    reference = Histogram("s", "d", buckets=SCORE_BUCKETS, registry=one)
+    for v in values.tolist():
+        reference.observe(v)
+    mine = BulkHistogram("s", "d", SCORE_BUCKETS, registry=bulk)
+    mine.observe_many(values[:1000])
+    mine.observe_many(values[1000:])
+
+    def samples(registry):
+        text = generate_latest(registry).decode().splitlines()
+        out = dict(x.rsplit(" ", 1) for x in text if x.startswith(("s_bucket", "s_count", "s_sum")))
+        return {k: float(v) for k, v in out.items()}
+
+    mine_s, ref_s = samples(bulk), samples(one)
+    assert mine_s["s_sum"] == pytest.approx(ref_s.pop("s_sum"), rel=1e-12)
+    del mine_s["s_sum"]
+    assert mine_s == ref_s and len(ref_s) == len(SCORE_BUCKETS) + 2
