@@ -19,6 +19,8 @@ from .features import FEATURE_NAMES, SCHEMA_HASH
 
 DEFAULT_MODEL = DATA / "default.onnx"
 OUTPUTS = ("score", "tail_probability", "contributions")
+SCORE_BATCH = 8192
+BULK_MANTISSA_BITS = 5
 
 
 class ModelError(Exception):
@@ -98,12 +100,47 @@ class ScoringModel:
                 np.zeros(0, np.float32),
                 np.zeros((0, len(FEATURE_NAMES)), np.float32),
             )
-        score, tail, contrib = self._session.run(list(OUTPUTS), {"features": x})
-        return Scores(score, tail, contrib)
+        # In rows of SCORE_BATCH: the network's intermediates for a whole flood's flows at once
+        # would cost memory, and stay out of the CPU caches (half the speed at 200,000 rows).
+        parts = [
+            self._session.run(list(OUTPUTS), {"features": x[i : i + SCORE_BATCH]})
+            for i in range(0, len(x), SCORE_BATCH)
+        ]
+        if len(parts) == 1:
+            return Scores(*parts[0])
+        return Scores(*(np.concatenate(column) for column in zip(*parts)))
+
+    def score_bulk(self, features: np.ndarray, bits: int = BULK_MANTISSA_BITS) -> Scores:
+        """Score many near-identical flows (a flood) at the cost of their distinct shapes: every
+        feature is rounded to ``bits`` mantissa bits (at most 1.6% off at 5, less after the
+        model's log scale), each distinct rounded row is scored once and its scores go to every
+        flow that has it. A spoofed flood's flows differ only in counts that grow by one per
+        flow, so hundreds of thousands of rows become a few hundred. The agent uses it in the
+        flow table's emergency mode only (bench/bench_flood.py measures the difference)."""
+        x = round_mantissa(features, bits)
+        if len(x) == 0:
+            return self.score(x)
+        rows = np.ascontiguousarray(x).view(np.dtype((np.void, x.shape[1] * 4))).ravel()
+        _, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
+        s = self.score(x[first])
+        inverse = inverse.reshape(-1)
+        return Scores(s.score[inverse], s.tail_probability[inverse], s.contributions[inverse])
 
     def threshold(self, fpr: float) -> float:
         """The score threshold calibrated for a false-positive rate (nearest stored level)."""
         return nearest_threshold(self.thresholds, fpr)
+
+
+def round_mantissa(x: np.ndarray, bits: int) -> np.ndarray:
+    """float32 values rounded to nearest with ``bits`` mantissa bits kept (relative error at
+    most 2**-(bits + 1)), by integer operations on their bit patterns; 0, NaN and infinities
+    kept, and every NaN one bit pattern, so equal rows are equal bytes."""
+    drop = np.uint32(23 - bits)
+    raw = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((raw + (np.uint32(1) << (drop - np.uint32(1)))) >> drop) << drop
+    out = np.where(np.isfinite(x), rounded.view(np.float32), x).astype(np.float32)
+    out[np.isnan(out)] = np.nan
+    return out
 
 
 def nearest_threshold(thresholds: dict[float, float], fpr: float) -> float:
