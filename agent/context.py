@@ -50,6 +50,12 @@ _TIME_BITS = 40  # about 12.7 days of microseconds after the log's base time
 
 @dataclass(frozen=True)
 class ContextConfig:
+    """Host window and series settings. Memory: 48 bytes per logged start (at most
+    ``max_records``: 48 MB), 40 per service pair (at most ``max_series``: 40 MB) and 20 per
+    open flow (its series values until it ends): under a flood of new sources both caps fill,
+    so the context holds about 90 MB whatever the table size, plus a copy while a batch is
+    appended."""
+
     window_s: float = 60.0
     max_records: int = 1_000_000
     series_gap_s: float = 3600.0

@@ -14,12 +14,29 @@ from .decode import TCP_FLAG_NAMES
 
 NS = 1_000_000_000
 NEVER = np.iinfo(np.int64).max
-END_REASONS = ("idle_timeout", "active_timeout", "tcp_end", "evicted", "end_of_input")
-IDLE, ACTIVE, TCP_END, EVICTED, END_OF_INPUT = range(len(END_REASONS))
+LEN_NONE = np.iinfo(np.int32).max  # len_min of a direction without packets
+COUNT_MAX = np.iinfo(np.uint32).max  # packet counts kept in 32 bits stop here (saturate)
+END_REASONS = (
+    "idle_timeout",
+    "active_timeout",
+    "tcp_end",
+    "evicted",
+    "end_of_input",
+    "emergency_timeout",
+)
+IDLE, ACTIVE, TCP_END, EVICTED, END_OF_INPUT, EMERGENCY_TIMEOUT = range(len(END_REASONS))
 
 
 # Table columns: name -> (dtype, initial value, per direction?). Direction 0 is client to
 # server (src2dst), 1 is server to client (dst2src).
+#
+# Bytes per open flow: 116 for the columns of one value and 2 x 146 for the per-direction ones
+# (408 in all; see bytes_per_flow()); the flow table adds 8 for the key hash, 24 for its key
+# index (keyindex.py) and 4 for the free-slot stack. Bounded values are kept narrow: IP lengths
+# in 32 bits, and the counts that are not the flow's packet total (TCP flags, packets with
+# payload) in unsigned 32 bits that saturate at COUNT_MAX (a single flow would need over 2.3
+# million packets/s for the whole default 30-minute active timeout to reach it; the features
+# are float32, exact only to 2**24, anyway). Times, byte counts, packets and sums stay 64-bit.
 COLUMNS: dict[str, tuple[str, float, bool]] = {
     "seq": ("i8", -1, False),
     "ip_version": ("u1", 0, False),
@@ -47,12 +64,11 @@ COLUMNS: dict[str, tuple[str, float, bool]] = {
     "ip_bytes": ("i8", 0, True),
     "header_bytes": ("i8", 0, True),
     "payload_bytes": ("i8", 0, True),
-    "payload_packets": ("i8", 0, True),
+    "payload_packets": ("u4", 0, True),
     "len_sum": ("f8", 0.0, True),
     "len_sumsq": ("f8", 0.0, True),
-    "len_min": ("i8", NEVER, True),
-    "len_max": ("i8", -1, True),
-    "dir_first_ns": ("i8", NEVER, True),
+    "len_min": ("i4", LEN_NONE, True),
+    "len_max": ("i4", -1, True),
     "dir_last_ns": ("i8", -1, True),
     "dir_iat_sum": ("f8", 0.0, True),
     "dir_iat_sumsq": ("f8", 0.0, True),
@@ -60,8 +76,25 @@ COLUMNS: dict[str, tuple[str, float, bool]] = {
     "dir_iat_max": ("i8", -1, True),
     "ttl_min": ("i2", 256, True),
     "init_window": ("i4", -1, True),
-    **{f"{flag}_packets": ("i8", 0, True) for flag in TCP_FLAG_NAMES},
+    **{f"{flag}_packets": ("u4", 0, True) for flag in TCP_FLAG_NAMES},
 }
+# What the host context needs of a flow at its start (FlowUpdate.started holds only these).
+START_COLUMNS = (
+    "seq",
+    "src_hi",
+    "src_lo",
+    "dst_hi",
+    "dst_lo",
+    "dst_port",
+    "proto",
+    "first_ns",
+    "answered_ns",
+)
+
+
+def bytes_per_flow() -> int:
+    """Bytes one flow takes in the COLUMNS (the table's state columns, one row)."""
+    return sum(np.dtype(t).itemsize * (2 if d else 1) for t, _, d in COLUMNS.values())
 
 
 @dataclass(frozen=True)
@@ -81,11 +114,20 @@ class FlowRecords:
         return FlowRecords({k: v[index] for k, v in self.columns.items()})
 
     @staticmethod
-    def concat(parts: list[FlowRecords]) -> FlowRecords:
+    def concat(parts: list[FlowRecords], consume: bool = False) -> FlowRecords:
+        """The parts one after the other. With ``consume`` the parts are emptied column by
+        column as they are copied, so that only one column is held twice at a time."""
         parts = [p for p in parts if len(p)]
         if not parts:
             return empty_records()
-        return FlowRecords({k: np.concatenate([p.columns[k] for p in parts]) for k in COLUMNS})
+        if len(parts) == 1:
+            return parts[0]
+        out = {}
+        for k in list(parts[0].columns):
+            pieces = [p.columns.pop(k) if consume else p.columns[k] for p in parts]
+            out[k] = np.concatenate(pieces)
+            del pieces
+        return FlowRecords(out)
 
 
 def empty_records() -> FlowRecords:
@@ -96,7 +138,8 @@ def empty_records() -> FlowRecords:
 
 @dataclass(frozen=True)
 class FlowUpdate:
-    """What one batch did: flows that ended, flows that started, flows first answered."""
+    """What one batch did: flows that ended, flows that started (START_COLUMNS only), flows
+    first answered."""
 
     ended: FlowRecords
     started: FlowRecords

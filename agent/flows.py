@@ -4,51 +4,94 @@ A flow is a 5-tuple seen in both directions; its client is the sender of its fir
 A flow ends when it has been idle for ``idle_timeout_s``, when it has lasted ``active_timeout_s``,
 when a TCP connection has closed (RST, or FIN from both sides; packets up to
 ``tcp_close_linger_s`` later, such as the last ACK, still belong to it and a new SYN starts a new
-flow), when the table is full (the longest-idle flows are evicted), or at the end of input.
+flow), when the table needs room (see below), or at the end of input.
+
+The table holds at most ``max_flows`` open flows. Emergency mode (after Suricata's flow
+engine) starts when a batch would fill it to ``emergency_enter_fill`` and lasts until it is below
+``emergency_leave_fill``: meanwhile flows that never got an answer (no packet from the server)
+end after ``emergency_unanswered_timeout_s`` idle and the others after
+``emergency_idle_timeout_s``, and when room is still needed the unanswered flows are evicted
+first, then the longest-idle ones. What ends early is counted in ``FlowTable.evictions``.
 
 Per-flow state is counts, sums, sums of squares, minima, maxima and first/last times per
 direction, so a batch is folded in with column operations: packets are grouped by flow key,
-split where one of the rules above ends a flow, reduced per flow, and merged into the table.
+split where one of the rules above ends a flow, reduced per flow, and merged into the table
+(flowfold.py). Keys are found through a numpy hash index (keyindex.py), so the cost of a packet
+or a new flow does not grow with the flows open; expiry is one column scan per batch.
+
+Memory per open flow: 408 bytes of state columns (flowrecords.COLUMNS), 8 for its key hash,
+24 for the key index and 4 for the free-slot stack: 444 (bench/bench_table.py measures it; it
+was 1,254 with 512-byte rows in a table that doubled past max_flows, a Python dict index and a
+Python free list). Ended flows leave in start order, and no call ends more than a bounded
+number (see ``FlowTable.expire``), so what a flood hands the next stages at once is bounded.
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 
-from .decode import ACK, FIN, RST, SYN, TCP_FLAG_NAMES, Packets
+from .decode import Packets
+from .flowfold import fold_runs, split_runs
 from .flowrecords import (
     ACTIVE,
     COLUMNS,
+    EMERGENCY_TIMEOUT,
     END_OF_INPUT,
     EVICTED,
     IDLE,
     NEVER,
     NS,
+    START_COLUMNS,
     TCP_END,
     FlowRecords,
     FlowUpdate,
     empty_records,
 )
+from .keyindex import KeyIndex
+
+# Why flows ended early under pressure (FlowTable.evictions): evicted for room while emergency
+# mode was off, or for room after every unanswered flow had gone; unanswered flows ended in
+# emergency mode (evicted for room first, or by the emergency unanswered timeout); answered
+# flows ended by the emergency idle timeout.
+EVICTION_REASONS = ("table_full", "emergency_unanswered", "emergency_idle")
 
 
 @dataclass(frozen=True)
 class FlowConfig:
-    """Flow expiry and table-size settings (defaults like nfstream's)."""
+    """Flow expiry, table size and emergency mode (timeouts like nfstream's defaults, emergency
+    mode like Suricata's flow engine; ``emergency=False`` keeps plain longest-idle eviction)."""
 
     idle_timeout_s: float = 120.0
     active_timeout_s: float = 1800.0
     tcp_close_linger_s: float = 1.0
     max_flows: int = 500_000
+    emergency: bool = True
+    emergency_enter_fill: float = 0.95
+    emergency_leave_fill: float = 0.70
+    emergency_idle_timeout_s: float = 10.0
+    emergency_unanswered_timeout_s: float = 2.0
 
     def __post_init__(self) -> None:
-        for name in ("idle_timeout_s", "active_timeout_s", "tcp_close_linger_s"):
+        for name in (
+            "idle_timeout_s",
+            "active_timeout_s",
+            "tcp_close_linger_s",
+            "emergency_idle_timeout_s",
+            "emergency_unanswered_timeout_s",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.max_flows < 1:
             raise ValueError(f"max_flows must be >= 1, got {self.max_flows!r}")
+        if not 0 < self.emergency_leave_fill < self.emergency_enter_fill <= 1:
+            raise ValueError(
+                "expected 0 < emergency_leave_fill < emergency_enter_fill <= 1, got "
+                f"{self.emergency_leave_fill!r} and {self.emergency_enter_fill!r}"
+            )
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -64,29 +107,48 @@ def host_hash(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
 
 
 class FlowTable:
-    """The stateful table of open flows. Feed it ``add(packets)``; it returns what ended."""
+    """The stateful table of open flows. Feed it ``add(packets)``; it returns what ended.
+
+    For metrics and logs: ``emergency`` (emergency mode is on now), ``emergency_started`` (how
+    many times it started), ``evictions`` (flows ended early, by EVICTION_REASONS), ``evicted``
+    (their total), ``expiry_backlog`` (flows past a timeout left for the next expiry),
+    ``key_collisions`` and ``created``.
+    """
 
     def __init__(self, config: FlowConfig | None = None, seed: int | None = None) -> None:
         self.config = config or FlowConfig()
         self._capacity = 0
         self._cols: dict[str, np.ndarray] = {}
-        self._slot_of: dict[int, int] = {}  # key hash -> slot
         self._key_hash = np.zeros(0, dtype=np.uint64)
-        self._free: list[int] = []
+        self._index = KeyIndex(1024)  # key hash -> slot of the open flows
+        self._free = np.zeros(0, dtype=np.int32)  # a stack of free slots: _free[:_n_free]
+        self._n_free = 0
         self._next_seq = 0
-        self.evicted = 0
         self.created = 0
         self.key_collisions = 0
+        self.emergency = False
+        self.emergency_started = 0
+        self.evictions: Counter[str] = Counter(dict.fromkeys(EVICTION_REASONS, 0))
+        self.expiry_backlog = 0  # flows past a timeout left for the next expiry
+        self._expired_at_ns: int | None = None  # the latest time expire() was given
+        self.overdue_last_ns: int | None = None  # the last packet of the longest idle of them
         self.now_ns: int | None = None
         # A per-table random seed keeps crafted traffic from choosing hash collisions.
         self._seed = np.uint64(int.from_bytes(os.urandom(8), "little") if seed is None else seed)
-        self._grow(1024)
+        self._grow(min(1024, self.config.max_flows))
+
+    @property
+    def evicted(self) -> int:
+        """Flows ended early under pressure, all reasons together."""
+        return sum(self.evictions.values())
 
     # ---- storage -----------------------------------------------------------------------
     def _grow(self, need: int) -> None:
+        """Make room for ``need`` flows; doubling, but not past max_flows unless ``need`` is
+        (flows that start and end inside one batch hold a slot for that batch only)."""
         if need <= self._capacity:
             return
-        new_cap = max(need, 2 * self._capacity)
+        new_cap = max(need, min(2 * self._capacity, self.config.max_flows))
         for name, (dtype, init, per_dir) in COLUMNS.items():
             shape = (new_cap, 2) if per_dir else (new_cap,)
             col = np.full(shape, init, dtype=dtype)
@@ -96,11 +158,29 @@ class FlowTable:
         key_hash = np.zeros(new_cap, dtype=np.uint64)
         key_hash[: self._capacity] = self._key_hash
         self._key_hash = key_hash
-        self._free.extend(range(new_cap - 1, self._capacity - 1, -1))
+        free = np.empty(new_cap, dtype=np.int32)
+        free[: self._n_free] = self._free[: self._n_free]
+        added = new_cap - self._capacity
+        free[self._n_free : self._n_free + added] = np.arange(new_cap - 1, self._capacity - 1, -1)
+        self._free, self._n_free = free, self._n_free + added
         self._capacity = new_cap
+        self._index.reserve(new_cap)
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes held, by part: state columns, key hashes, key index, free-slot stack."""
+        return {
+            "columns": sum(v.nbytes for v in self._cols.values()),
+            "key_hash": self._key_hash.nbytes,
+            "index": self._index.nbytes(),
+            "free": self._free.nbytes,
+        }
 
     def __len__(self) -> int:
-        return len(self._slot_of)
+        return len(self._index)
+
+    def _open_slots(self) -> np.ndarray:
+        """Slots of the open flows, ascending (between batches, when every slot in use is)."""
+        return np.flatnonzero(self._cols["seq"] >= 0)
 
     def _release(self, slots: np.ndarray, reason, registered: bool = True) -> FlowRecords:
         """Remove flows from the table and return them as records with their end reason.
@@ -111,51 +191,155 @@ class FlowTable:
         if len(slots) == 0:
             return empty_records()
         self._cols["end_reason"][slots] = reason
-        out = FlowRecords({k: v[slots].copy() for k, v in self._cols.items()})
+        slots = slots[np.argsort(self._cols["seq"][slots], kind="stable")]  # in start order
+        out = FlowRecords({k: v[slots] for k, v in self._cols.items()})
         if registered:
-            for h in self._key_hash[slots].tolist():
-                del self._slot_of[h]
+            self._index.remove(self._key_hash[slots])
         for name, (_, init, _) in COLUMNS.items():
             self._cols[name][slots] = init
-        self._free.extend(slots.tolist())
+        self._free[self._n_free : self._n_free + len(slots)] = slots
+        self._n_free += len(slots)
         return out
 
     def open_flows(self) -> FlowRecords:
         """A snapshot of the flows still open."""
-        slots = np.fromiter(self._slot_of.values(), dtype=np.int64, count=len(self._slot_of))
-        return FlowRecords({k: v[np.sort(slots)].copy() for k, v in self._cols.items()})
+        slots = self._open_slots()
+        return FlowRecords({k: v[slots] for k, v in self._cols.items()})
 
-    # ---- expiry ------------------------------------------------------------------------
-    def expire(self, now_ns: int) -> FlowRecords:
-        """End the flows that are idle, too long, or closed and past the linger time."""
-        slots = np.fromiter(self._slot_of.values(), dtype=np.int64, count=len(self._slot_of))
-        if len(slots) == 0:
-            return empty_records()
-        c = self._cols
-        idle = now_ns - c["last_ns"][slots] >= int(self.config.idle_timeout_s * NS)
-        active = now_ns - c["first_ns"][slots] >= int(self.config.active_timeout_s * NS)
-        closed = _closed(c["rst_packets"][slots].sum(1), c["fin_packets"][slots]) & (
-            now_ns - c["last_ns"][slots] >= int(self.config.tcp_close_linger_s * NS)
-        )
-        reason = np.where(closed, TCP_END, np.where(idle, IDLE, ACTIVE))
-        done = idle | active | closed
-        return self._release(slots[done], reason[done])
+    # ---- expiry and room ---------------------------------------------------------------
+    def _update_emergency(self, open_flows: int) -> None:
+        """Start emergency mode at the enter fill; end it below the leave fill."""
+        cfg = self.config
+        if not cfg.emergency:
+            return
+        if not self.emergency and open_flows >= cfg.emergency_enter_fill * cfg.max_flows:
+            self.emergency = True
+            self.emergency_started += 1
+        elif self.emergency and open_flows < cfg.emergency_leave_fill * cfg.max_flows:
+            self.emergency = False
 
-    def flush(self) -> FlowRecords:
-        """End every open flow (end of input, or shutdown); closed TCP flows say tcp_end."""
-        slots = np.sort(np.fromiter(self._slot_of.values(), dtype=np.int64))
-        c = self._cols
+    def _expire_limit(self) -> int:
+        """Flows one expiry may end: a sixteenth of the table (not under 4,096)."""
+        return max(self.config.max_flows // 16, 4096)
+
+    def _timeouts_ns(self) -> dict[str, int]:
+        cfg = self.config
+        return {
+            "idle": int(cfg.idle_timeout_s * NS),
+            "active": int(cfg.active_timeout_s * NS),
+            "linger": int(cfg.tcp_close_linger_s * NS),
+            "emergency_idle": int(min(cfg.emergency_idle_timeout_s, cfg.idle_timeout_s) * NS),
+            "emergency_unanswered": int(
+                min(cfg.emergency_unanswered_timeout_s, cfg.idle_timeout_s) * NS
+            ),
+        }
+
+    def _due(
+        self, now_ns: int, slots: np.ndarray, count: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Which of these flows are past a timeout at ``now_ns``, and the end reason of each
+        (TCP_END for a closed flow, due or not). With ``count``, those past only an emergency
+        timeout are counted in ``evictions`` (they are about to end)."""
+        c, t = self._cols, self._timeouts_ns()
+        since = now_ns - c["last_ns"][slots]
+        idle = since >= t["idle"]
+        active = now_ns - c["first_ns"][slots] >= t["active"]
         closed = _closed(c["rst_packets"][slots].sum(1), c["fin_packets"][slots])
-        return self._release(slots, np.where(closed, TCP_END, END_OF_INPUT))
+        reason = np.where(closed, TCP_END, np.where(idle, IDLE, ACTIVE))
+        due = idle | active | (closed & (since >= t["linger"]))
+        if self.emergency:
+            unanswered = c["packets"][slots, 1] == 0
+            limit = np.where(unanswered, t["emergency_unanswered"], t["emergency_idle"])
+            cut = ~due & (since >= limit)
+            reason = np.where(cut, EMERGENCY_TIMEOUT, reason)
+            if count:
+                self.evictions["emergency_unanswered"] += int((cut & unanswered).sum())
+                self.evictions["emergency_idle"] += int((cut & ~unanswered).sum())
+            due |= cut
+        return due, reason
 
-    def _evict(self) -> FlowRecords:
-        excess = len(self._slot_of) - self.config.max_flows
-        if excess <= 0:
+    def expire(self, now_ns: int, limit: int | None = None) -> FlowRecords:
+        """End the flows that are idle, too long, or closed and past the linger time; in
+        emergency mode also those past the (shorter) emergency timeouts.
+
+        At most ``limit`` flows end per call (default: a sixteenth of max_flows, at least
+        4,096; in ``add`` at least the batch's packets), the longest idle first, so that no
+        call hands on a whole table at once (say when a flood's flows all time out together).
+        The rest stay, counted in ``expiry_backlog``, and end in the next calls with their
+        own reason; a packet for one of them still starts a new flow.
+        """
+        self._update_emergency(len(self))
+        self._expired_at_ns = max(now_ns, self._expired_at_ns or now_ns)
+        t = self._timeouts_ns()
+        soonest = min(t["idle"], t["linger"])
+        if self.emergency:
+            soonest = min(soonest, t["emergency_idle"], t["emergency_unanswered"])
+        c = self._cols
+        slots = self._open_slots()
+        # Only flows quiet for the shortest timeout, or past the active timeout, can be due.
+        maybe = (now_ns - c["last_ns"][slots] >= soonest) | (
+            now_ns - c["first_ns"][slots] >= t["active"]
+        )
+        slots = slots[maybe]
+        last = c["last_ns"][slots]
+        if limit is None:
+            limit = self._expire_limit()
+        is_due, _ = self._due(now_ns, slots, count=False)
+        due = np.flatnonzero(is_due)
+        ending = np.sort(_longest_idle(due, last[due], limit))
+        self.expiry_backlog = len(due) - len(ending)
+        self.overdue_last_ns = None
+        if self.expiry_backlog:
+            is_due[ending] = False
+            self.overdue_last_ns = int(last[is_due].min())
+        slots = slots[ending]
+        _, reason = self._due(now_ns, slots)
+        ended = self._release(slots, reason)
+        self._update_emergency(len(self))
+        return ended
+
+    def flush(self, limit: int | None = None) -> FlowRecords:
+        """End every open flow, or the ``limit`` longest idle (end of input, or shutdown).
+        Flows already past a timeout (see expire) end with its reason, closed TCP flows with
+        tcp_end, the others with end_of_input."""
+        c = self._cols
+        slots = self._open_slots()
+        if limit is not None:
+            slots = np.sort(_longest_idle(slots, c["last_ns"][slots], limit))
+        known_times = [x for x in (self.now_ns, self._expired_at_ns) if x is not None]
+        if not known_times:
+            closed = _closed(c["rst_packets"][slots].sum(1), c["fin_packets"][slots])
+            reason = np.where(closed, TCP_END, END_OF_INPUT)
+        else:
+            due, reason = self._due(max(known_times), slots)
+            reason = np.where(due | (reason == TCP_END), reason, END_OF_INPUT)
+        ended = self._release(slots, reason)
+        self._update_emergency(len(self))
+        return ended
+
+    def _make_room(self, count: int, busy: np.ndarray | None = None) -> FlowRecords:
+        """Evict ``count`` open flows, sparing the slots in ``busy`` (flows this batch
+        continues): in emergency mode the unanswered flows first, longest idle first."""
+        slots = self._open_slots()
+        if busy is not None and len(busy):
+            spared = np.zeros(self._capacity, dtype=bool)
+            spared[busy] = True
+            slots = slots[~spared[slots]]
+        count = min(count, len(slots))
+        if count <= 0:
             return empty_records()
-        slots = np.fromiter(self._slot_of.values(), dtype=np.int64, count=len(self._slot_of))
-        oldest = slots[np.argpartition(self._cols["last_ns"][slots], excess - 1)[:excess]]
-        self.evicted += excess
-        return self._release(np.sort(oldest), EVICTED)
+        last = self._cols["last_ns"][slots]
+        first_go = np.zeros(len(slots), dtype=bool)
+        if self.emergency:
+            first_go = self._cols["packets"][slots, 1] == 0
+        un = np.flatnonzero(first_go)
+        chosen = _longest_idle(un, last[un], count)
+        rest = np.flatnonzero(~first_go)
+        chosen = np.r_[chosen, _longest_idle(rest, last[rest], count - len(chosen))]
+        n_unanswered = int(first_go[chosen].sum())
+        self.evictions["emergency_unanswered"] += n_unanswered
+        self.evictions["table_full"] += count - n_unanswered
+        return self._release(slots[chosen], EVICTED)
 
     # ---- folding a batch ---------------------------------------------------------------
     def add(self, p: Packets) -> FlowUpdate:
@@ -195,9 +379,7 @@ class FlowTable:
         flags = p.tcp_flags[order]
 
         # Table state of each segment's key (slot -1 when the key is new).
-        seg_hash = hs[seg_start]
-        lookup = self._slot_of.get
-        seg_slot = np.fromiter((lookup(k, -1) for k in seg_hash.tolist()), np.int64, len(seg_start))
+        seg_slot = self._index.lookup(hs[seg_start])
         known = seg_slot >= 0
         collided = empty_records()
         if known.any():
@@ -214,7 +396,9 @@ class FlowTable:
                 clash = np.flatnonzero(known)[mismatch]
                 collided = self._release(seg_slot[clash], EVICTED)
                 seg_slot[clash] = -1
-        starts, reason = self._split(seg_first, seg_start, seg_of, seg_slot, ts, sw, flags)
+        starts, reason = split_runs(
+            self._cols, self._timeouts_ns(), seg_first, seg_start, seg_of, seg_slot, ts, sw, flags
+        )
 
         # Runs of packets between starts are flows; a run that begins a known segment without
         # a split continues that segment's table flow.
@@ -230,23 +414,32 @@ class FlowTable:
             ended_parts.append(self._release(seg_slot[cut_segs], reason[seg_start[cut_segs]]))
             seg_slot[cut_segs] = -1
 
+        # The last run of each segment is the open flow of its key; a new one needs room.
+        last_run_of_seg = np.r_[run_seg[1:] != run_seg[:-1], True]
+        fresh = last_run_of_seg & ~continues
+        opening = len(self) + int(fresh.sum())
+        self._update_emergency(opening)
+        if opening > self.config.max_flows:
+            busy = seg_slot[seg_slot >= 0]
+            ended_parts.append(self._make_room(opening - self.config.max_flows, busy))
+
         n_new = int((~continues).sum())
-        self._grow(len(self._slot_of) + n_new)
-        new_slots = np.array([self._free.pop() for _ in range(n_new)], dtype=np.int64)
+        self._grow(len(self) + n_new)
+        self._n_free -= n_new
+        new_slots = self._free[self._n_free : self._n_free + n_new].astype(np.int64)
         run_slot = np.empty(len(run_start), dtype=np.int64)
         run_slot[continues] = seg_slot[run_seg[continues]]
         run_slot[~continues] = new_slots
         new_runs = np.flatnonzero(~continues)
         self._init_flows(new_slots, order[run_start[new_runs]], p, swapped, a_first)
 
-        self._fold(p, order, ts, sw, flags, run_start, run_of, run_slot)
+        fold_runs(self._cols, p, order, ts, sw, flags, run_start, run_of, run_slot)
         # Snapshot new flows before any of them that also ended here is released.
         by_seq = new_slots[np.argsort(self._cols["seq"][new_slots])]
-        started = FlowRecords({k: v[by_seq].copy() for k, v in self._cols.items()})
+        started = FlowRecords({k: self._cols[k][by_seq] for k in START_COLUMNS})
 
         # Runs followed by another run of the same key were ended by that run's split. A run
         # that continued the table flow is registered under its key; a new one never was.
-        last_run_of_seg = np.r_[run_seg[1:] != run_seg[:-1], True]
         self._key_hash[run_slot] = hs[run_start]
         closed_runs = np.flatnonzero(~last_run_of_seg)
         if len(closed_runs):
@@ -255,10 +448,7 @@ class FlowTable:
             cont = continues[closed_runs]
             ended_parts.append(self._release(slots[cont], why[cont]))
             ended_parts.append(self._release(slots[~cont], why[~cont], registered=False))
-        # The last run of each segment is the open flow of its key.
-        fresh = last_run_of_seg & ~continues
-        for slot, key in zip(run_slot[fresh].tolist(), hs[run_start[fresh]].tolist()):
-            self._slot_of[key] = slot
+        self._index.insert(hs[run_start[fresh]], run_slot[fresh])
 
         touched = run_slot[last_run_of_seg]
         ans = self._cols["answered_ns"][touched]
@@ -266,80 +456,13 @@ class FlowTable:
         answered_seq = self._cols["seq"][touched][answered]
         # Flows that ended inside this batch report their answers through `ended`.
         self.now_ns = int(ts.max()) if self.now_ns is None else max(self.now_ns, int(ts.max()))
-        ended_parts.append(self.expire(self.now_ns))
-        ended_parts.append(self._evict())
-        return FlowUpdate(FlowRecords.concat(ended_parts), started, answered_seq, ans[answered])
-
-    def _split(self, seg_first, seg_start, seg_of, seg_slot, ts, sw, flags):
-        """Where a new flow starts inside each key's packets, and why the previous one ended.
-
-        The rules depend on the flow a packet would join (its first time, its TCP close
-        state), which depends on the earlier splits, so iterate to the fixed point; each round
-        settles at least the next split from the left, and real traffic needs two or three.
-        """
-        cfg = self.config
-        n = len(ts)
-        c = self._cols
-        known = seg_slot >= 0
-        ks = np.where(known, seg_slot, 0)
-        # State "before" each segment's first packet: the table flow's, for known keys.
-        t_last = np.where(known, c["last_ns"][ks], 0)
-        t_first = np.where(known, c["first_ns"][ks], 0)
-        t_sw = c["swapped"][ks]
-        t_fin = c["fin_packets"][ks]  # (segments, 2) in client/server orientation
-        # Convert the table's FIN counts to canonical orientation (0: from endpoint a).
-        t_fin_a = np.where(known, np.where(t_sw, t_fin[:, 1], t_fin[:, 0]) > 0, False)
-        t_fin_b = np.where(known, np.where(t_sw, t_fin[:, 0], t_fin[:, 1]) > 0, False)
-        t_rst = np.where(known, c["rst_packets"][ks].sum(1) > 0, False)
-
-        is_fin = (flags & FIN) > 0
-        fin_a = (is_fin & ~sw).astype(np.int64)
-        fin_b = (is_fin & sw).astype(np.int64)
-        rst = ((flags & RST) > 0).astype(np.int64)
-        syn_only = (flags & (SYN | ACK)) == SYN
-        idle = int(cfg.idle_timeout_s * NS)
-        active = int(cfg.active_timeout_s * NS)
-        linger = int(cfg.tcp_close_linger_s * NS)
-
-        prev_ts = np.empty(n, dtype=np.int64)
-        prev_ts[1:] = ts[:-1]
-        prev_ts[seg_start] = t_last
-        gap = ts - prev_ts
-        idx = np.arange(n)
-        cum_fin_a, cum_fin_b, cum_rst = np.cumsum(fin_a), np.cumsum(fin_b), np.cumsum(rst)
-        starts = seg_first & ~known[seg_of]
-        for _ in range(n + 1):
-            run_begin = np.maximum.accumulate(np.where(starts | seg_first, idx, 0))
-            continuing = ~starts[run_begin] & known[seg_of]
-            first_ts = np.where(continuing, t_first[seg_of], ts[run_begin])
-
-            def seen(per_packet, cumulative, table_flag, run_begin=run_begin, cont=continuing):
-                """Whether the flag was seen in packet i's run up to and including i."""
-                in_run = cumulative - cumulative[run_begin] + per_packet[run_begin]
-                return (in_run > 0) | (cont & table_flag[seg_of])
-
-            closed = seen(rst, cum_rst, t_rst) | (
-                seen(fin_a, cum_fin_a, t_fin_a) & seen(fin_b, cum_fin_b, t_fin_b)
-            )
-            # Values "before packet i": from packet i-1 in the same segment, else the table.
-            before_first = np.empty(n, dtype=np.int64)
-            before_first[1:] = first_ts[:-1]
-            before_closed = np.empty(n, dtype=bool)
-            before_closed[1:] = closed[:-1]
-            before_first[seg_start] = t_first
-            before_closed[seg_start] = t_rst | (t_fin_a & t_fin_b)
-            can_join = ~seg_first | known[seg_of]
-            ends_by_close = before_closed & (syn_only | (gap >= linger))
-            ends_by_idle = gap >= idle
-            ends_by_active = ts - before_first >= active
-            new_starts = (seg_first & ~known[seg_of]) | (
-                can_join & (ends_by_close | ends_by_idle | ends_by_active)
-            )
-            if np.array_equal(new_starts, starts):
-                break
-            starts = new_starts
-        reason = np.where(ends_by_close, TCP_END, np.where(ends_by_idle, IDLE, ACTIVE))
-        return starts, reason.astype(np.int8)
+        ended_parts.append(self.expire(self.now_ns, max(n, self._expire_limit())))
+        # Room made above spared this batch's flows; if they alone overfill the table, the
+        # longest idle of them go too.
+        if len(self) > self.config.max_flows:
+            ended_parts.append(self._make_room(len(self) - self.config.max_flows))
+        ended = FlowRecords.concat(ended_parts, consume=True)
+        return FlowUpdate(ended, started, answered_seq, ans[answered])
 
     def _init_flows(self, slots, first_pkt, p: Packets, swapped, a_first) -> None:
         """Set the identity of new flows from their first packet (its sender is the client)."""
@@ -367,95 +490,14 @@ class FlowTable:
             c[col][slots] = src[first_pkt]
         c["swapped"][slots] = swapped[first_pkt]
 
-    def _fold(self, p: Packets, order, ts, sw, flags, run_start, run_of, run_slot) -> None:
-        """Reduce each run's packets and merge the results into its table slot."""
-        c = self._cols
-        slot = run_slot[run_of]
-        d = (sw != c["swapped"][slot]).astype(np.int64)  # 0: client to server
-        ip_len = p.ip_len[order]
-        first_of_run = np.zeros(len(ts), dtype=bool)
-        first_of_run[run_start] = True
 
-        def add(col, values):
-            sums = np.add.reduceat(values, run_start)
-            c[col][run_slot] += sums.astype(c[col].dtype)
-
-        # Bidirectional inter-arrival times: within the run, and from the table's last packet.
-        prev = np.empty(len(ts), dtype=np.int64)
-        prev[1:] = ts[:-1]
-        prev[run_start] = c["last_ns"][run_slot]
-        has_prev = ~first_of_run | (c["packets"][slot].sum(1) > 0)
-        iat = np.where(has_prev, np.maximum(ts - prev, 0), 0)
-        add("iat_sum", iat.astype(np.float64) / NS)
-        add("iat_sumsq", (iat.astype(np.float64) / NS) ** 2)
-        _fold_extreme(c["iat_min"], run_slot, np.minimum, np.where(has_prev, iat, NEVER), run_start)
-        _fold_extreme(c["iat_max"], run_slot, np.maximum, np.where(has_prev, iat, -1), run_start)
-        c["last_ns"][run_slot] = np.maximum.reduceat(ts, run_start)
-        # The server answered: any packet back except a reset (a rejection, not an answer).
-        answer = np.where((d == 1) & ((flags & RST) == 0), ts, NEVER)
-        _fold_extreme(c["answered_ns"], run_slot, np.minimum, answer, run_start)
-
-        wire = p.wirelen[order]
-        hdr = p.hdr_len[order]
-        payload = p.payload_len[order]
-        ttl = p.ttl[order]
-        window = p.tcp_window[order]
-        flag_bits = ((flags[None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1).astype(np.int64)
-        for direction in (0, 1):
-            m = d == direction
-            mi = m.astype(np.int64)
-            sl = (run_slot, direction)
-            c["packets"][sl] += np.add.reduceat(mi, run_start)
-            c["bytes"][sl] += np.add.reduceat(wire * mi, run_start)
-            c["ip_bytes"][sl] += np.add.reduceat(ip_len * mi, run_start)
-            c["header_bytes"][sl] += np.add.reduceat(hdr * mi, run_start)
-            c["payload_bytes"][sl] += np.add.reduceat(payload * mi, run_start)
-            with_payload = ((payload > 0) & m).astype(np.int64)
-            c["payload_packets"][sl] += np.add.reduceat(with_payload, run_start)
-            lf = ip_len.astype(np.float64) * mi
-            c["len_sum"][sl] += np.add.reduceat(lf, run_start)
-            c["len_sumsq"][sl] += np.add.reduceat(lf * lf, run_start)
-            _fold_extreme(c["len_min"], sl, np.minimum, np.where(m, ip_len, NEVER), run_start)
-            _fold_extreme(c["len_max"], sl, np.maximum, np.where(m, ip_len, -1), run_start)
-            _fold_extreme(c["ttl_min"], sl, np.minimum, np.where(m, ttl, 256), run_start)
-            # The eight TCP flag counts in one (8, n) reduction.
-            flag_sums = np.add.reduceat(flag_bits * mi, run_start, axis=1)
-            for bit, name in enumerate(TCP_FLAG_NAMES):
-                c[f"{name}_packets"][sl] += flag_sums[bit]
-
-            # Per-direction times: the packets of this direction, still grouped by run.
-            sel = np.flatnonzero(m)
-            if len(sel) == 0:
-                continue
-            r = run_of[sel]
-            t = ts[sel]
-            dstart = np.ones(len(sel), dtype=bool)
-            dstart[1:] = r[1:] != r[:-1]
-            bounds = np.flatnonzero(dstart)
-            dslots = run_slot[r[bounds]]
-            dsl = (dslots, direction)
-            prev_d = np.empty(len(sel), dtype=np.int64)
-            prev_d[1:] = t[:-1]
-            prev_d[bounds] = c["dir_last_ns"][dsl]
-            has_prev_d = np.ones(len(sel), dtype=bool)
-            has_prev_d[bounds] = c["dir_last_ns"][dsl] >= 0
-            diat = np.where(has_prev_d, np.maximum(t - prev_d, 0), 0)
-            df = diat.astype(np.float64) / NS
-            c["dir_iat_sum"][dsl] += np.add.reduceat(df, bounds)
-            c["dir_iat_sumsq"][dsl] += np.add.reduceat(df * df, bounds)
-            no_iat = np.where(has_prev_d, diat, NEVER)
-            _fold_extreme(c["dir_iat_min"], dsl, np.minimum, no_iat, bounds)
-            _fold_extreme(c["dir_iat_max"], dsl, np.maximum, np.where(has_prev_d, diat, -1), bounds)
-            fresh = c["dir_first_ns"][dsl] == NEVER
-            c["dir_first_ns"][dsl] = np.minimum(c["dir_first_ns"][dsl], t[bounds])
-            c["dir_last_ns"][dsl] = np.maximum.reduceat(t, bounds)
-            w = window[sel][bounds]
-            c["init_window"][dsl] = np.where(fresh, w, c["init_window"][dsl])
-
-
-def _fold_extreme(col: np.ndarray, where, ufunc, values: np.ndarray, starts: np.ndarray) -> None:
-    """col[where] = ufunc(col[where], ufunc.reduceat(values, starts)): a running min or max."""
-    col[where] = ufunc(col[where], ufunc.reduceat(values, starts))
+def _longest_idle(index: np.ndarray, last_ns: np.ndarray, count: int) -> np.ndarray:
+    """The ``count`` entries of ``index`` whose ``last_ns`` is smallest (all if fewer)."""
+    if count <= 0:
+        return index[:0]
+    if count >= len(index):
+        return index
+    return index[np.argpartition(last_ns, count - 1)[:count]]
 
 
 def _closed(rst_total: np.ndarray, fin: np.ndarray) -> np.ndarray:

@@ -6,6 +6,7 @@ Replay and live capture differ only in the iterable of PacketBatches they feed i
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,9 +14,13 @@ import numpy as np
 from .capture import PacketBatch
 from .context import ContextConfig, HostContext
 from .decode import Decoder, DecodeStats
-from .features import extract
-from .flowrecords import END_REASONS, FlowRecords
+from .features import FEATURE_NAMES, extract
+from .flowrecords import END_REASONS, NS, FlowRecords
 from .flows import FlowConfig, FlowTable
+
+# Features are computed this many flows at a time, so that a flush of a full table (or a mass
+# expiry) holds the records and the float32 matrix, not every float64 intermediate at once.
+FEATURE_CHUNK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,21 @@ class FlowMeter:
         self.context = HostContext(context_config, retain_s=self.table.config.idle_timeout_s)
         self.stats = MeterStats()
 
+    @property
+    def emergency(self) -> bool:
+        """The flow table is in emergency mode now (see flows.FlowConfig)."""
+        return self.table.emergency
+
+    @property
+    def emergency_started(self) -> int:
+        """How many times the flow table's emergency mode started."""
+        return self.table.emergency_started
+
+    @property
+    def evictions(self) -> Counter:
+        """Flows ended early under table pressure, by flows.EVICTION_REASONS."""
+        return self.table.evictions
+
     def add(self, batch: PacketBatch) -> MeteredFlows:
         """Fold one batch; return the flows that ended."""
         packets, dstats = self.decoder.decode(batch)
@@ -60,23 +80,38 @@ class FlowMeter:
         self.context.observe(update)
         out = self._finish(update.ended)
         if self.table.now_ns is not None:
-            self.context.prune(self.table.now_ns)
+            self._prune(self.table.now_ns)
         return out
 
     def expire(self, now_ns: int) -> MeteredFlows:
         """End the flows that have timed out by ``now_ns`` (time passing without packets)."""
         out = self._finish(self.table.expire(now_ns))
-        self.context.prune(now_ns)
+        self._prune(now_ns)
         return out
 
-    def flush(self) -> MeteredFlows:
-        """End every open flow (end of input or shutdown) and return them."""
-        return self._finish(self.table.flush())
+    def flush(self, limit: int | None = None) -> MeteredFlows:
+        """End every open flow (end of input or shutdown) and return them; with ``limit``,
+        only that many (the longest idle): call again until ``len(meter.table)`` is 0."""
+        return self._finish(self.table.flush(limit))
+
+    def _prune(self, now_ns: int) -> None:
+        # Flows the table left overdue for a later call still need the starts of their window.
+        overdue = self.table.overdue_last_ns
+        if overdue is not None:
+            now_ns = min(now_ns, overdue + int(self.table.config.idle_timeout_s * NS))
+        self.context.prune(now_ns)
 
     def _finish(self, ended: FlowRecords) -> MeteredFlows:
-        ended = ended.take(np.argsort(ended["seq"], kind="stable"))
+        if (np.diff(ended["seq"]) < 0).any():  # each part of the table's output is in order
+            order = np.argsort(ended["seq"], kind="stable")
+            for name, column in ended.columns.items():  # one column held twice at a time
+                ended.columns[name] = column[order]
         self.stats.flows_ended += len(ended)
         counts = np.bincount(ended["end_reason"].astype(np.int64), minlength=len(END_REASONS))
         for reason, count in zip(END_REASONS, counts.tolist()):
             self.stats.ended_by_reason[reason] += count
-        return MeteredFlows(ended, extract(ended, self.context.features(ended)))
+        features = np.empty((len(ended), len(FEATURE_NAMES)), dtype=np.float32)
+        for lo in range(0, len(ended), FEATURE_CHUNK):
+            part = ended.take(slice(lo, lo + FEATURE_CHUNK))
+            features[lo : lo + FEATURE_CHUNK] = extract(part, self.context.features(part))
+        return MeteredFlows(ended, features)

@@ -129,3 +129,38 @@ def test_series_state_is_bounded(tmp_path):
     ended += len(meter.flush())
     assert ended == 400
     assert meter.context.sizes()["open"] == 0
+
+
+def test_flows_left_overdue_keep_their_window():
+    """5,000 probes time out together and one expiry ends only 4,096 of them: the starts the
+    other 904 count must outlive that expiry's pruning, so each probe still counts every
+    probe started up to it (all within the 60 s window)."""
+    from quietwire.agent.flows import FlowConfig
+    from quietwire.agent.meter import FlowMeter
+
+    from .test_flows import tcp_batch
+
+    rows = [(0.001 * i, SCANNER, TARGET, 50000, 1 + i, 0x02) for i in range(5000)]
+    meter = FlowMeter(FlowConfig(max_flows=10_000), seed=1)
+    assert len(meter.add(tcp_batch(rows))) == 0
+    first = meter.expire(int(200e9))
+    assert len(first) == 4096 and meter.table.expiry_backlog == 904
+    rest = meter.expire(int(201e9))
+    assert len(rest) == 904 and meter.table.expiry_backlog == 0
+    for flows in (first, rest):
+        probe = flows.records["dst_port"] - 1  # probe i went to port i + 1
+        np.testing.assert_array_equal(feature(flows, "src_host_flows"), probe + 1)
+
+
+def test_start_log_is_bounded():
+    from quietwire.agent.context import ContextConfig
+    from quietwire.agent.meter import FlowMeter
+
+    from .test_flows import tcp_batch
+
+    meter = FlowMeter(context_config=ContextConfig(max_records=100), seed=1)
+    for lo in range(0, 400, 50):
+        rows = [(0.01 * i, SCANNER, TARGET, 50000, 1 + i, 0x02) for i in range(lo, lo + 50)]
+        meter.add(tcp_batch(rows))
+        assert meter.context.sizes()["starts"] <= 100
+    assert len(meter.flush()) == 400

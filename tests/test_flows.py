@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import collections
 import ipaddress
+import socket
+import struct
 
 import numpy as np
 import pytest
 from scapy.all import IP, TCP, UDP, Ether, RandIP
 
+from quietwire.agent.capture import PAD, PacketBatch
+from quietwire.agent.decode import Decoder
 from quietwire.agent.flowfile import identity_columns
-from quietwire.agent.flowrecords import END_REASONS
+from quietwire.agent.flowfold import _add_count
+from quietwire.agent.flowrecords import COUNT_MAX, END_REASONS, bytes_per_flow
 from quietwire.agent.flows import FlowConfig, FlowTable
 
 from .conftest import meter_file, write_pcap
@@ -266,3 +271,188 @@ def test_table_snapshot_and_flush_are_consistent(tmp_path):
         table.add(dec.decode(batch)[0])
     assert len(table) == 1 and len(table.open_flows()) == 1
     assert len(table.flush()) == 1 and len(table) == 0
+
+
+# ---- the table under pressure: emergency mode, room, bounded output ----------------------
+
+SERVER = "10.0.0.80"
+
+
+def tcp_batch(rows) -> PacketBatch:
+    """(time_s, src, dst, sport, dport, flags) rows as one batch of Ethernet/IPv4/TCP frames
+    (54 bytes each, no payload)."""
+    frames = []
+    for _, src, dst, sport, dport, flags in rows:
+        ip = struct.pack(
+            ">BBHHHBBH4s4s",
+            0x45,
+            0,
+            40,
+            0,
+            0,
+            64,
+            6,
+            0,
+            socket.inet_aton(src),
+            socket.inet_aton(dst),
+        )
+        tcp = struct.pack(">HHIIBBHHH", sport, dport, 0, 0, 0x50, flags, 64240, 0, 0)
+        frames.append(b"\0" * 12 + b"\x08\x00" + ip + tcp)
+    n = len(frames)
+    data = np.frombuffer(b"".join(frames) + b"\0" * PAD, dtype=np.uint8)
+    return PacketBatch(
+        data=data,
+        offset=np.arange(n, dtype=np.int64) * 54,
+        caplen=np.full(n, 54, np.int64),
+        wirelen=np.full(n, 54, np.int64),
+        ts_ns=np.array([round(r[0] * 1e9) for r in rows], np.int64),
+        linktype=np.ones(n, np.int32),
+        interface=np.zeros(n, np.int32),
+    )
+
+
+def client(i: int) -> str:
+    return f"10.1.{i // 250}.{i % 250 + 1}"
+
+
+def syns(times, first_client=0):
+    """One unanswered SYN per time, each from a new client."""
+    return [(t, client(first_client + i), SERVER, 40000, 80, 0x02) for i, t in enumerate(times)]
+
+
+def handshakes(times, first_client=0):
+    """A SYN answered by a SYN-ACK 1 ms later, per time, each from a new client."""
+    rows = []
+    for i, t in enumerate(times):
+        c = client(first_client + i)
+        rows += [(t, c, SERVER, 40000, 80, 0x02), (t + 0.001, SERVER, c, 80, 40000, 0x12)]
+    return rows
+
+
+class Fed:
+    """A FlowTable fed batches of rows; ``ended`` collects what ended, by client address."""
+
+    def __init__(self, **config):
+        self.table = FlowTable(FlowConfig(**config), seed=1)
+        self.decoder = Decoder()
+
+    def add(self, rows) -> dict[str, str]:
+        ended = self.table.add(self.decoder.decode(tcp_batch(rows))[0]).ended
+        return ended_by_client(ended)
+
+
+def ended_by_client(ended) -> dict[str, str]:
+    ident = identity_columns(ended)
+    return dict(zip(ident["src_ip"], (END_REASONS[r] for r in ended["end_reason"].tolist())))
+
+
+def test_emergency_mode_starts_and_ends_at_the_fill_thresholds():
+    """20 flows at most: emergency at 19 (95%), over below 14 (70%). Unanswered flows end
+    after 2 s in emergency mode instead of the 120 s idle timeout."""
+    fed = Fed(max_flows=20)
+    assert fed.add(syns([0.01 * i for i in range(18)])) == {}
+    assert not fed.table.emergency and len(fed.table) == 18
+    assert fed.add(syns([1.0], first_client=18)) == {}  # 19 open: emergency starts
+    assert fed.table.emergency and fed.table.emergency_started == 1
+    # At 2.1 s the SYNs sent up to 0.1 s have waited 2 s: 11 end, 9 stay, emergency is over.
+    ended = fed.add(syns([2.1], first_client=19))
+    assert ended == {client(i): "emergency_timeout" for i in range(11)}
+    assert len(fed.table) == 9 and not fed.table.emergency
+    assert fed.table.evictions == {"table_full": 0, "emergency_unanswered": 11, "emergency_idle": 0}
+    assert fed.table.evicted == 11
+    # Below the enter threshold again, the normal timeouts apply: nothing ends at 10 s.
+    assert fed.add(syns([10.0], first_client=20)) == {}
+    assert fed.table.emergency_started == 1
+
+
+def test_emergency_idle_timeout_for_answered_flows():
+    """Answered flows end after 10 s idle in emergency mode, not 120 s; the same traffic with
+    emergency mode off keeps them."""
+    for emergency in (True, False):
+        fed = Fed(max_flows=10, emergency=emergency)
+        fed.add(handshakes([0.1 * i for i in range(9)]))
+        ended = fed.add(syns([11.0], first_client=9))
+        if emergency:
+            assert ended == {client(i): "emergency_timeout" for i in range(9)}
+            assert fed.table.evictions["emergency_idle"] == 9 and not fed.table.emergency
+        else:
+            assert ended == {} and fed.table.evicted == 0 and fed.table.emergency_started == 0
+
+
+def test_unanswered_flows_are_evicted_first_when_room_is_needed():
+    """A full table in emergency mode gives up its unanswered flows, longest idle first,
+    before any answered one, however long idle."""
+    fed = Fed(max_flows=10)
+    fed.add(handshakes([0.0, 0.1, 0.2, 0.3, 0.4]) + syns([0.5, 0.6, 0.7, 0.8], first_client=5))
+    assert len(fed.table) == 9 and not fed.table.emergency
+    ended = fed.add(syns([1.0, 1.01, 1.02], first_client=9))  # 12 flows for 10 places
+    assert ended == {client(5): "evicted", client(6): "evicted"}
+    assert fed.table.emergency
+    ended = fed.add(syns([1.5, 1.51, 1.52, 1.53], first_client=12))
+    assert ended == {client(i): "evicted" for i in (7, 8, 9, 10)}
+    assert fed.table.evictions == {"table_full": 0, "emergency_unanswered": 6, "emergency_idle": 0}
+    ended = fed.add(handshakes([1.6, 1.7], first_client=16))
+    assert ended == {client(11): "evicted", client(12): "evicted"}
+    ended = fed.add(handshakes([1.8, 1.9, 1.95], first_client=18))
+    assert ended == {client(i): "evicted" for i in (13, 14, 15)}
+    # Only answered flows are left to evict: the longest idle of them go.
+    ended = fed.add(handshakes([2.0, 2.1], first_client=21))
+    assert ended == {client(0): "evicted", client(1): "evicted"}
+    assert fed.table.evictions == {"table_full": 2, "emergency_unanswered": 11, "emergency_idle": 0}
+    assert len(fed.table) == 10 and fed.table.emergency_started == 1
+
+
+def test_without_emergency_mode_the_longest_idle_are_evicted():
+    fed = Fed(max_flows=10, emergency=False)
+    fed.add(handshakes([0.0, 0.1, 0.2, 0.3, 0.4]) + syns([0.5, 0.6, 0.7, 0.8, 0.9], first_client=5))
+    ended = fed.add(syns([1.0, 1.1], first_client=10))
+    assert ended == {client(0): "evicted", client(1): "evicted"}
+    assert fed.table.evictions == {"table_full": 2, "emergency_unanswered": 0, "emergency_idle": 0}
+    assert fed.table.emergency_started == 0
+
+
+def test_emergency_settings_are_checked():
+    with pytest.raises(ValueError, match="emergency_leave_fill"):
+        FlowConfig(emergency_enter_fill=0.6, emergency_leave_fill=0.7)
+    with pytest.raises(ValueError, match="emergency_unanswered_timeout_s"):
+        FlowConfig(emergency_unanswered_timeout_s=0)
+
+
+def test_expiry_ends_at_most_its_limit_and_the_rest_keep_their_reason():
+    """5,000 flows time out together: one expiry ends the 1,000 longest idle, the others wait
+    (counted as a backlog) and still end by idle timeout, also when flushed."""
+    fed = Fed()
+    fed.add(syns([0.001 * i for i in range(5000)]))
+    first = ended_by_client(fed.table.expire(int(200e9), limit=1000))
+    assert sorted(first) == sorted(client(i) for i in range(1000))
+    assert fed.table.expiry_backlog == 4000
+    assert fed.table.overdue_last_ns == 1_000_000_000  # the SYN at 1.0 s waits longest
+    rest = ended_by_client(fed.table.flush(limit=1500))
+    assert len(rest) == 1500 and set(rest.values()) == {"idle_timeout"}
+    rest = ended_by_client(fed.table.flush())
+    assert len(rest) == 2500 and set(rest.values()) == {"idle_timeout"}
+    assert len(fed.table) == 0
+
+
+def test_a_flood_never_grows_the_table_past_max_flows():
+    """5,000 SYNs from new sources into a 1,000-flow table: it never holds more than 1,000
+    flows nor allocates room for more, and every flow is reported once."""
+    fed = Fed(max_flows=1000)
+    reported = 0
+    for lo in range(0, 5000, 700):
+        times = [0.001 * i for i in range(lo, min(lo + 700, 5000))]
+        reported += len(fed.add(syns(times, first_client=lo)))
+        assert len(fed.table) <= 1000
+    reported += len(fed.table.flush())
+    assert reported == 5000 and fed.table.created == 5000
+    sizes = fed.table.nbytes()
+    assert fed.table._capacity == 1000
+    assert sizes["columns"] == 1000 * bytes_per_flow()
+    assert sum(sizes.values()) / 1000 < 470  # state columns 408, index 32, key 8, free stack 4
+
+
+def test_packet_counts_in_32_bits_saturate():
+    counts = np.array([[COUNT_MAX - 1, 5]], dtype=np.uint32)
+    _add_count(counts, (np.array([0]), 0), np.array([10]))
+    _add_count(counts, (np.array([0]), 1), np.array([10]))
+    assert counts.tolist() == [[COUNT_MAX, 15]]

@@ -1,0 +1,192 @@
+"""Folding one batch's packets into the flow table's columns (see flows.py for the rules).
+
+Packets arrive grouped by flow key (segments of a sort by key hash). ``split_runs`` finds
+where a flow ends and a new one of the same key starts inside a segment (idle, active timeout,
+TCP close); ``fold_runs`` reduces each run of packets with column operations and merges the
+result into its flow's row: counts and sums add, minima and maxima fold, times move on.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .decode import ACK, FIN, RST, SYN, TCP_FLAG_NAMES, Packets
+from .flowrecords import ACTIVE, COUNT_MAX, IDLE, LEN_NONE, NEVER, NS, TCP_END
+
+
+def split_runs(
+    cols: dict[str, np.ndarray],
+    timeouts_ns: dict[str, int],
+    seg_first,
+    seg_start,
+    seg_of,
+    seg_slot,
+    ts,
+    sw,
+    flags,
+):
+    """Where a new flow starts inside each key's packets, and why the previous one ended.
+
+    The rules depend on the flow a packet would join (its first time, its TCP close
+    state), which depends on the earlier splits, so iterate to the fixed point; each round
+    settles at least the next split from the left, and real traffic needs two or three.
+    """
+    n = len(ts)
+    c = cols
+    known = seg_slot >= 0
+    ks = np.where(known, seg_slot, 0)
+    # State "before" each segment's first packet: the table flow's, for known keys.
+    t_last = np.where(known, c["last_ns"][ks], 0)
+    t_first = np.where(known, c["first_ns"][ks], 0)
+    t_sw = c["swapped"][ks]
+    t_fin = c["fin_packets"][ks]  # (segments, 2) in client/server orientation
+    # Convert the table's FIN counts to canonical orientation (0: from endpoint a).
+    t_fin_a = np.where(known, np.where(t_sw, t_fin[:, 1], t_fin[:, 0]) > 0, False)
+    t_fin_b = np.where(known, np.where(t_sw, t_fin[:, 0], t_fin[:, 1]) > 0, False)
+    t_rst = np.where(known, c["rst_packets"][ks].sum(1) > 0, False)
+
+    is_fin = (flags & FIN) > 0
+    fin_a = (is_fin & ~sw).astype(np.int64)
+    fin_b = (is_fin & sw).astype(np.int64)
+    rst = ((flags & RST) > 0).astype(np.int64)
+    syn_only = (flags & (SYN | ACK)) == SYN
+    idle, active, linger = timeouts_ns["idle"], timeouts_ns["active"], timeouts_ns["linger"]
+
+    prev_ts = np.empty(n, dtype=np.int64)
+    prev_ts[1:] = ts[:-1]
+    prev_ts[seg_start] = t_last
+    gap = ts - prev_ts
+    idx = np.arange(n)
+    cum_fin_a, cum_fin_b, cum_rst = np.cumsum(fin_a), np.cumsum(fin_b), np.cumsum(rst)
+    starts = seg_first & ~known[seg_of]
+    for _ in range(n + 1):
+        run_begin = np.maximum.accumulate(np.where(starts | seg_first, idx, 0))
+        continuing = ~starts[run_begin] & known[seg_of]
+        first_ts = np.where(continuing, t_first[seg_of], ts[run_begin])
+
+        def seen(per_packet, cumulative, table_flag, run_begin=run_begin, cont=continuing):
+            """Whether the flag was seen in packet i's run up to and including i."""
+            in_run = cumulative - cumulative[run_begin] + per_packet[run_begin]
+            return (in_run > 0) | (cont & table_flag[seg_of])
+
+        closed = seen(rst, cum_rst, t_rst) | (
+            seen(fin_a, cum_fin_a, t_fin_a) & seen(fin_b, cum_fin_b, t_fin_b)
+        )
+        # Values "before packet i": from packet i-1 in the same segment, else the table.
+        before_first = np.empty(n, dtype=np.int64)
+        before_first[1:] = first_ts[:-1]
+        before_closed = np.empty(n, dtype=bool)
+        before_closed[1:] = closed[:-1]
+        before_first[seg_start] = t_first
+        before_closed[seg_start] = t_rst | (t_fin_a & t_fin_b)
+        can_join = ~seg_first | known[seg_of]
+        ends_by_close = before_closed & (syn_only | (gap >= linger))
+        ends_by_idle = gap >= idle
+        ends_by_active = ts - before_first >= active
+        new_starts = (seg_first & ~known[seg_of]) | (
+            can_join & (ends_by_close | ends_by_idle | ends_by_active)
+        )
+        if np.array_equal(new_starts, starts):
+            break
+        starts = new_starts
+    reason = np.where(ends_by_close, TCP_END, np.where(ends_by_idle, IDLE, ACTIVE))
+    return starts, reason.astype(np.int8)
+
+
+def fold_runs(
+    cols: dict[str, np.ndarray], p: Packets, order, ts, sw, flags, run_start, run_of, run_slot
+) -> None:
+    """Reduce each run's packets and merge the results into its table slot."""
+    c = cols
+    slot = run_slot[run_of]
+    d = (sw != c["swapped"][slot]).astype(np.int64)  # 0: client to server
+    ip_len = p.ip_len[order]
+    first_of_run = np.zeros(len(ts), dtype=bool)
+    first_of_run[run_start] = True
+    packets_before = c["packets"][run_slot]  # (runs, 2): before this batch
+
+    def add(col, values):
+        sums = np.add.reduceat(values, run_start)
+        c[col][run_slot] += sums.astype(c[col].dtype)
+
+    # Bidirectional inter-arrival times: within the run, and from the table's last packet.
+    prev = np.empty(len(ts), dtype=np.int64)
+    prev[1:] = ts[:-1]
+    prev[run_start] = c["last_ns"][run_slot]
+    has_prev = ~first_of_run | (c["packets"][slot].sum(1) > 0)
+    iat = np.where(has_prev, np.maximum(ts - prev, 0), 0)
+    add("iat_sum", iat.astype(np.float64) / NS)
+    add("iat_sumsq", (iat.astype(np.float64) / NS) ** 2)
+    _fold_extreme(c["iat_min"], run_slot, np.minimum, np.where(has_prev, iat, NEVER), run_start)
+    _fold_extreme(c["iat_max"], run_slot, np.maximum, np.where(has_prev, iat, -1), run_start)
+    c["last_ns"][run_slot] = np.maximum.reduceat(ts, run_start)
+    # The server answered: any packet back except a reset (a rejection, not an answer).
+    answer = np.where((d == 1) & ((flags & RST) == 0), ts, NEVER)
+    _fold_extreme(c["answered_ns"], run_slot, np.minimum, answer, run_start)
+
+    wire = p.wirelen[order]
+    hdr = p.hdr_len[order]
+    payload = p.payload_len[order]
+    ttl = p.ttl[order]
+    window = p.tcp_window[order]
+    flag_bits = ((flags[None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1).astype(np.int64)
+    for direction in (0, 1):
+        m = d == direction
+        mi = m.astype(np.int64)
+        sl = (run_slot, direction)
+        c["packets"][sl] += np.add.reduceat(mi, run_start)
+        c["bytes"][sl] += np.add.reduceat(wire * mi, run_start)
+        c["ip_bytes"][sl] += np.add.reduceat(ip_len * mi, run_start)
+        c["header_bytes"][sl] += np.add.reduceat(hdr * mi, run_start)
+        c["payload_bytes"][sl] += np.add.reduceat(payload * mi, run_start)
+        with_payload = ((payload > 0) & m).astype(np.int64)
+        _add_count(c["payload_packets"], sl, np.add.reduceat(with_payload, run_start))
+        lf = ip_len.astype(np.float64) * mi
+        c["len_sum"][sl] += np.add.reduceat(lf, run_start)
+        c["len_sumsq"][sl] += np.add.reduceat(lf * lf, run_start)
+        _fold_extreme(c["len_min"], sl, np.minimum, np.where(m, ip_len, LEN_NONE), run_start)
+        _fold_extreme(c["len_max"], sl, np.maximum, np.where(m, ip_len, -1), run_start)
+        _fold_extreme(c["ttl_min"], sl, np.minimum, np.where(m, ttl, 256), run_start)
+        # The eight TCP flag counts in one (8, n) reduction.
+        flag_sums = np.add.reduceat(flag_bits * mi, run_start, axis=1)
+        for bit, name in enumerate(TCP_FLAG_NAMES):
+            _add_count(c[f"{name}_packets"], sl, flag_sums[bit])
+
+        # Per-direction times: the packets of this direction, still grouped by run.
+        sel = np.flatnonzero(m)
+        if len(sel) == 0:
+            continue
+        r = run_of[sel]
+        t = ts[sel]
+        dstart = np.ones(len(sel), dtype=bool)
+        dstart[1:] = r[1:] != r[:-1]
+        bounds = np.flatnonzero(dstart)
+        dslots = run_slot[r[bounds]]
+        dsl = (dslots, direction)
+        prev_d = np.empty(len(sel), dtype=np.int64)
+        prev_d[1:] = t[:-1]
+        prev_d[bounds] = c["dir_last_ns"][dsl]
+        has_prev_d = np.ones(len(sel), dtype=bool)
+        has_prev_d[bounds] = c["dir_last_ns"][dsl] >= 0
+        diat = np.where(has_prev_d, np.maximum(t - prev_d, 0), 0)
+        df = diat.astype(np.float64) / NS
+        c["dir_iat_sum"][dsl] += np.add.reduceat(df, bounds)
+        c["dir_iat_sumsq"][dsl] += np.add.reduceat(df * df, bounds)
+        no_iat = np.where(has_prev_d, diat, NEVER)
+        _fold_extreme(c["dir_iat_min"], dsl, np.minimum, no_iat, bounds)
+        _fold_extreme(c["dir_iat_max"], dsl, np.maximum, np.where(has_prev_d, diat, -1), bounds)
+        c["dir_last_ns"][dsl] = np.maximum.reduceat(t, bounds)
+        # The first packet of a direction sets its initial TCP window.
+        fresh = packets_before[r[bounds], direction] == 0
+        w = window[sel][bounds]
+        c["init_window"][dsl] = np.where(fresh, w, c["init_window"][dsl])
+
+
+def _fold_extreme(col: np.ndarray, where, ufunc, values: np.ndarray, starts: np.ndarray) -> None:
+    """col[where] = ufunc(col[where], ufunc.reduceat(values, starts)): a running min or max."""
+    col[where] = ufunc(col[where], ufunc.reduceat(values, starts))
+
+
+def _add_count(col: np.ndarray, where, values: np.ndarray) -> None:
+    """col[where] += values for a 32-bit count column, saturating at COUNT_MAX."""
+    col[where] = np.minimum(col[where] + values, COUNT_MAX)
