@@ -53,7 +53,15 @@ def replay(opts: ReplayOptions) -> int:
         log(f"metrics on http://{opts.serve.listen}:{server.port}/metrics")
     sink = AlertSink(opts.alerts, stdout=opts.stdout)
     engine = Engine(
-        model, rules, sink, metrics, opts.flow, opts.context, opts.incidents, opts.budget
+        model,
+        rules,
+        sink,
+        metrics,
+        opts.flow,
+        opts.context,
+        opts.incidents,
+        opts.budget,
+        log=log,
     )
     failed = False
     started = time.perf_counter()
@@ -132,6 +140,7 @@ def run(settings: Settings, config_path: Path) -> int:
         settings.context,
         settings.incidents,
         settings.budget,
+        log=log,
     )
     cap = settings.capture
     sources = [

@@ -31,6 +31,8 @@ from .metrics import Metrics
 from .model import ScoringModel
 from .rules import Rule, RuleEngine, RuleSet
 
+FLUSH_CHUNK = 65_536  # flows ended (and scored) at a time when a table is flushed
+
 
 @dataclass
 class Summary:
@@ -42,6 +44,8 @@ class Summary:
     held_back: int = 0  # alert lines the budget held back
     decode_errors: Counter = field(default_factory=Counter)
     suppressed: int = 0  # flows allowlisted, and per-flow alerts held back as repeats
+    evictions: Counter = field(default_factory=Counter)  # flows ended early, by reason
+    emergencies: int = 0  # times a flow table entered emergency mode
 
     def line(self, seconds: float) -> str:
         causes = ", ".join(f"{k} {v}" for k, v in sorted(self.incidents.items())) or "none"
@@ -53,6 +57,12 @@ class Summary:
             f"{self.held_back} held back, {self.suppressed} suppressed; {seconds:.2f} s, "
             f"{self.packets / max(seconds, 1e-9):,.0f} packets/s"
             + (f"; skipped packets: {errors}" if errors else "")
+            + (
+                f"; flow table: emergency mode {self.emergencies} times, ended early: "
+                + ", ".join(f"{k} {v}" for k, v in sorted(self.evictions.items()))
+                if self.evictions
+                else ""
+            )
         )
 
 
@@ -68,8 +78,10 @@ class Engine:
         incidents: IncidentSettings | None = None,
         budget: BudgetSettings | None = None,
         clock=time.monotonic,
+        log=None,
     ) -> None:
         self.model = model
+        self.log = log or (lambda message: None)  # operational messages (the daemon's log)
         self.rules = RuleEngine(rules, model.thresholds)
         self.incidents = IncidentTracker(incidents)
         self.budget = LineBudget(budget, clock)
@@ -88,7 +100,13 @@ class Engine:
     def _meter(self, interface: str) -> FlowMeter:
         if interface not in self.meters:
             self.meters[interface] = FlowMeter(self.flow_config, self.context_config)
-            self._seen[interface] = {"packets": 0, "bytes": 0, "errors": Counter(), "evicted": 0}
+            self._seen[interface] = {
+                "packets": 0,
+                "bytes": 0,
+                "errors": Counter(),
+                "evictions": Counter(),
+                "emergency": False,
+            }
         return self.meters[interface]
 
     def process(self, batch: PacketBatch, interface: str = "file") -> None:
@@ -107,8 +125,11 @@ class Engine:
     def flush(self) -> None:
         """End and score every open flow, and close every incident (end of input, shutdown)."""
         for interface, meter in self.meters.items():
-            self._handle(meter.flush(), interface)
-            self._account(interface)
+            while True:  # in chunks, so a full table's flush holds one chunk's records
+                self._handle(meter.flush(limit=FLUSH_CHUNK), interface)
+                self._account(interface)
+                if len(meter.table) == 0:
+                    break
         self._write_incidents(self.incidents.close_all())
         self.sink.flush()
 
@@ -125,7 +146,10 @@ class Engine:
         if len(flows) == 0:
             return
         started = time.perf_counter()
-        scores = self.model.score(flows.features)
+        if self.meters[interface].emergency:  # a flood: score each distinct shape once
+            scores = self.model.score_bulk(flows.features)
+        else:
+            scores = self.model.score(flows.features)
         elapsed = time.perf_counter() - started
         verdicts = self.rules.evaluate(
             flows.records, flows.features, scores.score, scores.tail_probability
@@ -208,16 +232,38 @@ class Engine:
         st = meter.stats.decode
         d_packets, d_bytes = st.packets - seen["packets"], st.bytes - seen["bytes"]
         d_errors = st.errors - seen["errors"]
-        d_evicted = meter.table.evicted - seen["evicted"]
+        d_evicted = Counter(meter.evictions)
+        d_evicted.subtract(seen["evictions"])
         seen.update(
             packets=st.packets,
             bytes=st.bytes,
             errors=Counter(st.errors),
-            evicted=meter.table.evicted,
+            evictions=Counter(meter.evictions),
         )
-        self.summary.packets += d_packets
-        self.summary.bytes += d_bytes
-        self.summary.decode_errors.update(d_errors)
+        s = self.summary
+        s.packets += d_packets
+        s.bytes += d_bytes
+        s.decode_errors.update(d_errors)
+        s.evictions.update(+d_evicted)
+        if meter.emergency != seen["emergency"]:
+            seen["emergency"] = meter.emergency
+            table = meter.table
+            if meter.emergency:
+                s.emergencies += 1
+                if self.metrics:
+                    self.metrics.emergency_starts.labels(interface).inc()
+                self.log(
+                    f"{interface}: flow table emergency mode on ({len(table):,} flows open of "
+                    f"{table.config.max_flows:,}): unanswered flows end after "
+                    f"{table.config.emergency_unanswered_timeout_s:g} s idle, the others after "
+                    f"{table.config.emergency_idle_timeout_s:g} s; flows are scored in bulk"
+                )
+            else:
+                self.log(
+                    f"{interface}: flow table emergency mode off ({len(table):,} flows open); "
+                    "ended early so far: "
+                    + ", ".join(f"{k} {v:,}" for k, v in sorted(meter.evictions.items()))
+                )
         m = self.metrics
         if m is None:
             return
@@ -225,6 +271,9 @@ class Engine:
         m.bytes.labels(interface).inc(d_bytes)
         for reason, count in d_errors.items():
             m.decode_errors.labels(reason).inc(count)
-        if d_evicted:
-            m.evictions.inc(d_evicted)
+        for reason, count in d_evicted.items():
+            if count > 0:
+                m.evictions.labels(reason).inc(count)
+        m.emergency.labels(interface).set(int(meter.emergency))
+        m.emergency_starts.labels(interface).inc(0)  # present from the first batch
         m.active_flows.set(sum(len(x.table) for x in self.meters.values()))

@@ -24,6 +24,7 @@ from quietwire import __version__
 
 from .decode import DECODE_ERROR_REASONS
 from .flowrecords import END_REASONS
+from .flows import EVICTION_REASONS
 
 SCORE_BUCKETS = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -49,7 +50,21 @@ class Metrics:
         )
         self.evictions = Counter(
             "quietwire_flow_table_evictions",
-            "Flows evicted because the flow table was full",
+            "Flows ended early under table pressure, by reason: table_full (evicted for room, "
+            "emergency mode off), emergency_unanswered, emergency_idle",
+            ["reason"],
+            registry=r,
+        )
+        self.emergency = Gauge(
+            "quietwire_flow_table_emergency",
+            "1 while the interface's flow table is in emergency mode",
+            ["interface"],
+            registry=r,
+        )
+        self.emergency_starts = Counter(
+            "quietwire_flow_table_emergency_starts",
+            "Times the interface's flow table entered emergency mode",
+            ["interface"],
             registry=r,
         )
         self.kernel_drops = Counter(
@@ -117,6 +132,8 @@ class Metrics:
             self.decode_errors.labels(reason)
         for reason in END_REASONS:
             self.flows.labels(reason)
+        for reason in EVICTION_REASONS:
+            self.evictions.labels(reason)
         for result in ("success", "failure"):
             self.reloads.labels(result)
 
