@@ -103,6 +103,7 @@ def test_dashboard_structure_and_metrics():
         "incidents opened",
         "open incidents",
         "held back",
+        "emergency",
     ):
         assert topic in titles, topic
 
@@ -206,6 +207,7 @@ def test_prometheus_scrapes_a_replay(ndpi, tmp_path):
                 "Incidents opened/s by cause",
                 "Open incidents",
                 "Incidents in range by cause",
+                "Flow-table emergency mode (1 = on)",
             }
             for p in panels():
                 for t in p["targets"]:
