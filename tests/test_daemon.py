@@ -13,13 +13,14 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from quietwire.cli import main
 
-from .conftest import serving_replay
+from .conftest import REPO, serving_replay
 
 PY = sys.executable
 
@@ -271,6 +272,77 @@ def test_live_capture_matches_replay(ndpi, netns, tmp_path, capsys):
 
     assert incidents(tmp_path / "live.json") == incidents(tmp_path / "replay.json")
     assert live_incidents == int(r.group(3)) >= 2
+
+
+def test_live_flood_stays_within_budget_and_memory(netns, tmp_path):
+    """A random-source SYN flood (100,000 packets, every one a new source) sent over the veth
+    at tcpreplay's top speed into `quietwire run` with per-flow alert lines on and a small
+    line budget: the lines written stay within the budget, the flood is one incident on its
+    victim, memory stays bounded, and SIGTERM ends the daemon cleanly."""
+    flood = tmp_path / "flood.pcap"
+    subprocess.run(
+        [
+            PY,
+            str(REPO / "bench" / "gen_flood.py"),
+            str(flood),
+            "--kind",
+            "syn",
+            "--packets",
+            "100000",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    alerts = tmp_path / "alerts.json"
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"capture: {{interfaces: [qwb], ring_blocks: 128}}\nalerts: {{file: {alerts}}}\n"
+        "metrics: false\nflow: {max_flows: 20000}\n"
+        "incidents: {flow_alerts: true}\nalert_budget: {lines_per_s: 2, burst: 20}\n"
+    )
+    log = tmp_path / "daemon.log"
+    proc = start_daemon(netns, config, log)
+    started = time.monotonic()
+    sent = subprocess.run(
+        [*netns, "tcpreplay", "-i", "qwa", "--topspeed", str(flood)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    time.sleep(1.0)
+    peak_kib = int(re.search(r"VmHWM:\s+(\d+)", Path(f"/proc/{proc.pid}/status").read_text())[1])
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, log.read_text()
+    seconds = time.monotonic() - started
+    text = log.read_text()
+    m = re.search(
+        r"stopped: (\d+) packets, (\d+) flows, (\d+) incidents, (\d+) alert lines "
+        r"\((\d+) held back\), (\d+) kernel drops",
+        text,
+    )
+    assert m, text
+    packets, flows, incidents, lines, held, drops = map(int, m.groups())
+    written = [json.loads(x) for x in alerts.open()]
+    print(
+        f"live flood: {packets} packets captured ({drops} dropped by the kernel), {flows} "
+        f"flows, {incidents} incidents, {lines} lines written, {held} held back, "
+        f"peak RSS {peak_kib / 1024:.0f} MiB, {seconds:.1f} s; tcpreplay: "
+        + sent.stdout.strip().splitlines()[0]
+    )
+    assert "Actual: 100000 packets" in sent.stdout
+    assert packets + drops == 100000 and flows == packets
+    assert lines == len(written) <= 20 + 2 * seconds  # the burst, then 2 lines/s
+    assert held > 90000  # one per-flow line per flood flow, almost all held back
+    assert written[-1]["quietwire"].get("held_back") or any(
+        "held_back" in w["quietwire"] for w in written
+    )
+    floods = {
+        (i["cause"], i["entity"]["ip"])
+        for i in (w["quietwire"].get("incident") for w in written)
+        if i
+    }
+    assert ("syn_flood", "203.0.113.10") in floods
+    assert peak_kib < 1_500_000
 
 
 def test_sighup_with_broken_rules_keeps_the_old_ones(netns, tmp_path):
