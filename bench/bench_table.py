@@ -34,6 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_meter import _peak_rss_mib  # noqa: E402
+
 FRAME = 54  # Ethernet 14 + IPv4 20 + TCP 20
 BATCH = (8 << 20) // (16 + FRAME)  # packets in one 8 MiB pcap chunk (16-byte record headers)
 SERVER = (172 << 24) | (16 << 16) | 1
@@ -82,14 +85,6 @@ def flood_batches(packets: int, rate_pps: float, seed: int = 11):
             interface=np.zeros(n, np.int32),
         )
         done += n
-
-
-def _peak_rss_mib() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _flow_config(args: argparse.Namespace):
