@@ -256,6 +256,8 @@ class IncidentTracker:
             names, inverse = self._group(batch, ev, rule_of, entity)
         order = np.argsort(inverse, kind="stable")
         bounds = np.r_[0, np.cumsum(np.bincount(inverse))]
+        opens_named = any(n not in self.open and n[0] != UNKNOWN_CAUSE for n in names)
+        unknown = self._unknown_index() if opens_named else None
         touched = []
         for j, name in enumerate(names):
             members = ev[order[bounds[j] : bounds[j + 1]]]
@@ -267,35 +269,42 @@ class IncidentTracker:
                     continue
                 inc = self._open(name, rule, batch.flows, int(members[0]))
                 self._fold(inc, rule, batch, members)
-                due += self._absorb_unknown(inc)
+                due += self._absorb_unknown(inc, unknown)
             else:
                 self._fold(inc, rule, batch, members)
             touched.append(inc)
         return touched
 
-    def _absorb_unknown(self, inc: Incident) -> list[tuple[Incident, str]]:
+    def _absorb_unknown(self, inc: Incident, unknown: dict | None) -> list:
         """A named incident takes over the open unknown-anomaly incidents that were its
-        beginning: the same source, or (for a victim) sources whose only peer it is."""
-        if inc.cause == UNKNOWN_CAUSE:
+        beginning: the same source, or (for a victim) sources whose only peer it is.
+        ``unknown`` indexes them by host hash (built once per batch, so this costs the
+        incidents taken over, not every open one)."""
+        if inc.cause == UNKNOWN_CAUSE or not unknown:
             return []
         out = []
-        for name, other in list(self.open.items()):
-            if other.cause != UNKNOWN_CAUSE or other.role != "source":
+        for name in unknown.pop((inc.role, inc.key_hash), []):
+            other = self.open.pop(name, None)
+            if other is None:
                 continue
-            same = (
-                other.key_hash == inc.key_hash
-                if inc.role == "source"
-                else (other.peers == {inc.key_hash})
-            )
-            if not same:
-                continue
-            del self.open[name]
             inc.absorb(other, self.settings.samples, self.settings.distinct_cap)
             other.merged_into = inc.id
             if other.lines:  # its open line went out: close it, saying where it went
                 other.line_ns = self.now_ns
                 out.append((other, "close"))
         return out
+
+    def _unknown_index(self) -> dict[tuple[str, int], list[tuple]]:
+        """Open unknown-anomaly incidents (on a source) by the host a named incident on it
+        would be keyed by: ("source", its own hash), and ("victim", its only peer's hash)."""
+        index: dict[tuple[str, int], list[tuple]] = {}
+        for name, inc in self.open.items():
+            if inc.cause != UNKNOWN_CAUSE or inc.role != "source":
+                continue
+            index.setdefault(("source", inc.key_hash), []).append(name)
+            if len(inc.peers) == 1:
+                index.setdefault(("victim", next(iter(inc.peers))), []).append(name)
+        return index
 
     def advance(self, now_ns: int | None = None) -> list[tuple[Incident, str]]:
         """Close the incidents quiet for ``quiet_s`` by ``now_ns`` (traffic time)."""
