@@ -104,7 +104,7 @@ class HostContext:
             (update.answered_seq, update.answered_ns),
             (update.ended["seq"], update.ended["answered_ns"]),
         ):
-            if len(seq):
+            if len(seq) and len(self):  # (the log may be empty: every start pruned)
                 pos = np.searchsorted(self._cols["seq"], seq)  # seq is increasing in the log
                 pos = np.minimum(pos, len(self) - 1)
                 hit = self._cols["seq"][pos] == seq

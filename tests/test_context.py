@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from scapy.all import IP, TCP, Ether
 
 from quietwire.agent.features import FEATURE_NAMES
@@ -164,3 +165,27 @@ def test_start_log_is_bounded():
         meter.add(tcp_batch(rows))
         assert meter.context.sizes()["starts"] <= 100
     assert len(meter.flush()) == 400
+
+
+@pytest.mark.parametrize("name", ["icmp-tunnel.pcap", "http_ua_splitted_in_two_pkts.pcapng"])
+def test_time_passing_between_batches_changes_nothing(ndpi, name):
+    """The live daemon ends timed-out flows between batches (expire): when that empties the
+    host window's log, a later answer or end must not index into it (it did: IndexError), and
+    the flows and features are those of metering the file in one go."""
+    from quietwire.agent.capture import read_capture
+    from quietwire.agent.flowrecords import FlowRecords
+    from quietwire.agent.meter import FlowMeter
+
+    path = ndpi / "pcap" / name
+    meter = FlowMeter(seed=1)
+    parts = []
+    for batch in read_capture(path, chunk_bytes=1 << 16):
+        parts.append(meter.add(batch))
+        if len(batch):
+            parts.append(meter.expire(int(batch.ts_ns[-1])))
+    parts.append(meter.flush())
+    records = FlowRecords.concat([p.records for p in parts])
+    features = np.concatenate([p.features for p in parts])[np.argsort(records["seq"])]
+    reference = meter_file(path)
+    assert len(features) == len(reference.features)
+    np.testing.assert_array_equal(features, reference.features)
