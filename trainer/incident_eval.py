@@ -22,6 +22,7 @@ from quietwire.agent.alerts import AlertSink
 from quietwire.agent.capture import read_capture
 from quietwire.agent.engine import Engine
 from quietwire.agent.flowfile import format_ips
+from quietwire.agent.flowrecords import FlowRecords
 from quietwire.agent.meter import FlowMeter
 from quietwire.agent.model import ScoringModel
 from quietwire.agent.rules import load_rules
@@ -51,8 +52,7 @@ class TypeResult:
     expected: str | None  # the cause that names it; None: any incident counts
     incidents: Counter = field(default_factory=Counter)  # cause -> incidents of this type
     lines: int = 0
-    first_packet_ns: int | None = None
-    first_line_ns: int | None = None
+    first_line_s: float | None = None  # earliest, over its incidents of the expected cause
 
     @property
     def named(self) -> bool:
@@ -62,15 +62,12 @@ class TypeResult:
 
     def as_dict(self) -> dict:
         n = sum(self.incidents.values())
-        delay = None
-        if self.first_line_ns is not None and self.first_packet_ns is not None:
-            delay = (self.first_line_ns - self.first_packet_ns) / 1e9
         return {
             "expected_cause": self.expected,
             "named": self.named,
             "incidents_by_cause": dict(self.incidents),
             "lines_per_incident": self.lines / n if n else None,
-            "seconds_to_first_line": delay,
+            "seconds_to_first_line": self.first_line_s,
         }
 
 
@@ -147,16 +144,32 @@ def _replay_one(path, label_of, model, rules, expected, result: IncidentResult) 
         members.setdefault(inc.id, Counter()).update(kinds)
 
     engine.incidents.on_fold = on_fold
-    # Every flow's label and start, from the same meter the engine uses.
+    # Every flow and its label, from the same meter the engine uses.
     meter = FlowMeter(seed=1)
-    first_packet: dict[str, int] = {}
-    benign_hosts: set[str] = set()
-    span = [None, None]
-    for batch in read_capture(path):
+    parts = []
+    # Small chunks, and time passing after each, as a live sensor sees the packets: the time
+    # to an incident's first line is then what it would be live, not the replay's batching.
+    for batch in read_capture(path, chunk_bytes=1 << 16):
         engine.process(batch)
-        _note(meter.add(batch).records, label_of, first_packet, benign_hosts, span)
+        if len(batch):
+            engine.expire(int(batch.ts_ns[-1]))
+        parts.append(meter.add(batch).records)
     engine.flush()
-    _note(meter.flush().records, label_of, first_packet, benign_hosts, span)
+    parts.append(meter.flush().records)
+    records = FlowRecords.concat(parts)
+    kinds = np.array(label_of(records)) if len(records) else np.zeros(0, str)
+    src = format_ips(records["ip_version"], records["src_hi"], records["src_lo"])
+    dst = format_ips(records["ip_version"], records["dst_hi"], records["dst_lo"])
+    # The flow starts of each attack type per host it involves, to measure an incident from
+    # the start of what it is about (see _attack_start).
+    starts: dict[tuple[str, str], list[int]] = {}
+    for i, (kind, t) in enumerate(zip(kinds.tolist(), records["first_ns"].tolist())):
+        for host in {src[i], dst[i]}:
+            starts.setdefault((kind, host), []).append(t)
+    benign = kinds == "benign"
+    result.benign_host_hours += _host_hours(
+        np.array(src)[benign], records["first_ns"][benign], records["last_ns"][benign]
+    )
     lines = [json.loads(x) for x in stream.getvalue().splitlines()]
     result.lines += len(lines)
     # an incident taken over by another counts for the one that took it
@@ -167,40 +180,47 @@ def _replay_one(path, label_of, model, rules, expected, result: IncidentResult) 
     by_id: dict[str, list] = {}
     for x in lines:
         by_id.setdefault(x["quietwire"]["incident"]["id"], []).append(x)
-    for kind in first_packet:
-        if kind != "benign" and kind not in result.types:
-            result.types[kind] = TypeResult(expected.get(kind))
+    for kind in set(kinds.tolist()) - {"benign"}:
+        result.types.setdefault(kind, TypeResult(expected.get(kind)))
     for inc_id, its_lines in by_id.items():
         counts = members.get(inc_id)
         if not counts:
             continue  # merged into another incident
         kind = counts.most_common(1)[0][0]
-        cause = its_lines[-1]["quietwire"]["incident"]["cause"]
+        inc = its_lines[-1]["quietwire"]["incident"]
         if kind == "benign":
-            result.benign_incidents[cause] += 1
+            result.benign_incidents[inc["cause"]] += 1
             continue
         t = result.types.setdefault(kind, TypeResult(expected.get(kind)))
-        t.incidents[cause] += 1
+        t.incidents[inc["cause"]] += 1
         t.lines += len(its_lines)
-        t.first_packet_ns = first_packet.get(kind)
-        stamp = int(np.datetime64(its_lines[0]["timestamp"][:26], "ns").astype(np.int64))
-        if t.expected in (None, cause):
-            t.first_line_ns = stamp if t.first_line_ns is None else min(t.first_line_ns, stamp)
-    if span[0] is not None and benign_hosts:
-        result.benign_host_hours += len(benign_hosts) * (span[1] - span[0]) / 3.6e12
+        host_starts = starts.get((kind, inc["entity"]["ip"]))
+        if t.expected in (None, inc["cause"]) and host_starts:
+            stamp = int(np.datetime64(its_lines[0]["timestamp"][:26], "ns").astype(np.int64))
+            delay = (stamp - _attack_start(np.sort(host_starts), stamp)) / 1e9
+            t.first_line_s = delay if t.first_line_s is None else min(t.first_line_s, delay)
 
 
-def _note(records, label_of, first_packet, benign_hosts, span) -> None:
-    if len(records) == 0:
-        return
-    kinds = np.array(label_of(records))
-    for kind in np.unique(kinds).tolist():
-        t = int(records["first_ns"][kinds == kind].min())
-        first_packet[kind] = min(first_packet.get(kind, t), t)
-    benign = kinds == "benign"
-    if benign.any():
-        sub = records.take(np.flatnonzero(benign))
-        benign_hosts.update(format_ips(sub["ip_version"], sub["src_hi"], sub["src_lo"]))
-    lo, hi = int(records["first_ns"].min()), int(records["last_ns"].max())
-    span[0] = lo if span[0] is None else min(span[0], lo)
-    span[1] = hi if span[1] is None else max(span[1], hi)
+def _attack_start(starts: np.ndarray, line_ns: int, gap_ns: int = 3600 * 10**9) -> int:
+    """The first flow start of the attack a line is about: going back from the line, the
+    earliest start with no hour-long silence between it and the line (captures joined from
+    several days measure from the start of the day's attack)."""
+    before = starts[starts <= line_ns]
+    if len(before) == 0:
+        return int(starts[0])
+    gaps = np.flatnonzero(np.diff(np.r_[before, line_ns]) > gap_ns)
+    tail = gaps[gaps < len(before) - 1] if len(gaps) else gaps
+    return int(before[tail[-1] + 1]) if len(tail) else int(before[0])
+
+
+def _host_hours(hosts: np.ndarray, first_ns: np.ndarray, last_ns: np.ndarray) -> float:
+    """Hours each host was seen: from a flow start to the last flow end, split where it started
+    no flow for an hour (captures joined from several days count their days, not the gaps)."""
+    if len(hosts) == 0:
+        return 0.0
+    order = np.lexsort((first_ns, hosts))
+    h, start, end = hosts[order], first_ns[order], last_ns[order]
+    new = np.r_[True, (h[1:] != h[:-1]) | (start[1:] - start[:-1] > 3600 * 10**9)]
+    begin = np.minimum.reduceat(start, np.flatnonzero(new))
+    finish = np.maximum.reduceat(end, np.flatnonzero(new))
+    return float(np.maximum(finish - begin, 60 * 10**9).sum()) / 3.6e12
