@@ -31,8 +31,6 @@ from .metrics import Metrics
 from .model import ScoringModel
 from .rules import Rule, RuleEngine, RuleSet
 
-FLUSH_CHUNK = 65_536  # flows ended (and scored) at a time when a table is flushed
-
 
 @dataclass
 class Summary:
@@ -125,11 +123,9 @@ class Engine:
     def flush(self) -> None:
         """End and score every open flow, and close every incident (end of input, shutdown)."""
         for interface, meter in self.meters.items():
-            while True:  # in chunks, so a full table's flush holds one chunk's records
-                self._handle(meter.flush(limit=FLUSH_CHUNK), interface)
+            for part in meter.drain():
+                self._handle(part, interface)
                 self._account(interface)
-                if len(meter.table) == 0:
-                    break
         self._write_incidents(self.incidents.close_all())
         self.sink.flush()
 

@@ -7,6 +7,7 @@ Replay and live capture differ only in the iterable of PacketBatches they feed i
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +22,7 @@ from .flows import FlowConfig, FlowTable
 # Features are computed this many flows at a time, so that a flush of a full table (or a mass
 # expiry) holds the records and the float32 matrix, not every float64 intermediate at once.
 FEATURE_CHUNK = 1 << 16
+DRAIN_CHUNK = 1 << 16  # flows ended at a time by drain()
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,12 @@ class FlowMeter:
         """End every open flow (end of input or shutdown) and return them; with ``limit``,
         only that many (the longest idle): call again until ``len(meter.table)`` is 0."""
         return self._finish(self.table.flush(limit))
+
+    def drain(self, chunk: int = DRAIN_CHUNK) -> Iterator[MeteredFlows]:
+        """End every open flow, ``chunk`` at a time (longest idle first), so a full table's
+        end of input holds one chunk's records and features at once, not all of them."""
+        while len(self.table):
+            yield self.flush(limit=chunk)
 
     def _prune(self, now_ns: int) -> None:
         # Flows the table left overdue for a later call still need the starts of their window.

@@ -29,7 +29,7 @@ def features_of(path: Path) -> np.ndarray:
 
     meter = FlowMeter(seed=1)
     parts = [meter.add(b).features for b in read_capture(path)]
-    parts.append(meter.flush().features)
+    parts += [p.features for p in meter.drain()]
     return np.concatenate(parts)
 
 

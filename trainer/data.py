@@ -99,5 +99,5 @@ def _capture_features(path: Path, data: Dataset) -> np.ndarray:
     except CaptureError as exc:
         data.warnings.append(str(exc))
         print(f"quietwire: warning: {exc}", file=sys.stderr)
-    parts.append(meter.flush().features)
+    parts += [p.features for p in meter.drain()]
     return np.concatenate(parts)

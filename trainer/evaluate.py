@@ -235,7 +235,7 @@ class EvalSet:
 def _features(path: Path):
     meter = FlowMeter(seed=1)
     parts = [meter.add(b) for b in read_capture(path)]
-    parts.append(meter.flush())
+    parts += list(meter.drain())
     return parts
 
 

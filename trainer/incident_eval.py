@@ -155,7 +155,7 @@ def _replay_one(path, label_of, model, rules, expected, result: IncidentResult) 
             engine.expire(int(batch.ts_ns[-1]))
         parts.append(meter.add(batch).records)
     engine.flush()
-    parts.append(meter.flush().records)
+    parts += [p.records for p in meter.drain()]
     records = FlowRecords.concat(parts)
     kinds = np.array(label_of(records)) if len(records) else np.zeros(0, str)
     src = format_ips(records["ip_version"], records["src_hi"], records["src_lo"])

@@ -65,7 +65,8 @@ def cmd_flows(args: argparse.Namespace) -> int:
             error(str(exc))
             failed = True
         # What was decoded before any damage is still written.
-        alerts += _write(writer, meter.flush(), model, args.fpr)
+        for part in meter.drain():
+            alerts += _write(writer, part, model, args.fpr)
         progress.done()
         st = meter.stats
         packets += st.decode.packets
