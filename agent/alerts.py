@@ -1,15 +1,24 @@
-"""Alerts as EVE-style JSON lines (the shape SIEMs already ingest from Suricata), to a file,
-stdout, or both. The file is reopened on request (SIGHUP) so logrotate can move it."""
+"""Alert lines as EVE-style JSON (the shape SIEMs already ingest from Suricata): one per
+incident open/update/close, or (an option) per flow and rule; the line budget that caps them;
+the sink that writes them to a file, stdout, or both. The file is reopened on request (SIGHUP)
+so logrotate can move it."""
 
 from __future__ import annotations
 
 import json
 import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from .flowfile import identity_columns
+import numpy as np
+
+from .features import FEATURE_NAMES
+from .flowfile import identity_columns, iso_times
 from .flowrecords import FlowRecords
+from .incidents import Incident
 from .model import Scores
 from .rules import Rule
 
@@ -72,6 +81,121 @@ def eve_alerts(
             record["in_iface"] = interface
         out.append(record)
     return out
+
+
+@dataclass(frozen=True)
+class BudgetSettings:
+    """The global cap on alert lines (config key ``alert_budget``): a token bucket."""
+
+    lines_per_s: float = 50.0
+    burst: int = 200
+
+    def __post_init__(self) -> None:
+        if not self.lines_per_s > 0 or self.burst < 1:
+            raise ValueError("alert_budget: lines_per_s must be > 0 and burst >= 1")
+
+
+class LineBudget:
+    """A token bucket on alert lines, in wall-clock time (it protects the SIEM). Lines it
+    holds back are counted by cause, and the next line that gets through says how many."""
+
+    def __init__(self, settings: BudgetSettings | None = None, clock=time.monotonic) -> None:
+        self.settings = settings or BudgetSettings()
+        self._clock = clock
+        self._tokens = float(self.settings.burst)
+        self._at = clock()
+        self._pending: Counter = Counter()  # held back since the last line written
+        self.held: Counter = Counter()  # held back in all, by cause
+
+    def grant(self, causes: list[str]) -> int:
+        """How many of these lines (in order) may be written now; the rest are held back."""
+        now = self._clock()
+        s = self.settings
+        self._tokens = min(float(s.burst), self._tokens + (now - self._at) * s.lines_per_s)
+        self._at = now
+        k = min(len(causes), int(self._tokens))
+        self._tokens -= k
+        if k < len(causes):
+            rest = Counter(causes[k:])
+            self._pending.update(rest)
+            self.held.update(rest)
+        return k
+
+    def note(self, record: dict) -> None:
+        """Tell a line that is about to be written what was held back before it."""
+        if self._pending:
+            record["quietwire"]["held_back"] = {
+                "lines": sum(self._pending.values()),
+                "by_cause": dict(sorted(self._pending.items())),
+            }
+            self._pending.clear()
+
+
+def _distinct(seen: set, sample: list, cap: int) -> dict:
+    out = {"distinct": len(seen), "sample": list(sample)}
+    if len(seen) >= cap:
+        out["distinct_at_least"] = True  # counting stopped at the cap
+    return out
+
+
+def eve_incident(inc: Incident, state: str, model_version: str, cap: int) -> dict:
+    """One EVE alert line for an incident's open, update or close; marks the line written."""
+    inc.lines += 1
+    first, last, now = iso_times(
+        np.array([inc.first_ns, inc.last_ns, inc.line_ns or inc.last_ns], dtype=np.int64)
+    )
+    top = []
+    if inc.contributions is not None:
+        mean = inc.contributions / max(inc.flows, 1)
+        for k in np.argsort(-mean)[:5].tolist():
+            top.append({"name": FEATURE_NAMES[k], "contribution": round(float(mean[k]), 4)})
+    record: dict = {"timestamp": now, "event_type": "alert"}
+    if inc.role == "source":
+        record["src_ip"] = inc.ip
+    else:
+        record["dest_ip"] = inc.ip
+        if inc.port is not None:
+            record["dest_port"] = inc.port
+            record["proto"] = inc.proto
+    record["alert"] = {
+        "action": "allowed",
+        "signature_id": inc.rule.id,
+        "signature": inc.rule.name,
+        "severity": inc.rule.severity,
+        "category": inc.rule.category,
+    }
+    record["quietwire"] = {
+        "model_version": model_version,
+        "incident": {
+            "id": inc.id,
+            "state": state,
+            "cause": inc.cause,
+            "entity": {
+                "ip": inc.ip,
+                "role": inc.role,
+                **({"proto": inc.proto, "port": inc.port} if inc.port is not None else {}),
+            },
+            "first_seen": first,
+            "last_seen": last,
+            "flows": inc.flows,
+            "packets": inc.packets,
+            "bytes": inc.bytes,
+            "peers": _distinct(inc.peers, inc.peer_sample, cap),
+            "ports": _distinct(inc.ports, inc.port_sample, cap),
+            "score": {
+                "max": round(inc.max_score, 6),
+                "min_tail_probability": round(inc.min_tail, 6),
+                "flows_over_threshold": {f"{fpr:g}": n for fpr, n in sorted(inc.over.items())},
+            },
+            "top_features": top,
+            "examples": list(inc.examples),
+            "rules": sorted(inc.rules),
+            "lines": inc.lines,
+        },
+    }
+    if inc.merged_into:
+        record["quietwire"]["incident"]["merged_into"] = inc.merged_into
+    return record
 
 
 class AlertSink:

@@ -8,9 +8,10 @@ from pathlib import Path
 
 from quietwire.rules import DEFAULT_RULES
 
+from .alerts import BudgetSettings
 from .context import ContextConfig
 from .flows import FlowConfig
-from .incidents import BudgetSettings, IncidentSettings
+from .incidents import IncidentSettings
 from .metrics import ServerSettings
 from .model import DEFAULT_MODEL
 from .yamlnodes import Node, YamlError, load

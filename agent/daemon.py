@@ -10,13 +10,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .alerts import AlertSink
+from .alerts import AlertSink, BudgetSettings
 from .capture import CaptureError, read_capture
 from .config import Settings
 from .context import ContextConfig
 from .engine import Engine
 from .flows import FlowConfig
-from .incidents import BudgetSettings, IncidentSettings
+from .incidents import IncidentSettings
 from .livecapture import LiveCapture
 from .metrics import Metrics, MetricsServer, ServerSettings
 from .model import ModelError, ScoringModel

@@ -13,19 +13,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .alerts import AlertSink, eve_alerts
+from .alerts import AlertSink, BudgetSettings, LineBudget, eve_alerts, eve_incident
 from .capture import PacketBatch
 from .context import ContextConfig
 from .flowrecords import END_REASONS
 from .flows import FlowConfig
-from .incidents import (
-    BudgetSettings,
-    Incident,
-    IncidentSettings,
-    IncidentTracker,
-    LineBudget,
-    eve_incident,
-)
+from .incidents import Incident, IncidentSettings, IncidentTracker
 from .meter import FlowMeter, MeteredFlows
 from .metrics import Metrics
 from .model import ScoringModel

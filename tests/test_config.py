@@ -104,7 +104,8 @@ def test_check_config_command(tmp_path, capsys):
 def test_the_example_config_is_valid_and_lists_the_defaults():
     from pathlib import Path
 
-    from quietwire.agent.incidents import BudgetSettings, IncidentSettings
+    from quietwire.agent.alerts import BudgetSettings
+    from quietwire.agent.incidents import IncidentSettings
 
     example = Path(__file__).resolve().parent.parent / "deploy" / "config.example.yaml"
     s = load_config(example)

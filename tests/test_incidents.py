@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from scapy.all import IP, TCP, UDP, Ether
 
-from quietwire.agent.alerts import AlertSink
+from quietwire.agent.alerts import AlertSink, BudgetSettings, LineBudget
 from quietwire.agent.engine import Engine
-from quietwire.agent.incidents import BudgetSettings, IncidentSettings, LineBudget
+from quietwire.agent.incidents import IncidentSettings
 from quietwire.agent.model import ScoringModel
 from quietwire.agent.rules import load_rules
 from quietwire.cli import main

@@ -6,9 +6,10 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
+from quietwire.agent.alerts import BudgetSettings
 from quietwire.agent.config import DEFAULT_RULES
 from quietwire.agent.flows import FlowConfig
-from quietwire.agent.incidents import BudgetSettings, IncidentSettings
+from quietwire.agent.incidents import IncidentSettings
 from quietwire.agent.metrics import MetricsServerError, ServerSettings
 from quietwire.agent.model import DEFAULT_MODEL, ModelError, ScoringModel
 from quietwire.agent.rules import RuleError, load_rules
