@@ -175,10 +175,14 @@ class IncidentTracker:
                 keys = host_hash(flows[f"{side}_hi"][u], flows[f"{side}_lo"][u])
                 hit = ~joined & np.isin(keys, np.fromiter(named, np.uint64, len(named)))
                 joined |= hit
-                for key in np.unique(keys[hit]).tolist():
-                    members = hit & (keys == key)
+                rows = np.flatnonzero(hit)
+                hosts, inverse = np.unique(keys[rows], return_inverse=True)
+                rows = rows[np.argsort(inverse, kind="stable")]
+                bounds = np.r_[0, np.cumsum(np.bincount(inverse.reshape(-1)))]
+                for j, key in enumerate(hosts.tolist()):  # one fold per host, not per flow
+                    members = rows[bounds[j] : bounds[j + 1]]
                     inc = named[key]
-                    self._fold(inc, rules[int(u_rule[members][0])], batch, u[members])
+                    self._fold(inc, rules[int(u_rule[members[0]])], batch, u[members])
                     touched.append(inc)
             touched += self._fold_groups(batch, u[~joined], u_rule[~joined], due)
         return due + self._lines_due(list(dict.fromkeys(touched)))
