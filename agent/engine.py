@@ -180,7 +180,8 @@ class Engine:
     def _write_incidents(self, due: list[tuple[Incident, str]]) -> None:
         """Incident lines, as far as the budget allows (opened incidents count either way)."""
         for inc, state in due:
-            if state == "open":
+            if state == "open" and not inc.counted:  # a held-back open line comes again
+                inc.counted = True
                 self.summary.incidents[inc.cause] += 1
                 if self.metrics:
                     self.metrics.incidents.labels(inc.cause).inc()

@@ -80,6 +80,7 @@ class Incident:
     examples: list = field(default_factory=list)  # community ids
     rules: set = field(default_factory=set)
     key_hash: int = 0  # host_hash of the entity's address, to match flows against
+    counted: bool = False  # counted as opened (once, even if its open line is held back)
     merged_into: str | None = None  # the named incident that took this one over
     lines: int = 0
     evidence_ns: int = 0  # traffic time when evidence last arrived (a flow ended)

@@ -159,6 +159,27 @@ def test_budget_caps_per_flow_lines_and_counts_what_it_held(tmp_path):
     assert engine.budget.held == {"flood_test": 297}
 
 
+def test_an_incident_whose_open_line_is_held_counts_once(tmp_path):
+    """Three sources, one incident each, a budget of one line and no refill: one line is
+    written, and the incidents opened are still three (a held-back open line is tried again
+    with the next evidence, not counted again)."""
+    pkts = [
+        Ether() / IP(src=f"10.9.9.{1 + i % 3}", dst="10.0.0.5") / TCP(sport=40000 + i, dport=80)
+        for i in range(30)
+    ]
+    pcap = write_pcap(tmp_path / "three.pcap", pkts, [10.0 * i for i in range(30)])
+    engine, sink, out = engine_for(
+        tmp_path,
+        ANY_FLOW,
+        IncidentSettings(quiet_s=1000),
+        BudgetSettings(lines_per_s=1, burst=1),
+        lambda: 0.0,
+    )
+    replay_into(engine, sink, pcap)
+    assert len(lines_of(out)) == 1
+    assert engine.summary.incidents == {"unknown_anomaly": 3}
+
+
 def test_sources_that_become_a_scan_join_its_incident(tmp_path):
     """A scanner's first probes are unknown anomalies (its port count is still low); once the
     scan rule names the cause, they are part of that incident, not one of their own."""
