@@ -37,6 +37,7 @@ class Summary:
     suppressed: int = 0  # flows allowlisted, and per-flow alerts held back as repeats
     evictions: Counter = field(default_factory=Counter)  # flows ended early, by reason
     emergencies: int = 0  # times a flow table entered emergency mode
+    evidence_dropped: int = 0  # evidence flows no incident could take (max_open reached)
 
     def line(self, seconds: float) -> str:
         causes = ", ".join(f"{k} {v}" for k, v in sorted(self.incidents.items())) or "none"
@@ -48,6 +49,11 @@ class Summary:
             f"{self.held_back} held back, {self.suppressed} suppressed; {seconds:.2f} s, "
             f"{self.packets / max(seconds, 1e-9):,.0f} packets/s"
             + (f"; skipped packets: {errors}" if errors else "")
+            + (
+                f"; evidence dropped (incidents.max_open reached): {self.evidence_dropped}"
+                if self.evidence_dropped
+                else ""
+            )
             + (
                 f"; flow table: emergency mode {self.emergencies} times, ended early: "
                 + ", ".join(f"{k} {v}" for k, v in sorted(self.evictions.items()))
@@ -143,7 +149,9 @@ class Engine:
         verdicts = self.rules.evaluate(
             flows.records, flows.features, scores.score, scores.tail_probability
         )
+        dropped = self.incidents.dropped
         due = self.incidents.observe(flows.records, scores, verdicts, self.model.thresholds)
+        dropped = self.incidents.dropped - dropped
         self._write_incidents(due + self.incidents.advance())
         deduplicated: dict[int, int] = {}
         if self.incidents.settings.flow_alerts:
@@ -161,9 +169,12 @@ class Engine:
         s.flows += len(flows)
         s.suppressed += sum(verdicts.suppressed_by_rule.values())
         s.suppressed += sum(deduplicated.values())
+        s.evidence_dropped += dropped
         m = self.metrics
         if m is None:
             return
+        if dropped:
+            m.evidence_dropped.inc(dropped)
         m.scoring_seconds.observe(elapsed)
         m.score.observe_many(scores.score)
         for rid, count in verdicts.suppressed_by_rule.items():

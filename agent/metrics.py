@@ -83,6 +83,11 @@ class Metrics:
             "quietwire_incidents", "Incidents opened, by cause", ["cause"], registry=r
         )
         self.open_incidents = Gauge("quietwire_open_incidents", "Incidents open now", registry=r)
+        self.evidence_dropped = Counter(
+            "quietwire_incident_evidence_dropped",
+            "Evidence flows no incident could take (incidents.max_open reached)",
+            registry=r,
+        )
         self.held_back = Counter(
             "quietwire_alert_lines_held_back",
             "Alert lines the line budget held back, by cause",

@@ -90,6 +90,34 @@ def test_max_open_folds_new_entities_into_their_victim(tmp_path):
     assert sum(i["flows"] for i in closes) == 300  # nothing lost
     victim = next(i for i in closes if i["entity"]["role"] == "victim")
     assert victim["entity"]["ip"] == "10.0.0.80" and victim["cause"] == "unknown_anomaly"
+    assert engine.summary.evidence_dropped == 0
+
+
+def test_evidence_past_max_open_is_counted_when_dropped(tmp_path):
+    """With room for one incident, a flood on a second victim has nowhere to go: its
+    evidence is dropped, and counted (summary and metric), never silently lost."""
+    from scapy.all import wrpcap
+
+    first, second = syn_flood(tmp_path, n=50), tmp_path / "second.pcap"
+    pkts = [
+        Ether() / IP(src=s, dst="10.0.0.81") / TCP(sport=2000 + i, dport=80, flags="S")
+        for i, s in enumerate(random_sources(40, seed=2))
+    ]
+    for i, p in enumerate(pkts):
+        p.time = 1.0 + 0.001 * i
+    wrpcap(str(second), pkts)
+    engine, sink, out = engine_for(tmp_path, ANY_FLOW, IncidentSettings(max_open=1))
+    from quietwire.agent.capture import read_capture
+
+    for path in (first, second):  # one time line: both floods' flows end in the flush
+        for batch in read_capture(path):
+            engine.process(batch)
+    engine.flush()
+    sink.close()
+    closes = [x["quietwire"]["incident"] for x in lines_of(out)]
+    kept = sum(i["flows"] for i in closes if i["state"] == "close")
+    assert engine.summary.evidence_dropped > 0
+    assert kept + engine.summary.evidence_dropped == 90
 
 
 def slow_scan(tmp_path, every_s=5.0, probes=60):
