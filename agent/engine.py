@@ -76,8 +76,13 @@ class Engine:
         budget: BudgetSettings | None = None,
         clock=time.monotonic,
         log=None,
+        flow_log=None,
     ) -> None:
         self.model = model
+        # Every metered record, scored, goes here when set: an object with
+        # write(flows: MeteredFlows, scores: Scores, model_version: str, interface: str | None)
+        # and flush() (agent/flowlog.py).
+        self.flow_log = flow_log
         self.log = log or (lambda message: None)  # operational messages (the daemon's log)
         self.rules = RuleEngine(rules, model.thresholds)
         self.incidents = IncidentTracker(incidents)
@@ -127,6 +132,8 @@ class Engine:
                 self._account(interface)
         self._write_incidents(self.incidents.close_all())
         self.sink.flush()
+        if self.flow_log is not None:
+            self.flow_log.flush()
 
     def reload(self, model: ScoringModel | None = None, rules: RuleSet | None = None) -> None:
         if model is not None:
@@ -146,6 +153,10 @@ class Engine:
         else:
             scores = self.model.score(flows.features)
         elapsed = time.perf_counter() - started
+        if self.flow_log is not None:
+            self.flow_log.write(
+                flows, scores, self.model.version, None if interface == "file" else interface
+            )
         verdicts = self.rules.evaluate(
             flows.records, flows.features, scores.score, scores.tail_probability
         )
