@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from quietwire.agent.balance import burst_weights
+
 from .diffusion import Denoiser, NoiseSchedule, noise_loss, time_loss
 from .preprocess import CLIP, Preprocessor
 
@@ -282,21 +284,10 @@ class DiffusionDetector:
 
 
 def host_weights(x: np.ndarray, client: int, server: int = 0) -> torch.Tensor | None:
-    """Sampling weights min(1, client / the client's flows, server / the server's distinct
-    clients) in the context window, or None when both are off. One scanner's probes share
-    the first count; a spoofed SYN flood's flows (one forged source each) the second. The
-    server side needs a larger bound: a popular server's many real clients are no burst, and
-    down-weighting them would make flows to rare servers (a C2 beacon's) look commoner."""
-    if not client and not server:
-        return None
-    from quietwire.agent.features import FEATURE_NAMES
-
-    def bound(limit: int, name: str) -> np.ndarray:
-        count = np.nan_to_num(x[:, FEATURE_NAMES.index(name)], nan=1.0)
-        return np.minimum(1.0, limit / np.maximum(count, 1.0)) if limit else np.ones(len(x))
-
-    w = np.minimum(bound(client, "src_host_flows"), bound(server, "dst_host_distinct_src_hosts"))
-    return torch.from_numpy(w.astype(np.float64))
+    """Sampling weights of burst balancing (quietwire.agent.balance.burst_weights, the one
+    rule that calibration uses too) as a tensor, or None when both bounds are off."""
+    w = burst_weights(x, client, server)
+    return None if w is None else torch.from_numpy(w)
 
 
 @torch.no_grad()
