@@ -12,6 +12,7 @@ import csv
 import ipaddress
 import json
 import math
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
@@ -160,13 +161,30 @@ class FlowWriter:
         self.rows += len(flows)
 
 
+@dataclass(frozen=True)
+class StoredFlows:
+    """A flow table read back: the features of its flows and the span of their times."""
+
+    features: np.ndarray  # (n, len(SCHEMA)) float32
+    first_start: str | None  # the earliest `start` (EVE's ISO 8601 UTC); None if none given
+    last_end: str | None  # the latest `end`
+
+
 def read_flow_table(path: str | Path) -> np.ndarray:
     """The (n, len(SCHEMA)) float32 features of a table written by FlowWriter.
 
     Raises FlowFileError naming the file and line when the schema differs or a value is bad.
     """
+    return read_stored_flows(path).features
+
+
+def read_stored_flows(path: str | Path) -> StoredFlows:
+    """A table written by FlowWriter: its features and the span of its flows' times (the
+    writer's timestamps have one width and one zone, so text order is time order)."""
     path = Path(path)
     rows: list[list[float]] = []
+    starts: list[str] = []
+    ends: list[str] = []
     try:
         with path.open(newline="") as handle:
             if path.suffix == ".csv":
@@ -182,12 +200,18 @@ def read_flow_table(path: str | Path) -> np.ndarray:
                     )
                 cols = [header.index(n) for n in FEATURE_NAMES]
                 hash_col = header.index("schema_hash")
+                start_col = header.index("start") if "start" in header else None
+                end_col = header.index("end") if "end" in header else None
                 for line, rec in enumerate(reader, start=2):
                     _check_hash(path, line, rec[hash_col] if len(rec) > hash_col else "")
                     try:
                         rows.append([float(rec[i]) if rec[i] != "" else math.nan for i in cols])
                     except (ValueError, IndexError) as exc:
                         raise FlowFileError(f"{path}: line {line}: bad value ({exc})") from exc
+                    if start_col is not None:
+                        starts.append(rec[start_col])
+                    if end_col is not None:
+                        ends.append(rec[end_col])
             else:
                 for line, text in enumerate(handle, start=1):
                     if not text.strip():
@@ -204,9 +228,17 @@ def read_flow_table(path: str | Path) -> np.ndarray:
                         )
                     except (ValueError, KeyError, TypeError, AttributeError) as exc:
                         raise FlowFileError(f"{path}: line {line}: bad record ({exc!r})") from exc
+                    starts.append(rec.get("start") or "")
+                    ends.append(rec.get("end") or "")
     except OSError as exc:
         raise FlowFileError(f"{path}: cannot read: {exc.strerror}") from exc
-    return np.asarray(rows, dtype=np.float32).reshape(len(rows), len(FEATURE_NAMES))
+    starts = [t for t in starts if t]
+    ends = [t for t in ends if t]
+    return StoredFlows(
+        np.asarray(rows, dtype=np.float32).reshape(len(rows), len(FEATURE_NAMES)),
+        min(starts) if starts else None,
+        max(ends) if ends else None,
+    )
 
 
 def _check_hash(path: Path, line: int, found: str) -> None:
