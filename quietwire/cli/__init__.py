@@ -11,12 +11,12 @@ import sys
 from quietwire import __version__
 from quietwire.agent.flowfile import FlowFileError
 
-from . import evaluation, flows, replay, train
+from . import calibrate, evaluation, flows, replay, train
 from .common import DEFAULT_CAPTURE, error
 
 __all__ = ["DEFAULT_CAPTURE", "build_parser", "main"]
 
-COMMAND_MODULES = (flows, replay, train, evaluation)
+COMMAND_MODULES = (flows, replay, calibrate, train, evaluation)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,135 @@
+"""The site's flows from files, for calibration: captures (through the agent's own flow
+meter, so the features are the ones it scores live) and flow tables that `quietwire flows`
+wrote, each with the time span of its flows.
+
+Input kinds are told apart by file name (``input_kind``) and read by one function each
+(``READERS``): the flow log of issue 12 (agent/flowlog.py, being written) is one more entry in
+both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .capture import CaptureError, read_capture
+from .features import FEATURE_NAMES
+from .flowfile import iso_times, read_stored_flows
+from .meter import FlowMeter
+
+CAPTURE_SUFFIXES = (".pcap", ".pcapng", ".cap")
+TABLE_SUFFIXES = (".csv", ".jsonl")
+
+
+class SiteFlowsError(Exception):
+    """An input cannot be read as site flows; the message names the file."""
+
+
+@dataclass(frozen=True)
+class FileFlows:
+    """The flows of one input file."""
+
+    features: np.ndarray  # (n, len(SCHEMA)) float32
+    first_start: str | None  # the earliest flow start (EVE's ISO 8601 UTC), None if unknown
+    last_end: str | None  # the latest flow end
+    warning: str | None = None  # e.g. a damaged capture: the flows before the damage are kept
+
+
+@dataclass(frozen=True)
+class SiteFlows:
+    """Every input's flows together, and where and when they come from."""
+
+    features: np.ndarray
+    inputs: tuple[tuple[str, int], ...]  # (file, flows), in reading order
+    first_start: str | None
+    last_end: str | None
+    warnings: tuple[str, ...] = ()
+
+
+def _read_capture(path: Path) -> FileFlows:
+    meter = FlowMeter()
+    parts = []
+    warning = None
+    try:
+        for batch in read_capture(path):
+            parts.append(meter.add(batch))
+    except CaptureError as exc:
+        warning = str(exc)
+    parts += list(meter.drain())
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return FileFlows(np.zeros((0, len(FEATURE_NAMES)), np.float32), None, None, warning)
+    first = min(int(p.records["first_ns"].min()) for p in parts)
+    last = max(int(p.records["last_ns"].max()) for p in parts)
+    start, end = iso_times(np.array([first, last], dtype=np.int64))
+    return FileFlows(np.concatenate([p.features for p in parts]), start, end, warning)
+
+
+def _read_table(path: Path) -> FileFlows:
+    stored = read_stored_flows(path)
+    return FileFlows(stored.features, stored.first_start, stored.last_end)
+
+
+READERS: dict[str, Callable[[Path], FileFlows]] = {
+    "capture": _read_capture,
+    "flow table": _read_table,
+}
+
+
+def input_kind(path: Path) -> str | None:
+    """Which reader a file goes to, by its name; None for a file of no known kind."""
+    if path.suffix in CAPTURE_SUFFIXES:
+        return "capture"
+    if path.suffix in TABLE_SUFFIXES:
+        return "flow table"
+    return None
+
+
+def expand(paths: list[Path]) -> list[Path]:
+    """Files as given; a directory becomes its files of a known kind, sorted."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.iterdir() if f.is_file() and input_kind(f))
+        elif not p.exists():
+            raise SiteFlowsError(f"{p}: no such file or directory")
+        elif input_kind(p) is None:
+            known = ", ".join((*CAPTURE_SUFFIXES, *TABLE_SUFFIXES))
+            raise SiteFlowsError(f"{p}: not an input calibration can read (names end in {known})")
+        else:
+            out.append(p)
+    return out
+
+
+def read_site_flows(paths: list[Path], progress: Callable[[str], None] | None = None) -> SiteFlows:
+    """Every flow of the inputs (files or directories). A damaged capture gives the flows
+    before the damage and a warning; an input that cannot be read at all raises."""
+    parts: list[np.ndarray] = []
+    inputs: list[tuple[str, int]] = []
+    starts: list[str] = []
+    ends: list[str] = []
+    warnings: list[str] = []
+    files = expand(paths)
+    if not files:
+        known = ", ".join((*CAPTURE_SUFFIXES, *TABLE_SUFFIXES))
+        raise SiteFlowsError(f"{', '.join(map(str, paths))}: no input files ({known})")
+    for path in files:
+        if progress:
+            progress(str(path))
+        part = READERS[input_kind(path)](path)
+        parts.append(part.features)
+        inputs.append((str(path), len(part.features)))
+        starts += [part.first_start] if part.first_start else []
+        ends += [part.last_end] if part.last_end else []
+        warnings += [part.warning] if part.warning else []
+    features = np.concatenate(parts) if parts else np.zeros((0, len(FEATURE_NAMES)), np.float32)
+    return SiteFlows(
+        features,
+        tuple(inputs),
+        min(starts) if starts else None,
+        max(ends) if ends else None,
+        tuple(warnings),
+    )

@@ -1,0 +1,120 @@
+"""`quietwire calibrate`: a model's thresholds and tail probabilities from the site's own
+flows (agent only: onnxruntime and onnx, no torch)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .common import error
+
+if TYPE_CHECKING:
+    from quietwire.agent.calibrate import CalibrationReport
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    # Imported here: onnx (to edit the model file) is needed by this command only.
+    from quietwire.agent.calibrate import CalibrationError, TooFewFlowsError, calibrate
+    from quietwire.agent.model import ModelError
+    from quietwire.agent.siteflows import SiteFlowsError, read_site_flows
+
+    try:
+        site = read_site_flows(list(args.inputs))
+        for warning in site.warnings:
+            print(f"quietwire: warning: {warning}", file=sys.stderr)
+        report = calibrate(
+            args.model,
+            site.features,
+            args.out,
+            host_balance=args.host_balance,
+            server_balance=args.server_balance,
+            allow_few_flows=args.allow_few_flows,
+            inputs=site.inputs,
+            period=(site.first_start, site.last_end),
+        )
+    except TooFewFlowsError as exc:
+        error(f"{exc}; give more flows, or --allow-few-flows")
+        return 2
+    except (CalibrationError, ModelError, SiteFlowsError) as exc:
+        error(str(exc))
+        return 2
+    print(format_report(report))
+    return 0
+
+
+def format_report(r: CalibrationReport) -> str:
+    """The few lines an operator reads: flows used, thresholds old -> new, flows over each."""
+    period = ""
+    if r.first_start and r.last_end:
+        period = f", {r.first_start[:19]} to {r.last_end[:19]}"
+    balance = (
+        f"host {r.host_balance}, server {r.server_balance}"
+        if r.host_balance or r.server_balance
+        else "off"
+    )
+    lines = [
+        f"calibrated {r.model_path} -> {r.out_path}",
+        f"flows: {r.flows:,} from {len(r.inputs)} input{'s' if len(r.inputs) != 1 else ''} "
+        f"({r.balanced_flows:,.0f} after burst balancing: {balance}){period}",
+        f"{'FPR':<8}{'old threshold':>14} -> {'new':<10}{'flows over old':>15}"
+        f"{'over new':>10} (balanced)",
+    ]
+    for lv in r.levels:
+        mark = "*" if lv.too_few_flows else ""
+        lines.append(
+            f"{lv.fpr:<8g}{lv.old_threshold:>14.4g} -> {lv.new_threshold:<8.4g}{mark:<2}"
+            f"{lv.share_over_old:>15.2%}{lv.share_over_new:>10.2%} "
+            f"({lv.balanced_share_over_new:.2%})"
+        )
+    if any(lv.too_few_flows for lv in r.levels):
+        lines.append(
+            "* fewer balanced flows than 1/FPR: the threshold is about the highest site score"
+        )
+    return "\n".join(lines)
+
+
+def register(sub) -> None:
+    """Add this module's subcommand to the parser."""
+    cal = sub.add_parser(
+        "calibrate",
+        help="recompute a model's thresholds on the site's own flows",
+        description="Score the site's flows (captures, or flow tables that `quietwire flows` "
+        "wrote) with the model, recompute its threshold at each false-positive rate and its "
+        "tail-probability table from them, and write a new model that scores the same and "
+        "records the calibration. Attacks in the flows are kept from setting the thresholds "
+        "by the burst balancing the model was trained with.",
+    )
+    cal.add_argument("--model", type=Path, required=True, help="the model to calibrate")
+    cal.add_argument(
+        "inputs",
+        nargs="+",
+        type=Path,
+        metavar="INPUT",
+        help="the site's captures or flow tables, or directories of them",
+    )
+    cal.add_argument("-o", "--out", type=Path, required=True, help="the ONNX file to write")
+    cal.add_argument(
+        "--host-balance",
+        type=int,
+        default=None,
+        metavar="K",
+        help="burst balancing: a client's flows beyond K per context window count less "
+        "(default: the model's training value; 0 = off)",
+    )
+    cal.add_argument(
+        "--server-balance",
+        type=int,
+        default=None,
+        metavar="K",
+        help="burst balancing: flows to a server beyond K distinct clients per context "
+        "window count less (default: the model's training value; 0 = off)",
+    )
+    cal.add_argument(
+        "--allow-few-flows",
+        action="store_true",
+        help="calibrate even with fewer balanced flows than 1/FPR of the smallest level; "
+        "such a level's threshold is then about the highest site score",
+    )
+    cal.set_defaults(func=cmd_calibrate)
