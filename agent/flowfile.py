@@ -9,6 +9,7 @@ lines; the writer records the schema hash in every JSON line and as the CSV's
 from __future__ import annotations
 
 import csv
+import functools
 import ipaddress
 import json
 import math
@@ -54,6 +55,10 @@ class FlowFileError(Exception):
 def format_ips(version: np.ndarray, hi: np.ndarray, lo: np.ndarray) -> list[str]:
     """Text addresses (dotted quad for IPv4, RFC 5952 for IPv6), each distinct one formatted
     once."""
+    if len(version) and (version == 4).all():  # the common case: a 1-D unique, no ipaddress
+        uniq, inverse = np.unique(lo, return_inverse=True)
+        text = [f"{a >> 24 & 255}.{a >> 16 & 255}.{a >> 8 & 255}.{a & 255}" for a in uniq.tolist()]
+        return [text[i] for i in inverse.reshape(-1).tolist()]
     keys = np.stack([hi, lo, version.astype(np.uint64)], axis=1)
     uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
     text = [
@@ -65,11 +70,16 @@ def format_ips(version: np.ndarray, hi: np.ndarray, lo: np.ndarray) -> list[str]
     return [text[i] for i in inverse.reshape(-1).tolist()]
 
 
+@functools.lru_cache(maxsize=4096)
+def _second(t: int) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
 def iso_times(ns: np.ndarray) -> list[str]:
     """ISO 8601 UTC timestamps with microseconds (EVE's format)."""
     seconds, micros = np.divmod(ns // 1000, 1_000_000)
     uniq, inverse = np.unique(seconds, return_inverse=True)
-    stamps = [datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S") for t in uniq.tolist()]
+    stamps = [_second(t) for t in uniq.tolist()]
     return [
         f"{stamps[i]}.{us:06d}+0000" for i, us in zip(inverse.reshape(-1).tolist(), micros.tolist())
     ]
@@ -168,6 +178,7 @@ class StoredFlows:
     features: np.ndarray  # (n, len(SCHEMA)) float32
     first_start: str | None  # the earliest `start` (EVE's ISO 8601 UTC); None if none given
     last_end: str | None  # the latest `end`
+    hosts: tuple[str, ...] = ()  # each flow's client address (src_ip; "" if not given)
 
 
 def read_flow_table(path: str | Path) -> np.ndarray:
@@ -185,6 +196,7 @@ def read_stored_flows(path: str | Path) -> StoredFlows:
     rows: list[list[float]] = []
     starts: list[str] = []
     ends: list[str] = []
+    hosts: list[str] = []
     try:
         with path.open(newline="") as handle:
             if path.suffix == ".csv":
@@ -202,6 +214,7 @@ def read_stored_flows(path: str | Path) -> StoredFlows:
                 hash_col = header.index("schema_hash")
                 start_col = header.index("start") if "start" in header else None
                 end_col = header.index("end") if "end" in header else None
+                src_col = header.index("src_ip") if "src_ip" in header else None
                 for line, rec in enumerate(reader, start=2):
                     _check_hash(path, line, rec[hash_col] if len(rec) > hash_col else "")
                     try:
@@ -212,6 +225,7 @@ def read_stored_flows(path: str | Path) -> StoredFlows:
                         starts.append(rec[start_col])
                     if end_col is not None:
                         ends.append(rec[end_col])
+                    hosts.append(rec[src_col] if src_col is not None else "")
             else:
                 for line, text in enumerate(handle, start=1):
                     if not text.strip():
@@ -230,6 +244,7 @@ def read_stored_flows(path: str | Path) -> StoredFlows:
                         raise FlowFileError(f"{path}: line {line}: bad record ({exc!r})") from exc
                     starts.append(rec.get("start") or "")
                     ends.append(rec.get("end") or "")
+                    hosts.append(str(rec.get("src_ip") or ""))
     except OSError as exc:
         raise FlowFileError(f"{path}: cannot read: {exc.strerror}") from exc
     starts = [t for t in starts if t]
@@ -238,6 +253,7 @@ def read_stored_flows(path: str | Path) -> StoredFlows:
         np.asarray(rows, dtype=np.float32).reshape(len(rows), len(FEATURE_NAMES)),
         min(starts) if starts else None,
         max(ends) if ends else None,
+        tuple(hosts),
     )
 
 
