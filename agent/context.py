@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .flowrecords import NEVER, FlowRecords, FlowUpdate
+from .flowrecords import INTERIM, NEVER, FlowRecords, FlowUpdate
 from .flows import host_hash
 
 WINDOW_FEATURES = (
@@ -120,9 +120,12 @@ class HostContext:
         self._series.prune(now_ns)
 
     def features(self, flows: FlowRecords) -> np.ndarray:
-        """(len(flows), len(CONTEXT_FEATURES)) float32 context values at each flow's end."""
+        """(len(flows), len(CONTEXT_FEATURES)) float32 context values at each flow's last
+        packet (interim records included: their flows keep their series values)."""
         out = np.zeros((len(flows), len(CONTEXT_FEATURES)), dtype=np.float32)
-        out[:, len(WINDOW_FEATURES) :] = self._series.take(flows["seq"])
+        out[:, len(WINDOW_FEATURES) :] = self._series.take(
+            flows["seq"], forget=flows["end_reason"] != INTERIM
+        )
         if len(flows) == 0 or len(self) == 0:
             return out
         w = int(self.config.window_s * 1e6)
@@ -240,8 +243,9 @@ class _Series:
     def open(self) -> int:
         return len(self._seq)
 
-    def take(self, seq: np.ndarray) -> np.ndarray:
-        """The series features of ended flows (by seq); they are forgotten afterwards."""
+    def take(self, seq: np.ndarray, forget: np.ndarray) -> np.ndarray:
+        """The series features of flows (by seq); those of ended flows (``forget``) are
+        forgotten afterwards."""
         out = np.zeros((len(seq), len(SERIES_FEATURES)), np.float32)
         out[:, 1:] = np.nan
         if len(seq) == 0 or len(self._seq) == 0:
@@ -250,7 +254,7 @@ class _Series:
         hit = self._seq[pos] == seq
         out[hit] = self._values[pos[hit]]
         keep = np.ones(len(self._seq), bool)
-        keep[pos[hit]] = False
+        keep[pos[hit & forget]] = False
         self._seq, self._values = self._seq[keep], self._values[keep]
         return out
 

@@ -16,7 +16,7 @@ import numpy as np
 from .alerts import AlertSink, BudgetSettings, LineBudget, eve_alerts, eve_incident
 from .capture import PacketBatch
 from .context import ContextConfig
-from .flowrecords import END_REASONS
+from .flowrecords import END_REASONS, INTERIM
 from .flows import FlowConfig
 from .incidents import Incident, IncidentSettings, IncidentTracker
 from .meter import FlowMeter, MeteredFlows
@@ -30,6 +30,7 @@ class Summary:
     packets: int = 0
     bytes: int = 0
     flows: int = 0
+    interim: int = 0  # interim records of flows still open (judged before their end)
     incidents: Counter = field(default_factory=Counter)  # opened, by cause
     alerts: Counter = field(default_factory=Counter)  # alert lines written, by severity
     held_back: int = 0  # alert lines the budget held back
@@ -48,6 +49,7 @@ class Summary:
             f"incidents ({causes}), {sum(self.alerts.values())} alerts ({sev}), "
             f"{self.held_back} held back, {self.suppressed} suppressed; {seconds:.2f} s, "
             f"{self.packets / max(seconds, 1e-9):,.0f} packets/s"
+            + (f"; {self.interim} interim records of open flows" if self.interim else "")
             + (f"; skipped packets: {errors}" if errors else "")
             + (
                 f"; evidence dropped (incidents.max_open reached): {self.evidence_dropped}"
@@ -176,8 +178,12 @@ class Engine:
                 None if interface == "file" else interface,
             )
             self._write([(rule, record) for (_, rule, _), record in zip(alerts, records)])
+        reasons = np.bincount(
+            flows.records["end_reason"].astype(np.int64), minlength=len(END_REASONS)
+        )
         s = self.summary
-        s.flows += len(flows)
+        s.flows += len(flows) - int(reasons[INTERIM])
+        s.interim += int(reasons[INTERIM])
         s.suppressed += sum(verdicts.suppressed_by_rule.values())
         s.suppressed += sum(deduplicated.values())
         s.evidence_dropped += dropped
@@ -192,12 +198,10 @@ class Engine:
             m.suppressed.labels(str(rid), "allowlist").inc(count)
         for rid, count in deduplicated.items():
             m.suppressed.labels(str(rid), "repeat").inc(count)
-        reasons = np.bincount(
-            flows.records["end_reason"].astype(np.int64), minlength=len(END_REASONS)
-        )
         for reason, count in zip(END_REASONS, reasons.tolist()):
-            if count:
+            if count and reason != "interim":
                 m.flows.labels(reason).inc(count)
+        m.interim_records.inc(int(reasons[INTERIM]))
 
     def _write_incidents(self, due: list[tuple[Incident, str]]) -> None:
         """Incident lines, as far as the budget allows (opened incidents count either way)."""

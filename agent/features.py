@@ -1,7 +1,9 @@
 """Features: ended flows to one float32 matrix in a versioned schema.
 
 This is the one extractor: the trainer fits on it and the agent scores with it, and a model
-records ``SCHEMA_HASH`` so the agent can refuse a model made for another schema. NaN means
+records ``SCHEMA_HASH`` so the agent can refuse a model made for another schema. The records
+are ended flows and interim records of flows still open (flowrecords.INTERIM_FIRST_S; feature
+``flow_open``); version 3 added them. NaN means
 "does not apply" (TCP fields of a UDP flow, inter-arrival times of a one-packet direction),
 never zero; the schema's ``nullable`` says which features can be NaN.
 
@@ -19,10 +21,10 @@ import numpy as np
 
 from .context import CONTEXT_FEATURES
 from .decode import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, TCP_FLAG_NAMES
-from .flowrecords import NS, FlowRecords
+from .flowrecords import INTERIM, INTERIM_FIRST_S, NS, FlowRecords
 
 SCHEMA_NAME = "quietwire.flow"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DIRECTIONS = ("src2dst", "dst2src")
 
 
@@ -74,6 +76,7 @@ def _schema() -> tuple[Feature, ...]:
         Feature("dst_port_registered", "bool", True, "server port 1024-49151"),
         Feature("tcp_answered", "bool", True, "server answered the SYN with a SYN"),
         Feature("tcp_reset", "bool", True, "a RST was seen"),
+        Feature("flow_open", "bool", False, "an interim record: the flow is still open"),
     ]
     window = "flows started in the last window before this flow's last packet"
     f += [
@@ -98,7 +101,13 @@ SCHEMA: tuple[Feature, ...] = _schema()
 FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in SCHEMA)
 SCHEMA_HASH = hashlib.sha256(
     json.dumps(
-        {"name": SCHEMA_NAME, "version": SCHEMA_VERSION, "features": [asdict(x) for x in SCHEMA]},
+        {
+            "name": SCHEMA_NAME,
+            "version": SCHEMA_VERSION,
+            "features": [asdict(x) for x in SCHEMA],
+            # which records there are: ended flows, and interim ones at these ages
+            "interim_first_s": INTERIM_FIRST_S,
+        },
         sort_keys=True,
     ).encode()
 ).hexdigest()[:16]
@@ -204,6 +213,7 @@ def extract(flows: FlowRecords, context: np.ndarray) -> np.ndarray:
     v["dst_port_registered"] = np.where(has_ports, (port >= 1024) & (port < 49152), np.nan)
     v["tcp_answered"] = np.where(tcp, c["syn_packets"][:, 1] > 0, np.nan)
     v["tcp_reset"] = np.where(tcp, c["rst_packets"].sum(1) > 0, np.nan)
+    v["flow_open"] = c["end_reason"] == INTERIM
     for j, name in enumerate(CONTEXT_FEATURES):
         v[name] = context[:, j]
     out = np.empty((len(flows), len(SCHEMA)), dtype=np.float32)

@@ -23,15 +23,22 @@ END_REASONS = (
     "evicted",
     "end_of_input",
     "emergency_timeout",
+    "interim",  # not an end: a snapshot of a flow still open (see INTERIM_FIRST_S)
 )
-IDLE, ACTIVE, TCP_END, EVICTED, END_OF_INPUT, EMERGENCY_TIMEOUT = range(len(END_REASONS))
+IDLE, ACTIVE, TCP_END, EVICTED, END_OF_INPUT, EMERGENCY_TIMEOUT, INTERIM = range(len(END_REASONS))
+# Interim records: a flow still open is judged when it is INTERIM_FIRST_S old, and again each
+# time its age doubles (60, 120, 240, ... s) if packets came since the previous one, so that an
+# upload, a slow DoS connection or a long C2 session has a verdict within a minute, not at its
+# end (up to the 30-minute active timeout). The schedule is part of the feature schema: the
+# trainer and the agent must see the same kind of records (features.SCHEMA_HASH includes it).
+INTERIM_FIRST_S = 60
 
 
 # Table columns: name -> (dtype, initial value, per direction?). Direction 0 is client to
 # server (src2dst), 1 is server to client (dst2src).
 #
-# Bytes per open flow: 116 for the columns of one value and 2 x 146 for the per-direction ones
-# (408 in all; see bytes_per_flow()); the flow table adds 8 for the key hash, 24 for its key
+# Bytes per open flow: 117 for the columns of one value and 2 x 146 for the per-direction ones
+# (409 in all; see bytes_per_flow()); the flow table adds 8 for the key hash, 24 for its key
 # index (keyindex.py) and 4 for the free-slot stack. Bounded values are kept narrow: IP lengths
 # in 32 bits, and the counts that are not the flow's packet total (TCP flags, packets with
 # payload) in unsigned 32 bits that saturate at COUNT_MAX (a single flow would need over 2.3
@@ -59,6 +66,7 @@ COLUMNS: dict[str, tuple[str, float, bool]] = {
     "iat_min": ("i8", NEVER, False),
     "iat_max": ("i8", -1, False),
     "end_reason": ("i1", -1, False),
+    "interims": ("u1", 0, False),  # interim records made of this flow so far
     "packets": ("i8", 0, True),
     "bytes": ("i8", 0, True),
     "ip_bytes": ("i8", 0, True),

@@ -13,14 +13,18 @@ end after ``emergency_unanswered_timeout_s`` idle and the others after
 ``emergency_idle_timeout_s``, and when room is still needed the unanswered flows are evicted
 first, then the longest-idle ones. What ends early is counted in ``FlowTable.evictions``.
 
+A flow still open is also reported before it ends (``interim``): ``FlowTable.snapshot`` hands
+on a copy of each flow that reached an age of the interim schedule (flowrecords.INTERIM_FIRST_S,
+then doubling) with packets since its previous snapshot, with end reason ``interim``.
+
 Per-flow state is counts, sums, sums of squares, minima, maxima and first/last times per
 direction, so a batch is folded in with column operations: packets are grouped by flow key,
 split where one of the rules above ends a flow, reduced per flow, and merged into the table
 (flowfold.py). Keys are found through a numpy hash index (keyindex.py), so the cost of a packet
 or a new flow does not grow with the flows open; expiry is one column scan per batch.
 
-Memory per open flow: 408 bytes of state columns (flowrecords.COLUMNS), 8 for its key hash,
-24 for the key index and 4 for the free-slot stack: 444 (bench/bench_table.py measures it; it
+Memory per open flow: 409 bytes of state columns (flowrecords.COLUMNS), 8 for its key hash,
+24 for the key index and 4 for the free-slot stack: 445 (bench/bench_table.py measures it; it
 was 1,254 with 512-byte rows in a table that doubled past max_flows, a Python dict index and a
 Python free list). Ended flows leave in start order, and no call ends more than a bounded
 number (see ``FlowTable.expire``), so what a flood hands the next stages at once is bounded.
@@ -43,6 +47,8 @@ from .flowrecords import (
     END_OF_INPUT,
     EVICTED,
     IDLE,
+    INTERIM,
+    INTERIM_FIRST_S,
     NEVER,
     NS,
     START_COLUMNS,
@@ -74,6 +80,7 @@ class FlowConfig:
     emergency_leave_fill: float = 0.70
     emergency_idle_timeout_s: float = 10.0
     emergency_unanswered_timeout_s: float = 2.0
+    interim: bool = True  # report flows still open at the interim ages (see snapshot())
 
     def __post_init__(self) -> None:
         for name in (
@@ -205,6 +212,44 @@ class FlowTable:
         """A snapshot of the flows still open."""
         slots = self._open_slots()
         return FlowRecords({k: v[slots] for k, v in self._cols.items()})
+
+    def snapshot(self, now_ns: int, limit: int | None = None) -> FlowRecords:
+        """Interim records: copies of the open flows that reached their next interim age by
+        ``now_ns`` (INTERIM_FIRST_S, then each doubling, while under the active timeout) and
+        had packets since their previous one (an idle flow has nothing new to judge), with end
+        reason ``interim``; the flows stay open. At most ``limit`` (default as in expire), the
+        oldest first; the rest come with the next call. Ages passed without a record (a flow
+        quiet through one) are skipped, so a flow gets at most one record per doubling."""
+        cfg = self.config
+        if not cfg.interim or not len(self):
+            return empty_records()
+        c = self._cols
+        slots = self._open_slots()
+        first = c["first_ns"][slots]
+        k = c["interims"][slots].astype(np.int64)
+        step = INTERIM_FIRST_S * NS
+        age = now_ns - first
+        due = (age >= step << np.minimum(k, 27)) & (age < int(cfg.active_timeout_s * NS))
+        if due.any():  # a flow past a timeout ends in the next expiry: no interim record
+            due[due] = ~self._due(now_ns, slots[due], count=False)[0]
+        slots, first, k, age = slots[due], first[due], k[due], age[due]
+        if not len(slots):
+            return empty_records()
+        limit = self._expire_limit() if limit is None else limit
+        if len(slots) > limit:
+            oldest = np.argpartition(first, limit - 1)[:limit]
+            slots, first, k, age = slots[oldest], first[oldest], k[oldest], age[oldest]
+        previous = np.where(k > 0, first + (step << np.maximum(k - 1, 0)), first - 1)
+        news = c["last_ns"][slots] > previous  # packets since the previous interim age
+        # Ages passed so far: the j >= 0 with step * 2**j <= age, i.e. the bit length of
+        # age // step (frexp's exponent, exact for integers below 2**53).
+        passed = np.frexp((age // step).astype(np.float64))[1]
+        c["interims"][slots] = np.minimum(passed, 255)
+        slots = slots[news]
+        slots = slots[np.argsort(c["seq"][slots], kind="stable")]
+        out = FlowRecords({name: col[slots] for name, col in c.items()})
+        out.columns["end_reason"][:] = INTERIM
+        return out
 
     # ---- expiry and room ---------------------------------------------------------------
     def _update_emergency(self, open_flows: int) -> None:

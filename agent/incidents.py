@@ -16,6 +16,11 @@ random-source flood that no cause rule explains), their evidence is folded into 
 per victim instead, and what still does not fit is counted and dropped. Samples of peers,
 ports and example flows are bounded. The line budget (alerts.LineBudget) then caps what is
 written, and alerts.eve_incident formats the lines.
+
+A flow still open is judged from its interim records (flows.FlowTable.snapshot) and again at
+its end; an incident counts each flow once, and a later record of a flow it already counted
+adds only the packets and bytes that are new (_Reported remembers, for a bounded number of
+flows, what was counted of them).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import numpy as np
 
 from .communityid import flow_community_ids
 from .flowfile import PROTO_NAMES, format_ips
-from .flowrecords import FlowRecords
+from .flowrecords import INTERIM, FlowRecords
 from .flows import host_hash
 from .model import Scores
 from .rules import UNKNOWN_CAUSE, Rule, Verdicts
@@ -83,14 +88,16 @@ class Incident:
     counted: bool = False  # counted as opened (once, even if its open line is held back)
     merged_into: str | None = None  # the named incident that took this one over
     lines: int = 0
+    records: int = 0  # evidence records folded in (a flow's interim records and its end)
     evidence_ns: int = 0  # traffic time when evidence last arrived (a flow ended)
     line_ns: int = 0  # traffic time of the line being written (its timestamp)
     last_line_ns: int = 0
-    flows_at_last_line: int = 0
+    records_at_last_line: int = 0
 
     def absorb(self, other: Incident, samples: int, cap: int) -> None:
         """Take over another incident's evidence (its samples fill what room is left)."""
         self.flows += other.flows
+        self.records += other.records
         self.packets += other.packets
         self.bytes += other.bytes
         self.first_ns = min(self.first_ns, other.first_ns)
@@ -121,12 +128,105 @@ class Incident:
 
 @dataclass(frozen=True)
 class _Batch:
-    """One scored batch, as every incident update needs it."""
+    """One scored batch, as every incident update needs it; ``prior`` is what incidents
+    already counted of each flow from its earlier (interim) records, or None if nothing."""
 
     flows: FlowRecords
     scores: Scores
     thresholds: dict[float, float]
     rules: list[Rule]
+    prior: _Prior | None = None
+
+
+@dataclass(frozen=True)
+class _Prior:
+    """Per record of a batch: whether an incident counted its flow before, and what of it."""
+
+    seen: np.ndarray  # bool
+    packets: np.ndarray  # int64
+    bytes: np.ndarray  # int64
+    score: np.ndarray  # float32, the highest score counted (-inf if none)
+
+    @staticmethod
+    def none(n: int) -> _Prior:
+        """Nothing counted before, for n records."""
+        return _Prior(
+            np.zeros(n, bool),
+            np.zeros(n, np.int64),
+            np.zeros(n, np.int64),
+            np.full(n, -np.inf, np.float32),
+        )
+
+
+class _Reported:
+    """Flows whose interim records were evidence, by flow key (host_hash of seq and first
+    packet time): the packets, bytes and highest score counted of each. A flow is forgotten
+    when its final record arrives; at most ``cap`` are kept (oldest first out: the final
+    record of a forgotten flow counts as a new flow). Sorted arrays, so each batch costs a
+    few searches, not Python work per flow."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.key = np.zeros(0, np.uint64)
+        self.packets = np.zeros(0, np.int64)
+        self.bytes = np.zeros(0, np.int64)
+        self.score = np.zeros(0, np.float32)
+        self.stamp = np.zeros(0, np.int64)
+        self._clock = 0
+
+    def __len__(self) -> int:
+        return len(self.key)
+
+    def _find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pos = np.minimum(np.searchsorted(self.key, keys), max(len(self.key) - 1, 0))
+        hit = self.key[pos] == keys if len(self.key) else np.zeros(len(keys), bool)
+        return pos, hit
+
+    def lookup(self, keys: np.ndarray) -> _Prior:
+        n = len(keys)
+        out = _Prior.none(n)
+        if n and len(self.key):
+            pos, hit = self._find(keys)
+            out.seen[hit] = True
+            out.packets[hit] = self.packets[pos[hit]]
+            out.bytes[hit] = self.bytes[pos[hit]]
+            out.score[hit] = self.score[pos[hit]]
+        return out
+
+    def forget(self, keys: np.ndarray) -> None:
+        if len(keys) and len(self.key):
+            pos, hit = self._find(keys)
+            keep = np.ones(len(self.key), bool)
+            keep[pos[hit]] = False
+            self._take(keep)
+
+    def remember(self, keys, packets, nbytes, score) -> None:
+        """Record (or update) what was counted of these flows."""
+        if not len(keys):
+            return
+        keys, first = np.unique(keys, return_index=True)
+        self.forget(keys)
+        self._clock += 1
+        self.key = np.concatenate([self.key, keys])
+        self.packets = np.concatenate([self.packets, packets[first]])
+        self.bytes = np.concatenate([self.bytes, nbytes[first]])
+        self.score = np.concatenate([self.score, score[first].astype(np.float32)])
+        self.stamp = np.concatenate([self.stamp, np.full(len(keys), self._clock)])
+        if len(self.key) > self.cap:  # the oldest go
+            keep = np.ones(len(self.key), bool)
+            keep[np.argsort(self.stamp, kind="stable")[: len(self.key) - self.cap]] = False
+            self._take(keep)
+        self._take(np.argsort(self.key, kind="stable"))
+
+    def _take(self, index: np.ndarray) -> None:
+        for name in ("key", "packets", "bytes", "score", "stamp"):
+            setattr(self, name, getattr(self, name)[index])
+
+
+def _flow_keys(flows: FlowRecords, rows: np.ndarray) -> np.ndarray:
+    return host_hash(
+        flows["seq"][rows].astype(np.uint64), flows["first_ns"][rows].astype(np.uint64)
+    )
 
 
 class IncidentTracker:
@@ -137,6 +237,8 @@ class IncidentTracker:
         self.open: dict[tuple, Incident] = {}
         self.dropped = 0  # evidence flows that fitted no incident (max_open reached)
         self.now_ns = 0
+        # flows counted from their interim records: at most 16 per open incident allowed
+        self.reported = _Reported(16 * self.settings.max_open)
         # Called as on_fold(incident, flows, member rows) for each fold (evaluation uses it to
         # tell which flows made up an incident); None in the agent.
         self.on_fold = None
@@ -151,13 +253,40 @@ class IncidentTracker:
         """Fold the evidence of one scored batch in; (incident, state) for each line due."""
         if len(flows):
             self.now_ns = max(self.now_ns, int(flows["last_ns"].max()))
+        interim = flows["end_reason"] == INTERIM
         ev = np.flatnonzero(verdicts.cause >= 0)
+        prior = None
+        if len(self.reported) and len(ev):
+            found = self.reported.lookup(_flow_keys(flows, ev))
+            prior = _Prior.none(len(flows))
+            for name in ("seen", "packets", "bytes", "score"):
+                getattr(prior, name)[ev] = getattr(found, name)
+        due = self._observe(flows, scores, verdicts, thresholds, ev, prior)
+        # What was counted of flows judged while open; a flow's final record forgets it.
+        counted = ev[interim[ev]]
+        if len(self.reported):
+            ended = np.flatnonzero(~interim)
+            if len(ended):
+                self.reported.forget(_flow_keys(flows, ended))
+        if len(counted):
+            best = scores.score[counted].astype(np.float32)
+            if prior is not None:
+                best = np.maximum(best, prior.score[counted])
+            self.reported.remember(
+                _flow_keys(flows, counted),
+                flows["packets"][counted].sum(1),
+                flows["bytes"][counted].sum(1),
+                best,
+            )
+        return due
+
+    def _observe(self, flows, scores, verdicts, thresholds, ev, prior) -> list:
         if len(ev) == 0:
             return []
         rules = [r for r, _ in verdicts.hits]
         rule_of = verdicts.cause[ev]
         unknown = np.array([r.cause == UNKNOWN_CAUSE for r in rules])[rule_of]
-        batch = _Batch(flows, scores, thresholds, rules)
+        batch = _Batch(flows, scores, thresholds, rules, prior)
         due: list[tuple[Incident, str]] = []
         # Named causes first, so the anomalous flows of a scan or flood that its rule does not
         # match yet (its first probes, before the counts add up) join its incident.
@@ -349,17 +478,30 @@ class IncidentTracker:
         if rule.cause == inc.cause and rule.severity < inc.rule.severity:
             inc.rule = rule  # the most severe rule of the incident's own cause names it
         inc.rules.add(rule.id)
-        inc.flows += len(members)
-        inc.packets += int(flows["packets"][members].sum())
-        inc.bytes += int(flows["bytes"][members].sum())
+        inc.records += len(members)
+        packets = int(flows["packets"][members].sum())
+        nbytes = int(flows["bytes"][members].sum())
+        score = scores.score[members]
+        was_over = np.zeros(len(members), bool)
+        new = members
+        p = batch.prior
+        if p is not None:  # flows counted before from their interim records
+            seen = p.seen[members]
+            packets -= int(p.packets[members].sum())
+            nbytes -= int(p.bytes[members].sum())
+            new = members[~seen]
+        inc.flows += len(new)
+        inc.packets += packets
+        inc.bytes += nbytes
         inc.first_ns = min(inc.first_ns, int(flows["first_ns"][members].min()))
         inc.last_ns = max(inc.last_ns, int(flows["last_ns"][members].max()))
         inc.evidence_ns = self.now_ns
-        score = scores.score[members]
         inc.max_score = max(inc.max_score, float(score.max()))
         inc.min_tail = min(inc.min_tail, float(scores.tail_probability[members].min()))
-        for fpr, thr in batch.thresholds.items():
-            inc.over[fpr] += int((score > thr).sum())
+        for fpr, thr in batch.thresholds.items():  # flows over: each flow once
+            if p is not None:
+                was_over = p.score[members] > thr
+            inc.over[fpr] += int(((score > thr) & ~was_over).sum())
         contrib = scores.contributions[members].sum(axis=0, dtype=np.float64)
         inc.contributions = contrib if inc.contributions is None else inc.contributions + contrib
         # Peers: the other side of each flow; ports: the destination ports.
@@ -374,8 +516,8 @@ class IncidentTracker:
         if len(inc.port_sample) < s.samples:
             inc.port_sample += flows["dst_port"][rows[: s.samples - len(inc.port_sample)]].tolist()
         room = s.samples - len(inc.examples)
-        if room > 0:
-            inc.examples.extend(flow_community_ids(flows.take(members[:room])))
+        if room > 0 and len(new):
+            inc.examples.extend(flow_community_ids(flows.take(new[:room])))
 
     def _lines_due(self, touched: list[Incident]) -> list[tuple[Incident, str]]:
         every = int(self.settings.update_interval_s * 1e9)
@@ -383,12 +525,12 @@ class IncidentTracker:
         for inc in touched:
             if inc.lines == 0:
                 state = "open"
-            elif inc.flows > inc.flows_at_last_line and self.now_ns - inc.last_line_ns >= every:
+            elif inc.records > inc.records_at_last_line and self.now_ns - inc.last_line_ns >= every:
                 state = "update"
             else:
                 continue
             inc.line_ns = inc.last_line_ns = self.now_ns
-            inc.flows_at_last_line = inc.flows
+            inc.records_at_last_line = inc.records
             out.append((inc, state))
         return out
 

@@ -16,7 +16,7 @@ from .capture import PacketBatch
 from .context import ContextConfig, HostContext
 from .decode import Decoder, DecodeStats
 from .features import FEATURE_NAMES, extract
-from .flowrecords import END_REASONS, NS, FlowRecords
+from .flowrecords import END_REASONS, INTERIM, NS, FlowRecords
 from .flows import FlowConfig, FlowTable
 
 # Features are computed this many flows at a time, so that a flush of a full table (or a mass
@@ -27,7 +27,8 @@ DRAIN_CHUNK = 1 << 16  # flows ended at a time by drain()
 
 @dataclass(frozen=True)
 class MeteredFlows:
-    """Ended flows (in start order) and their (n, len(SCHEMA)) float32 features."""
+    """Ended flows and interim records of open ones (end reason ``interim``), in start order,
+    and their (n, len(SCHEMA)) float32 features."""
 
     records: FlowRecords
     features: np.ndarray
@@ -42,6 +43,7 @@ class MeterStats:
 
     decode: DecodeStats = field(default_factory=DecodeStats)
     flows_ended: int = 0
+    interim_records: int = 0
     ended_by_reason: dict[str, int] = field(default_factory=lambda: dict.fromkeys(END_REASONS, 0))
 
 
@@ -80,14 +82,19 @@ class FlowMeter:
         self.stats.decode.add(dstats)
         update = self.table.add(packets)
         self.context.observe(update)
-        out = self._finish(update.ended)
+        ended = update.ended
+        if self.table.now_ns is not None:
+            ended = FlowRecords.concat([ended, self.table.snapshot(self.table.now_ns)])
+        out = self._finish(ended)
         if self.table.now_ns is not None:
             self._prune(self.table.now_ns)
         return out
 
     def expire(self, now_ns: int) -> MeteredFlows:
-        """End the flows that have timed out by ``now_ns`` (time passing without packets)."""
-        out = self._finish(self.table.expire(now_ns))
+        """End the flows that have timed out by ``now_ns`` (time passing without packets),
+        and report those due an interim record."""
+        ended = self.table.expire(now_ns)
+        out = self._finish(FlowRecords.concat([ended, self.table.snapshot(now_ns)]))
         self._prune(now_ns)
         return out
 
@@ -114,10 +121,11 @@ class FlowMeter:
             order = np.argsort(ended["seq"], kind="stable")
             for name, column in ended.columns.items():  # one column held twice at a time
                 ended.columns[name] = column[order]
-        self.stats.flows_ended += len(ended)
         counts = np.bincount(ended["end_reason"].astype(np.int64), minlength=len(END_REASONS))
         for reason, count in zip(END_REASONS, counts.tolist()):
             self.stats.ended_by_reason[reason] += count
+        self.stats.interim_records += int(counts[INTERIM])
+        self.stats.flows_ended += len(ended) - int(counts[INTERIM])
         features = np.empty((len(ended), len(FEATURE_NAMES)), dtype=np.float32)
         for lo in range(0, len(ended), FEATURE_CHUNK):
             part = ended.take(slice(lo, lo + FEATURE_CHUNK))

@@ -45,6 +45,11 @@ class Metrics:
         self.flows = Counter(
             "quietwire_flows", "Flows ended, by end reason", ["reason"], registry=r
         )
+        self.interim_records = Counter(
+            "quietwire_interim_records",
+            "Interim records scored: flows still open, judged at 60 s of age and each doubling",
+            registry=r,
+        )
         self.active_flows = Gauge(
             "quietwire_active_flows", "Flows open in the flow tables", registry=r
         )
@@ -101,7 +106,10 @@ class Metrics:
             registry=r,
         )
         self.score = BulkHistogram(
-            "quietwire_flow_score", "Anomaly scores of ended flows", SCORE_BUCKETS, registry=r
+            "quietwire_flow_score",
+            "Anomaly scores of flow records (ended, and interim)",
+            SCORE_BUCKETS,
+            registry=r,
         )
         self.scoring_seconds = Histogram(
             "quietwire_scoring_batch_seconds",
@@ -136,7 +144,8 @@ class Metrics:
         for reason in DECODE_ERROR_REASONS:
             self.decode_errors.labels(reason)
         for reason in END_REASONS:
-            self.flows.labels(reason)
+            if reason != "interim":
+                self.flows.labels(reason)
         for reason in EVICTION_REASONS:
             self.evictions.labels(reason)
         for result in ("success", "failure"):

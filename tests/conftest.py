@@ -45,9 +45,12 @@ def write_pcap(path: Path, packets: list, times: list[float]) -> Path:
     return path
 
 
-def meter_file(path: Path, chunk_bytes: int = 8 << 20, **config) -> MeteredFlows:
-    """Every flow of a capture, in flow-start order, with features."""
-    from quietwire.agent.flowrecords import FlowRecords
+def meter_file(
+    path: Path, chunk_bytes: int = 8 << 20, keep_interim: bool = False, **config
+) -> MeteredFlows:
+    """Every flow of a capture, in flow-start order, with features; interim records of flows
+    still open (made as by default) only with ``keep_interim``."""
+    from quietwire.agent.flowrecords import INTERIM, FlowRecords
     from quietwire.agent.flows import FlowConfig
 
     meter = FlowMeter(FlowConfig(**config) if config else None, seed=1)
@@ -56,6 +59,8 @@ def meter_file(path: Path, chunk_bytes: int = 8 << 20, **config) -> MeteredFlows
     records = FlowRecords.concat([p.records for p in parts])
     feats = np.concatenate([p.features for p in parts]) if parts else np.zeros((0, 0))
     order = np.argsort(records["seq"], kind="stable")
+    if not keep_interim:
+        order = order[records["end_reason"][order] != INTERIM]
     return MeteredFlows(records.take(order), feats[order])
 
 

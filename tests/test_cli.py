@@ -22,14 +22,16 @@ def test_default_run_on_the_bundled_capture(tmp_path, capsys):
     out = tmp_path / "flows.csv"
     assert main(["flows", "-o", str(out)]) == 0
     err = capsys.readouterr().err
-    assert "sample.pcap: 500 packets, 63 flows" in err
+    assert "sample.pcap: 500 packets, 63 flows (+7 interim records)" in err
     rows = list(csv.DictReader(out.open()))
-    assert len(rows) == 63
+    ended = [r for r in rows if r["end_reason"] != "interim"]
+    assert len(ended) == 63 and len(rows) == 70
     assert {r["schema_hash"] for r in rows} == {SCHEMA_HASH}
-    assert sum(int(r["pkts_toserver"]) + int(r["pkts_toclient"]) for r in rows) == 475
-    # rows come as flows end; the reference is in start (flow_id) order
-    X = read_flow_table(out)[np.argsort([int(r["flow_id"]) for r in rows])]
-    ref = meter_file(DEFAULT_CAPTURE).features
+    assert sum(int(r["pkts_toserver"]) + int(r["pkts_toclient"]) for r in ended) == 475
+    # rows come as flows end (a flow's interim records before its end); the reference is in
+    # start (flow_id) order
+    X = read_flow_table(out)[np.argsort([int(r["flow_id"]) for r in rows], kind="stable")]
+    ref = meter_file(DEFAULT_CAPTURE, keep_interim=True).features
     np.testing.assert_allclose(X, ref, rtol=1e-6, equal_nan=True)
 
 
@@ -49,8 +51,9 @@ def test_jsonl_round_trip(tmp_path, capsys):
     lines = [json.loads(line) for line in out.open()]
     assert set(lines[0]["features"]) == set(FEATURE_NAMES)
     assert lines[0]["community_id"].startswith("1:")
-    X = read_flow_table(out)[np.argsort([r["flow_id"] for r in lines])]
-    np.testing.assert_allclose(X, meter_file(DEFAULT_CAPTURE).features, rtol=1e-6, equal_nan=True)
+    X = read_flow_table(out)[np.argsort([r["flow_id"] for r in lines], kind="stable")]
+    ref = meter_file(DEFAULT_CAPTURE, keep_interim=True).features
+    np.testing.assert_allclose(X, ref, rtol=1e-6, equal_nan=True)
 
 
 def test_truncated_capture_writes_what_came_before(tmp_path, capsys):
@@ -110,7 +113,7 @@ def test_flows_scored_with_the_bundled_model(ndpi, tmp_path, capsys):
     scan = ndpi / "pcap" / "synscan.pcap"
     assert main(["flows", "--score", str(DEFAULT_CAPTURE), str(scan), "-o", str(out)]) == 0
     rows = list(csv.DictReader(out.open()))
-    assert len(rows) == 63 + 1994
+    assert sum(r["end_reason"] != "interim" for r in rows) == 63 + 1994
     scan_scores = [float(r["score"]) for r in rows if r["src_ip"] == "172.16.0.8"]
     benign_scores = [float(r["score"]) for r in rows if r["src_ip"] != "172.16.0.8"]
     assert np.median(scan_scores) > np.percentile(benign_scores, 90)
@@ -126,10 +129,10 @@ def test_train_and_sample_commands(tmp_path, capsys):
     model = tmp_path / "m.onnx"
     assert main(["train", "--benign", str(table), "-o", str(model), "--train-steps", "20"]) == 0
     printed = capsys.readouterr()
-    assert "benign flows: 63 from 1 files" in printed.err
+    assert "benign records: 70 (63 flows, 7 interim records of open flows) from 1 files" in printed.err
     assert (
-        "flows: 43 trained, 20 held out for calibration" in printed.out
-    )  # 63 flows, >= 20 held out
+        "records: 50 trained, 20 held out for calibration" in printed.out
+    )  # 70 records, >= 20 held out
     assert (
         main(
             [

@@ -148,7 +148,10 @@ def test_replay_metrics_equal_the_summary(ndpi, tmp_path):
         assert total(s, "quietwire_flows_total") == flows
         assert total(s, "quietwire_alerts_total") == alerts
         assert total(s, "quietwire_alerts_suppressed_total") == suppressed
-        assert total(s, "quietwire_flow_score_count") == flows
+        interim = re.search(r"; (\d+) interim records of open flows", summary)
+        interim = int(interim.group(1)) if interim else 0
+        assert total(s, "quietwire_interim_records_total") == interim
+        assert total(s, "quietwire_flow_score_count") == flows + interim  # every record scored
         assert total(s, "quietwire_active_flows") == 0
         assert total(s, "quietwire_decode_errors_total", reason="non_ip") > 0
         assert total(s, "quietwire_model_info") == 1

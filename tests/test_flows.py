@@ -116,6 +116,51 @@ def test_active_timeout(tmp_path):
     assert END_REASONS[flows.records["end_reason"][0]] == "active_timeout"
 
 
+def test_interim_records_at_60_s_and_each_doubling_while_packets_come(tmp_path):
+    """A long UDP flow, one packet per batch: interim records when it reaches 60, 120, 240
+    and 480 s of age (each holding the packets so far; at 480 s the packet of 300 s is new
+    since 240 s), and the final record with every packet."""
+    from quietwire.agent.features import FEATURE_NAMES
+
+    times = [0, 10, 50, 70, 100, 130, 250, 300, 700]
+    pkts = [Ether() / IP(src=C, dst=S) / UDP(sport=5000, dport=514) / b"x" for _ in times[:-1]]
+    pkts.append(Ether() / IP(src="10.9.9.9", dst=S) / UDP(sport=1, dport=2))  # time passes
+    path = write_pcap(tmp_path / "long.pcap", pkts, times)
+    flows = meter_file(path, chunk_bytes=64, keep_interim=True, idle_timeout_s=1000.0)
+    r = flows.records
+    mine = r["src_port"] == 5000
+    reasons = [END_REASONS[x] for x in r["end_reason"][mine]]
+    assert reasons == ["interim"] * 4 + ["end_of_input"]
+    assert r["packets"][mine, 0].tolist() == [4, 6, 7, 8, 8]
+    assert r["last_ns"][mine].tolist() == [t * 10**9 for t in (70, 130, 250, 300, 300)]
+    assert len(set(r["seq"][mine].tolist())) == 1  # one flow, reported five times
+    f = flows.features[mine]
+    open_col = f[:, FEATURE_NAMES.index("flow_open")]
+    assert open_col.tolist() == [1.0, 1.0, 1.0, 1.0, 0.0]
+    # its series values stay with it until it ends (interim records do not consume them)
+    prior = f[:, FEATURE_NAMES.index("pair_prior_flows")]
+    assert (prior == prior[-1]).all()
+    # without interim records the ended flows are the same
+    plain = meter_file(path, chunk_bytes=64, idle_timeout_s=1000.0, interim=False)
+    assert np.array_equal(plain.records["packets"], r["packets"][r["end_reason"] != 6])
+
+
+def test_interim_records_stop_at_the_active_timeout_and_skip_idle_ages(tmp_path):
+    times = [0, 1, 65, 200, 290, 310]
+    pkts = [Ether() / IP(src=C, dst=S) / UDP(sport=5000, dport=514) for _ in times[:2]]
+    pkts += [Ether() / IP(src="10.9.9.9", dst=S) / UDP(sport=1, dport=2) for _ in times[2:]]
+    path = write_pcap(tmp_path / "idle.pcap", pkts, times)
+    flows = meter_file(path, chunk_bytes=64, keep_interim=True, idle_timeout_s=1000.0)
+    r = flows.records
+    mine = r["src_port"] == 5000
+    # one record at 60 s (two packets), none at 120 or 240 s: nothing new to judge
+    assert [END_REASONS[x] for x in r["end_reason"][mine]] == ["interim", "end_of_input"]
+    flows = meter_file(
+        path, chunk_bytes=64, keep_interim=True, idle_timeout_s=1000.0, active_timeout_s=50.0
+    )
+    assert "interim" not in [END_REASONS[x] for x in flows.records["end_reason"]]
+
+
 def test_tcp_close_keeps_last_ack_and_new_syn_starts_a_flow(tmp_path):
     pkts = session() + [tcp(C, S, 40000, 80, "S"), tcp(S, C, 80, 40000, "RA")]
     times = [0.0, 0.01, 0.02, 0.03, 0.08, 0.10, 0.11, 0.111, 0.5, 0.51]

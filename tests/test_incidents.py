@@ -4,6 +4,7 @@ caps what is written; memory stays bounded when an attacker picks the number of 
 from __future__ import annotations
 
 import json
+from datetime import datetime
 
 import numpy as np
 import pytest
@@ -289,3 +290,36 @@ def test_every_generated_attack_is_named(tmp_path):
     }
     print(f"incidents: {sorted(incidents)}")
     assert missed == {}
+
+
+def test_a_flow_judged_while_open_counts_once(tmp_path):
+    """An upload of 10 minutes (one 1,000-byte segment every 5 s) to an outside host: its
+    interim records (at 60, 120, 240 and 480 s) and its end are all evidence; the incident
+    opens about a minute after the upload's start and counts one flow, with the bytes of the
+    whole flow, once over each threshold."""
+    client, server = "10.0.0.5", "203.0.113.9"
+    times = [5.0 * i for i in range(121)]
+    pkts = [
+        Ether()
+        / IP(src=client, dst=server)
+        / TCP(sport=40000, dport=443, flags="PA")
+        / (b"x" * 1000)
+        for _ in times
+    ]
+    pcap = write_pcap(tmp_path / "upload.pcap", pkts, times)
+    rules = "rules:\n  - {id: 7, name: upload, cause: exfiltration, action: alert, min_score: -1000000}\n"
+    engine, sink, out = engine_for(tmp_path, rules)
+    replay_into(engine, sink, pcap)
+    assert engine.summary.flows == 1 and engine.summary.interim == 4
+    lines = lines_of(out)
+    states = [x["quietwire"]["incident"]["state"] for x in lines]
+    assert states[0] == "open" and states[-1] == "close" and len(lines) <= 12
+    first = lines[0]["quietwire"]["incident"]
+    seen = [datetime.fromisoformat(first[k]) for k in ("first_seen", "last_seen")]
+    # a minute, plus the rest of the batch (about 4 KiB of packets: 15 s of this upload)
+    assert first["flows"] == 1 and (seen[1] - seen[0]).total_seconds() <= 75
+    inc = lines[-1]["quietwire"]["incident"]
+    assert inc["flows"] == 1
+    assert inc["bytes"] == sum(len(p) for p in pkts)
+    assert set(inc["score"]["flows_over_threshold"].values()) <= {0, 1}
+    assert inc["examples"] == [first["examples"][0]]

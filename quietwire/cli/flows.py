@@ -75,6 +75,7 @@ def cmd_flows(args: argparse.Namespace) -> int:
             errors = ", ".join(f"{k} {v}" for k, v in sorted(st.decode.errors.items()) if v)
             print(
                 f"{path}: {st.decode.packets} packets, {st.flows_ended} flows"
+                + (f" (+{st.interim_records} interim records)" if st.interim_records else "")
                 + (f", skipped: {errors}" if errors else ""),
                 file=sys.stderr,
             )

@@ -41,7 +41,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             error("no benign input: give --benign PATH... or --labels FILE")
             return 2
         data = load_benign(paths, labels["malicious"])
-        print(f"benign flows: {len(data.features)} from {len(data.sources)} files", file=sys.stderr)
+        interim = int(data.features[:, FEATURE_NAMES.index("flow_open")].sum())
+        print(
+            f"benign records: {len(data.features)} ({len(data.features) - interim} flows, "
+            f"{interim} interim records of open flows) from {len(data.sources)} files",
+            file=sys.stderr,
+        )
         det = DiffusionDetector(config).fit(data.features, progress=Steps(sys.stderr.isatty()))
         export(det, args.out)
     except TrainingError as exc:
@@ -51,7 +56,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(
         f"model: {args.out} (score {config.score}, {s.inputs} inputs from {s.features} "
         f"features)\n"
-        f"flows: {s.train_flows} trained, {s.calibration_flows} held out for calibration"
+        f"records: {s.train_flows} trained, {s.calibration_flows} held out for calibration"
         + (f", {s.refit_removed} dropped by the refit" if s.refit_removed else "")
         + "\n"
         f"time: {s.seconds:.1f} s ({s.seconds_per_epoch:.3f} s per epoch), "
