@@ -10,6 +10,7 @@ from quietwire.rules import DEFAULT_RULES
 
 from .alerts import BudgetSettings
 from .context import ContextConfig
+from .flowlog import FlowLogSettings
 from .flows import FlowConfig
 from .incidents import IncidentSettings
 from .metrics import ServerSettings
@@ -48,6 +49,7 @@ class Settings:
     rules: Path = DEFAULT_RULES
     alerts: AlertSettings = field(default_factory=AlertSettings)
     metrics: ServerSettings | None = field(default_factory=ServerSettings)
+    flow_log: FlowLogSettings | None = None
     source: Path | None = None
 
 
@@ -80,6 +82,7 @@ def _settings(root: Node, path: Path) -> Settings:
             "metrics",
             "incidents",
             "alert_budget",
+            "flow_log",
         },
     )
     if "capture" not in top:
@@ -178,6 +181,7 @@ def _settings(root: Node, path: Path) -> Settings:
                 metrics = ServerSettings(**kw)
             except ValueError as exc:
                 raise top["metrics"].error(str(exc)) from None
+    flow_log = _flow_log(top["flow_log"], path) if "flow_log" in top else None
     return Settings(
         capture=capture,
         flow=flow,
@@ -188,8 +192,26 @@ def _settings(root: Node, path: Path) -> Settings:
         rules=rules,
         alerts=alerts,
         metrics=metrics,
+        flow_log=flow_log,
         source=path,
     )
+
+
+def _flow_log(node: Node, path: Path) -> FlowLogSettings | None:
+    """``flow_log: {path: ..., rotate_bytes, rotate_age_s, compress, retention_bytes}``, or
+    ``flow_log: false``."""
+    if node.kind == "scalar" and node.scalar("flow_log", bool) is False:
+        return None
+    kinds = {"rotate_bytes": int, "rotate_age_s": float, "compress": bool, "retention_bytes": int}
+    m = node.mapping("flow_log", {"path", *kinds})
+    if "path" not in m:
+        raise node.error("flow_log: missing key 'path' (the live file, e.g. flows.json)")
+    kw = {k: m[k].scalar(f"flow_log.{k}", kind) for k, kind in kinds.items() if k in m}
+    try:
+        return FlowLogSettings(path=_relative(path, m["path"].scalar("flow_log.path", str)), **kw)
+    except ValueError as exc:
+        key = str(exc).split(":")[0].removeprefix("flow_log.")
+        raise (m[key] if key in m else node).error(str(exc)) from None
 
 
 def _section(top: dict[str, Node], key: str, cls):

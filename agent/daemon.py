@@ -1,6 +1,7 @@
 """The two ways the agent runs: ``replay`` (capture files, as fast as possible or in real time)
 and ``run`` (the daemon: live interfaces, SIGTERM = drain and exit 0, SIGHUP = reload rules and
-model, keeping the old ones if the new ones are broken, and reopen the alert file)."""
+model, keeping the old ones if the new ones are broken, and reopen the alert file and the flow
+log)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from .capture import CaptureError, read_capture
 from .config import Settings
 from .context import ContextConfig
 from .engine import Engine
+from .flowlog import FlowLog, FlowLogSettings
 from .flows import FlowConfig
 from .incidents import IncidentSettings
 from .livecapture import LiveCapture
@@ -41,6 +43,7 @@ class ReplayOptions:
     context: ContextConfig | None = None
     incidents: IncidentSettings | None = None
     budget: BudgetSettings | None = None
+    flow_log: FlowLogSettings | None = None
 
 
 def replay(opts: ReplayOptions) -> int:
@@ -52,6 +55,7 @@ def replay(opts: ReplayOptions) -> int:
     if server:
         log(f"metrics on http://{opts.serve.listen}:{server.port}/metrics")
     sink = AlertSink(opts.alerts, stdout=opts.stdout)
+    flow_log = FlowLog(opts.flow_log, metrics, log) if opts.flow_log else None
     engine = Engine(
         model,
         rules,
@@ -62,6 +66,7 @@ def replay(opts: ReplayOptions) -> int:
         opts.incidents,
         opts.budget,
         log=log,
+        flow_log=flow_log,
     )
     failed = False
     started = time.perf_counter()
@@ -79,8 +84,12 @@ def replay(opts: ReplayOptions) -> int:
         engine.flush()  # each file is its own time line
         engine.meters.clear()
     sink.close()
+    if flow_log:
+        flow_log.close()
     elapsed = time.perf_counter() - started
     print(f"replay: {engine.summary.line(elapsed)}", file=sys.stderr)
+    if flow_log:
+        print(f"replay: {_flow_log_line(flow_log)}", file=sys.stderr)
     if server:
         log("replay done; still serving metrics (Ctrl-C or SIGTERM to stop)")
         _wait_for_signal()
@@ -104,6 +113,13 @@ class _Pacer:
         delay = due - (time.monotonic() - self.wall0)
         if delay > 0:
             time.sleep(delay)
+
+
+def _flow_log_line(flow_log: FlowLog) -> str:
+    line = f"flow log {flow_log.settings.path}: {flow_log.lines} records, {flow_log.bytes:,} bytes"
+    if flow_log.errors:
+        line += f"; {flow_log.errors} errors, {flow_log.dropped} records dropped"
+    return line
 
 
 def _wait_for_signal() -> None:
@@ -131,6 +147,7 @@ def run(settings: Settings, config_path: Path) -> int:
     metrics = Metrics()
     server = MetricsServer(metrics, settings.metrics) if settings.metrics else None
     sink = AlertSink(settings.alerts.file, stdout=settings.alerts.stdout)
+    flow_log = FlowLog(settings.flow_log, metrics, log) if settings.flow_log else None
     engine = Engine(
         model,
         rules,
@@ -141,6 +158,7 @@ def run(settings: Settings, config_path: Path) -> int:
         settings.incidents,
         settings.budget,
         log=log,
+        flow_log=flow_log,
     )
     cap = settings.capture
     sources = [
@@ -183,11 +201,15 @@ def run(settings: Settings, config_path: Path) -> int:
                     if drops:
                         metrics.kernel_drops.labels(src.interface).inc(drops)
                 sink.flush()
+                if flow_log:
+                    flow_log.tick()  # rotation by age, the compressor's failures
             if state["reload"]:
                 state["reload"] = False
                 settings = _reload(
                     engine, settings, config_path, load_config, ConfigError, metrics, sink
                 )
+                if flow_log:
+                    flow_log.reopen()
         # Drain: whatever the kernel still holds, then every open flow.
         for src in sources:
             while True:
@@ -203,6 +225,8 @@ def run(settings: Settings, config_path: Path) -> int:
         for src in sources:
             src.close()
         sink.close()
+        if flow_log:
+            flow_log.close()
         if server:
             server.close()
     s = engine.summary
@@ -210,7 +234,7 @@ def run(settings: Settings, config_path: Path) -> int:
     log(
         f"stopped: {s.packets} packets, {s.flows} flows, {sum(s.incidents.values())} "
         f"incidents, {sum(s.alerts.values())} alert lines ({s.held_back} held back), "
-        f"{drops} kernel drops"
+        f"{drops} kernel drops" + (f"; {_flow_log_line(flow_log)}" if flow_log else "")
     )
     return 0
 

@@ -27,6 +27,8 @@ from .flowrecords import END_REASONS
 from .flows import EVICTION_REASONS
 
 SCORE_BUCKETS = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300)
+# What can fail in the flow log (flowlog.FlowLog): the label values of its error counter.
+FLOW_LOG_OPERATIONS = ("open", "write", "rotate", "compress", "retention")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
@@ -105,6 +107,24 @@ class Metrics:
             ["rule", "reason"],
             registry=r,
         )
+        self.flow_log_lines = Counter(
+            "quietwire_flow_log_lines", "Flow records written to the flow log", registry=r
+        )
+        self.flow_log_bytes = Counter(
+            "quietwire_flow_log_bytes", "Bytes written to the flow log", registry=r
+        )
+        self.flow_log_errors = Counter(
+            "quietwire_flow_log_errors",
+            "Flow log operations that failed (full disk, unwritable directory), by operation: "
+            "open, write, rotate, compress, retention",
+            ["operation"],
+            registry=r,
+        )
+        self.flow_log_dropped = Counter(
+            "quietwire_flow_log_lines_dropped",
+            "Flow records not written to the flow log because an operation failed",
+            registry=r,
+        )
         self.score = BulkHistogram(
             "quietwire_flow_score",
             "Anomaly scores of flow records (ended, and interim)",
@@ -150,6 +170,8 @@ class Metrics:
             self.evictions.labels(reason)
         for result in ("success", "failure"):
             self.reloads.labels(result)
+        for operation in FLOW_LOG_OPERATIONS:
+            self.flow_log_errors.labels(operation)
 
     def set_model(self, version: str, schema_hash: str, score: str, loaded_at: float) -> None:
         self.model_info.clear()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from quietwire.agent.alerts import BudgetSettings
 from quietwire.agent.config import DEFAULT_RULES
+from quietwire.agent.flowlog import FlowLogSettings
 from quietwire.agent.flows import FlowConfig
 from quietwire.agent.incidents import IncidentSettings
 from quietwire.agent.metrics import MetricsServerError, ServerSettings
@@ -32,6 +33,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
         serve = _listen(args.serve_metrics) if args.serve_metrics else None
         incidents = IncidentSettings(flow_alerts=args.flow_alerts)
         budget = BudgetSettings(lines_per_s=args.lines_per_s, burst=args.burst)
+        flow_log = None
+        if args.flow_log:
+            flow_log = FlowLogSettings(
+                path=args.flow_log,
+                rotate_bytes=args.flow_log_rotate_bytes,
+                rotate_age_s=args.flow_log_rotate_age,
+                compress=not args.flow_log_no_gzip,
+                retention_bytes=args.flow_log_retention_bytes,
+            )
     except ValueError as exc:
         error(str(exc))
         return 2
@@ -47,6 +57,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         flow=flow_config,
         incidents=incidents,
         budget=budget,
+        flow_log=flow_log,
     )
     try:
         return replay(opts)
@@ -168,6 +179,37 @@ def register(sub) -> None:
         default=BudgetSettings.burst,
         metavar="N",
         help="alert line budget: up to N lines at once (%(default)d)",
+    )
+    rp.add_argument(
+        "--flow-log",
+        type=Path,
+        metavar="FILE",
+        help="also write every scored flow record as an EVE flow line to FILE (the flow log: "
+        "identity, counts, features, score), rotated and gzipped",
+    )
+    rp.add_argument(
+        "--flow-log-rotate-bytes",
+        type=int,
+        default=FlowLogSettings.rotate_bytes,
+        metavar="N",
+        help="rotate the flow log at N bytes (%(default)d; 0 = never by size)",
+    )
+    rp.add_argument(
+        "--flow-log-rotate-age",
+        type=float,
+        default=FlowLogSettings.rotate_age_s,
+        metavar="S",
+        help="rotate the flow log after S seconds (%(default)g; 0 = never by age)",
+    )
+    rp.add_argument(
+        "--flow-log-retention-bytes",
+        type=int,
+        default=FlowLogSettings.retention_bytes,
+        metavar="N",
+        help="delete the oldest rotated flow logs beyond N bytes (%(default)d; 0 = keep all)",
+    )
+    rp.add_argument(
+        "--flow-log-no-gzip", action="store_true", help="leave rotated flow logs uncompressed"
     )
     rp.set_defaults(func=cmd_replay)
 
