@@ -226,3 +226,83 @@ def test_refit_drops_the_highest_scoring_training_flows(corpus):
     assert s.train_flows == fitted - s.refit_removed
     with pytest.raises(ValueError, match="refit"):
         TrainConfig(refit=0.5)
+
+
+def test_train_from_a_flow_log(tmp_path, capsys):
+    """`quietwire train --benign DIR` on what `replay --flow-log` wrote: the rotated gzip
+    files and the live file give the meter's own features back; a line of another schema and
+    a broken line are skipped with a warning naming the file (and the line); an alert file in
+    the same directory adds nothing; the model trained from it loads in the agent."""
+    import gzip
+    import json
+
+    from quietwire import DATA
+    from quietwire.cli import main
+
+    from .conftest import meter_file
+
+    logs = tmp_path / "logs"
+    capture = DATA / "sample.pcap"
+    replay = ["replay", str(capture), "--alerts", str(logs / "alerts.json")]
+    assert main([*replay, "--flow-log", str(logs / "flows.json")]) == 0
+    lines = (logs / "flows.json").read_text().splitlines()
+    half = len(lines) // 2  # as if rotated: the first half gzipped, under a rotated name
+    (logs / "flows.20240101T000000Z.json.gz").write_bytes(
+        gzip.compress("\n".join(lines[:half]).encode() + b"\n")
+    )
+    other = json.loads(lines[0])
+    other["quietwire"]["schema_hash"] = "0000000000000000"
+    broken = lines[1][:100]
+    (logs / "flows.json").write_text("\n".join([*lines[half:], json.dumps(other), broken]) + "\n")
+    alert = {"event_type": "alert", "quietwire": {"incident": {"id": "x"}}}
+    (logs / "alerts.json").write_text(json.dumps(alert) + "\n")  # sample.pcap raises none
+    capsys.readouterr()
+
+    data = load_benign([logs], known_malicious={})
+    expected = meter_file(capture, keep_interim=True).features  # the log has every record
+
+    def rows(x):  # each row's bytes, every NaN one bit pattern (the log writes null)
+        return sorted(map(bytes, np.where(np.isnan(x), np.float32(np.nan), x)))
+
+    assert rows(data.features) == rows(expected)
+    assert data.flows_read == len(expected) and len(data.sources) == 3  # alerts.json too
+    err = capsys.readouterr().err
+    assert f"{logs / 'flows.json'}: skipped 1 flow records of another feature schema" in err
+    assert f"{logs / 'flows.json'}: skipped 1 malformed lines (line {len(lines) - half + 2}" in err
+    assert "alerts.json: no flow records" in err
+
+    out = tmp_path / "site.onnx"
+    assert main(["train", "--benign", str(logs), "-o", str(out), "--train-steps", "20"]) == 0
+    assert len(ScoringModel(out).score(expected).score) == len(expected)
+
+
+def test_host_balanced_reservoir():
+    """At most N flows however many come; every host weighs the same (a scanner's 10,000
+    flows do not crowd out 100 quiet hosts); seeded; below N every flow, in order."""
+    from quietwire.trainer.data import HostReservoir
+
+    rng = np.random.default_rng(0)
+    hosts = ["10.0.0.1"] * 10_000 + [f"10.0.1.{i}" for i in range(100) for _ in range(10)]
+    order = rng.permutation(len(hosts))
+    hosts = [hosts[i] for i in order]
+    x = np.zeros((len(hosts), len(FEATURE_NAMES)), np.float32)
+    x[:, 0] = np.arange(len(hosts))  # which flow it was
+    kept = []
+    for seed in (1, 1, 2):
+        r = HostReservoir(500, seed=seed)
+        for lo in range(0, len(hosts), 700):
+            r.add(x[lo : lo + 700], hosts[lo : lo + 700])
+        sample = r.sample()
+        assert sample.shape == (500, len(FEATURE_NAMES)) and r.count == len(hosts)
+        assert (np.diff(sample[:, 0]) > 0).all()  # arrival order
+        kept.append(sample[:, 0])
+        scanner = sum(hosts[int(i)] == "10.0.0.1" for i in sample[:, 0])
+        # water level: 100 quiet hosts and the scanner share 500 flows, about 5 each
+        assert scanner < 20, scanner
+        assert r.hosts == 101
+    np.testing.assert_array_equal(kept[0], kept[1])
+    assert not np.array_equal(kept[0], kept[2])
+    small = HostReservoir(10_000)
+    small.add(x[:300], hosts[:300])
+    small.add(x[300:600], hosts[300:600])
+    np.testing.assert_array_equal(small.sample(), x[:600])

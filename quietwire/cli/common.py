@@ -40,6 +40,28 @@ class Progress:
             print("\r" + " " * 78 + "\r", end="", file=sys.stderr, flush=True)
 
 
+class Reading:
+    """Progress of reading training inputs: one line on a terminal, silent otherwise."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._last = 0.0
+        self._shown = False
+
+    def __call__(self, name: str, read: int, kept: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or now - self._last < 0.2:
+            return
+        self._last = now
+        self._shown = True
+        line = f"reading {name[-40:]}: {read:,} flows, {kept:,} kept"
+        print(f"\r{line:<78.78}", end="", file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        if self._shown:
+            print("\r" + " " * 78 + "\r", end="", file=sys.stderr, flush=True)
+
+
 class Steps:
     """Training progress on a terminal."""
 

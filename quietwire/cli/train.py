@@ -8,7 +8,7 @@ from pathlib import Path
 
 from quietwire.agent.features import FEATURE_NAMES, SCHEMA_HASH
 
-from .common import Steps, error, trainer_or_error
+from .common import Reading, Steps, error, trainer_or_error
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -40,7 +40,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not paths:
             error("no benign input: give --benign PATH... or --labels FILE")
             return 2
-        data = load_benign(paths, labels["malicious"])
+        if args.max_flows < 0:
+            error(f"--max-flows: expected 0 (all) or more, got {args.max_flows}")
+            return 2
+        reading = Reading(sys.stderr.isatty())
+        data = load_benign(
+            paths, labels["malicious"], reading, max_flows=args.max_flows or None, seed=args.seed
+        )
+        reading.done()
+        if len(data.features) < data.flows_read:
+            print(
+                f"sampled {len(data.features):,} of {data.flows_read:,} flows (host-balanced "
+                f"over {data.hosts:,} client hosts, seed {args.seed}; --max-flows)",
+                file=sys.stderr,
+            )
         interim = int(data.features[:, FEATURE_NAMES.index("flow_open")].sum())
         print(
             f"benign records: {len(data.features)} ({len(data.features) - interim} flows, "
@@ -130,7 +143,8 @@ def register(sub) -> None:
         type=Path,
         default=[],
         metavar="PATH",
-        help="benign captures, directories of them, or flow tables",
+        help="benign captures, flow tables, flow logs (.json, .jsonl, .log, rotated .gz), "
+        "or directories of them",
     )
     train.add_argument("--labels", type=Path, help="a label file: train on its benign list")
     train.add_argument(
@@ -193,6 +207,14 @@ def register(sub) -> None:
         default=0.2,
         metavar="Q",
         help="share of benign flows held out to calibrate thresholds (0.2)",
+    )
+    train.add_argument(
+        "--max-flows",
+        type=int,
+        default=1_000_000,
+        metavar="N",
+        help="train on at most N flows: a seeded sample balanced across client hosts, in "
+        "bounded memory however many flows the inputs hold (%(default)d; 0 = all)",
     )
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(func=cmd_train)
