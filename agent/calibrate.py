@@ -43,6 +43,7 @@ from onnx import numpy_helper
 from quietwire import __version__
 
 from .balance import burst_weights
+from .features import FEATURE_NAMES
 from .model import ModelError, ScoringModel
 
 TABLE = "calibration/scores"  # (1, M) float32: the scores the tail probability counts
@@ -73,7 +74,7 @@ class LevelReport:
     fpr: float
     old_threshold: float
     new_threshold: float
-    share_over_old: float  # share of the site's flows scoring above the old threshold
+    share_over_old: float  # share of the site's records scoring above the old threshold
     share_over_new: float
     balanced_share_over_new: float  # the same, each flow counted with its burst weight
     too_few_flows: bool  # fewer balanced flows than 1 / fpr (allowed by allow_few_flows)
@@ -85,8 +86,9 @@ class CalibrationReport:
 
     model_path: Path
     out_path: Path
-    flows: int
-    balanced_flows: float
+    records: int  # scored records: ended flows and interim records of flows still open
+    interim_records: int
+    balanced_records: float  # their weight after burst balancing
     host_balance: int
     server_balance: int
     levels: tuple[LevelReport, ...]
@@ -155,7 +157,7 @@ def calibrate(
     and write the result to ``out_path`` (atomically; it may be the model itself).
 
     ``host_balance`` / ``server_balance``: burst balancing's bounds (None: the model's own
-    training values; 0 and 0: every flow counts fully). ``inputs`` ((file, flows) pairs) and
+    training values; 0 and 0: every flow counts fully). ``inputs`` ((file, records) pairs) and
     ``period`` (the first flow start and last flow end, ISO 8601) are recorded in the model.
     """
     model_path, out_path = Path(model_path), Path(out_path)
@@ -193,9 +195,9 @@ def calibrate(
     if balanced < needed * (1 - 1e-9) and not allow_few_flows:
         raw = int(np.ceil(needed * len(scores) / balanced))
         raise TooFewFlowsError(
-            f"too few flows in {where} to calibrate FPR {smallest:g}: {len(scores):,} flows "
+            f"too few flows in {where} to calibrate FPR {smallest:g}: {len(scores):,} records "
             f"({balanced:,.0f} after burst balancing), it needs {needed:,} after burst "
-            f"balancing (about {raw:,} flows like these)",
+            f"balancing (about {raw:,} records like these)",
             smallest,
             needed,
         )
@@ -217,8 +219,9 @@ def calibrate(
     report = CalibrationReport(
         model_path=model_path,
         out_path=out_path,
-        flows=len(scores),
-        balanced_flows=balanced,
+        records=len(scores),
+        interim_records=int(np.nansum(features[:, FEATURE_NAMES.index("flow_open")])),
+        balanced_records=balanced,
         host_balance=host_balance,
         server_balance=server_balance,
         levels=reports,
@@ -256,14 +259,15 @@ def _record(report: CalibrationReport, model: ScoringModel) -> dict:
     return {
         "date": report.date,
         "quietwire_version": __version__,
-        "flows": report.flows,
-        "balanced_flows": round(report.balanced_flows, 3),
+        "records": report.records,
+        "interim_records": report.interim_records,
+        "balanced_records": round(report.balanced_records, 3),
         "burst_balance": {
             "host_balance": report.host_balance,
             "server_balance": report.server_balance,
         },
         "period": {"first_start": report.first_start, "last_end": report.last_end},
-        "inputs": [{"path": name, "flows": n} for name, n in report.inputs[:MAX_RECORDED_INPUTS]],
+        "inputs": [{"path": name, "records": n} for name, n in report.inputs[:MAX_RECORDED_INPUTS]],
         "inputs_total": len(report.inputs),
         "table_points": report.table_points,
         "levels_with_too_few_flows": [f"{lv.fpr:g}" for lv in report.levels if lv.too_few_flows],

@@ -1,10 +1,10 @@
 """The site's flows from files, for calibration: captures (through the agent's own flow
-meter, so the features are the ones it scores live) and flow tables that `quietwire flows`
-wrote, each with the time span of its flows.
+meter, so the features are the ones it scores live), flow tables that `quietwire flows`
+wrote and flow logs that the agent wrote (live, rotated or gzipped), each with the time span
+of its flows.
 
 Input kinds are told apart by file name (``input_kind``) and read by one function each
-(``READERS``): the flow log of issue 12 (agent/flowlog.py, being written) is one more entry in
-both.
+(``READERS``).
 """
 
 from __future__ import annotations
@@ -18,10 +18,13 @@ import numpy as np
 from .capture import CaptureError, read_capture
 from .features import FEATURE_NAMES
 from .flowfile import iso_times, read_stored_flows
+from .flowlog import FlowLogStats, read_flow_log
 from .meter import FlowMeter
 
 CAPTURE_SUFFIXES = (".pcap", ".pcapng", ".cap")
 TABLE_SUFFIXES = (".csv", ".jsonl")
+LOG_SUFFIXES = (".json", ".log", ".gz")  # and a .jsonl whose lines are flow events
+KNOWN = ", ".join((*CAPTURE_SUFFIXES, *TABLE_SUFFIXES, *LOG_SUFFIXES))
 
 
 class SiteFlowsError(Exception):
@@ -73,19 +76,59 @@ def _read_table(path: Path) -> FileFlows:
     return FileFlows(stored.features, stored.first_start, stored.last_end)
 
 
+def _read_flow_log(path: Path) -> FileFlows:
+    stats = FlowLogStats()
+    try:
+        parts = [chunk.features for chunk in read_flow_log(path, stats)]
+    except OSError as exc:
+        raise SiteFlowsError(f"{path}: cannot read: {exc.strerror}") from exc
+    skipped = []
+    if stats.other_schema:
+        schemas = ", ".join(sorted(stats.other_schemas)[:3])
+        skipped.append(
+            f"{_count(stats.other_schema, 'record')} of another feature schema ({schemas})"
+        )
+    if stats.malformed:
+        line, reason = stats.first_malformed[0]
+        skipped.append(f"{_count(stats.malformed, 'malformed line')} (line {line}: {reason})")
+    if stats.truncated:
+        skipped.append(f"the rest of a file cut short ({stats.truncated})")
+    warning = f"{path}: skipped {'; '.join(skipped)}" if skipped else None
+    features = np.concatenate(parts) if parts else np.zeros((0, len(FEATURE_NAMES)), np.float32)
+    return FileFlows(features, stats.first_start, stats.last_end, warning)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 READERS: dict[str, Callable[[Path], FileFlows]] = {
     "capture": _read_capture,
     "flow table": _read_table,
+    "flow log": _read_flow_log,
 }
 
 
 def input_kind(path: Path) -> str | None:
-    """Which reader a file goes to, by its name; None for a file of no known kind."""
+    """Which reader a file goes to, by its name (a .jsonl by its first line: a flow log's
+    lines are EVE events); None for a file of no known kind."""
     if path.suffix in CAPTURE_SUFFIXES:
         return "capture"
+    if path.suffix == ".jsonl" and _first_line_is_event(path):
+        return "flow log"
     if path.suffix in TABLE_SUFFIXES:
         return "flow table"
+    if path.suffix in LOG_SUFFIXES:
+        return "flow log"
     return None
+
+
+def _first_line_is_event(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            return b'"event_type"' in handle.readline(1 << 16)
+    except OSError:
+        return False  # the table reader will say why it cannot be read
 
 
 def expand(paths: list[Path]) -> list[Path]:
@@ -97,8 +140,7 @@ def expand(paths: list[Path]) -> list[Path]:
         elif not p.exists():
             raise SiteFlowsError(f"{p}: no such file or directory")
         elif input_kind(p) is None:
-            known = ", ".join((*CAPTURE_SUFFIXES, *TABLE_SUFFIXES))
-            raise SiteFlowsError(f"{p}: not an input calibration can read (names end in {known})")
+            raise SiteFlowsError(f"{p}: not an input calibration can read (names end in {KNOWN})")
         else:
             out.append(p)
     return out
@@ -114,8 +156,7 @@ def read_site_flows(paths: list[Path], progress: Callable[[str], None] | None = 
     warnings: list[str] = []
     files = expand(paths)
     if not files:
-        known = ", ".join((*CAPTURE_SUFFIXES, *TABLE_SUFFIXES))
-        raise SiteFlowsError(f"{', '.join(map(str, paths))}: no input files ({known})")
+        raise SiteFlowsError(f"{', '.join(map(str, paths))}: no input files ({KNOWN})")
     for path in files:
         if progress:
             progress(str(path))

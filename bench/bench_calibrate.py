@@ -64,7 +64,7 @@ def main() -> int:
     w = burst_weights(x, report.host_balance, report.server_balance)
 
     print(f"\nFPR 1e-2 on the other half, calibrated on a random half ({args.splits} splits):")
-    print(f"{'balancing':<10}{'per flow':>10}{'balanced':>10}{'min':>8}{'max':>8}")
+    print(f"{'balancing':<10}{'per record':>12}{'balanced':>10}{'min':>8}{'max':>8}")
     for balanced in (True, False):
         rows = []
         for seed in range(args.splits):
@@ -74,7 +74,7 @@ def main() -> int:
             rows.append((np.mean(s > t), wh[s > t].sum() / wh.sum()))
         a = np.array(rows)
         print(
-            f"{'on' if balanced else 'off':<10}{a[:, 0].mean():>10.2%}{a[:, 1].mean():>10.2%}"
+            f"{'on' if balanced else 'off':<10}{a[:, 0].mean():>12.2%}{a[:, 1].mean():>10.2%}"
             f"{a[:, 0].min():>8.2%}{a[:, 0].max():>8.2%}"
         )
 

@@ -102,7 +102,7 @@ def test_share_over_each_new_threshold_is_its_fpr(calibrated, benign):
     model = ScoringModel(out)
     s = model.score(benign.features).score
     w = burst_weights(benign.features, report.host_balance, report.server_balance)
-    assert report.balanced_flows == pytest.approx(w.sum())
+    assert report.balanced_records == pytest.approx(w.sum())
     for level in report.levels:
         q, t = level.fpr, level.new_threshold
         over = w[s > t].sum() / w.sum()
@@ -223,9 +223,11 @@ def test_metadata_records_the_calibration(calibrated, benign, tmp_path):
     original = ScoringModel(DEFAULT_MODEL)
     model = ScoringModel(out)
     record = json.loads(model.metadata["calibration"])
-    assert record["flows"] == len(benign.features) == sum(n for _, n in benign.inputs)
-    assert record["balanced_flows"] == pytest.approx(report.balanced_flows, abs=1e-3)
-    assert [(i["path"], i["flows"]) for i in record["inputs"]] == list(benign.inputs)
+    assert record["records"] == len(benign.features) == sum(n for _, n in benign.inputs)
+    flow_open = benign.features[:, FEATURE_NAMES.index("flow_open")]
+    assert record["interim_records"] == report.interim_records == (flow_open == 1).sum() > 0
+    assert record["balanced_records"] == pytest.approx(report.balanced_records, abs=1e-3)
+    assert [(i["path"], i["records"]) for i in record["inputs"]] == list(benign.inputs)
     assert record["inputs_total"] == len(benign_names())
     assert record["period"] == {"first_start": benign.first_start, "last_end": benign.last_end}
     assert benign.first_start < benign.last_end
@@ -242,7 +244,7 @@ def test_metadata_records_the_calibration(calibrated, benign, tmp_path):
     record2 = json.loads(ScoringModel(tmp_path / "again.onnx").metadata["calibration"])
     assert record2["original_thresholds"] == json.loads(model.metadata["thresholds"])
     assert record2["trained_thresholds"] == old
-    assert record2["flows"] == again.flows == len(benign.features[::2])
+    assert record2["records"] == again.records == len(benign.features[::2])
     assert record2["inputs"] == [] and record2["period"]["first_start"] is None
 
 
@@ -285,13 +287,15 @@ def test_the_command_reports_and_reads_flow_tables(tmp_path, capsys):
     assert main([*args, str(tmp_path / "a.onnx"), str(SAMPLE), str(SCAN)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"calibrated {DEFAULT_MODEL} -> {tmp_path / 'a.onnx'}"
-    n = len(read_site_flows([SAMPLE, SCAN]).features)
-    assert out[1].startswith(f"flows: {n:,} from 2 inputs (")
-    assert out[1].endswith("after burst balancing: host 10, server 100), " + PERIOD)
-    assert out[2].split() == "FPR old threshold -> new flows over old over new (balanced)".split()
-    rows = [line.split() for line in out[3:6]]
+    x = read_site_flows([SAMPLE, SCAN]).features
+    n, interim = len(x), int(x[:, FEATURE_NAMES.index("flow_open")].sum())
+    assert out[1].startswith(f"records: {n:,} ({n - interim:,} flows, {interim:,} interim) from 2 ")
+    assert out[1].endswith(" after burst balancing (host 10, server 100)")
+    assert out[2] == f"period: {PERIOD} (UTC)"
+    assert out[3].split() == "FPR old threshold -> new records over old over new (balanced)".split()
+    rows = [line.split() for line in out[4:7]]
     assert [r[0] for r in rows] == ["0.01", "0.001", "0.0001"] and all(r[2] == "->" for r in rows)
-    assert out[-1].startswith("* fewer balanced flows than 1/FPR")
+    assert out[-1].startswith("* fewer balanced records than 1/FPR")
 
     assert main([*args, str(tmp_path / "b.onnx"), str(tmp_path / "scan.csv")]) == 0
     assert main([*args, str(tmp_path / "c.onnx"), str(SCAN)]) == 0
@@ -299,7 +303,7 @@ def test_the_command_reports_and_reads_flow_tables(tmp_path, capsys):
     b, c = ScoringModel(tmp_path / "b.onnx"), ScoringModel(tmp_path / "c.onnx")
     assert b.thresholds == c.thresholds
     rb, rc = (json.loads(m.metadata["calibration"]) for m in (b, c))
-    assert rb["period"] == rc["period"] and rb["flows"] == rc["flows"] > 1900
+    assert rb["period"] == rc["period"] and rb["records"] == rc["records"] > 1900
 
 
 def _tiny_onnx(path: Path) -> Path:
@@ -375,7 +379,7 @@ def _other_table(path: Path) -> Path:
             "too few flows",
             lambda t: DEFAULT_MODEL,
             lambda t: [SAMPLE],
-            "too few flows in {input} to calibrate FPR 0.0001: {flows} flows (",
+            "too few flows in {input} to calibrate FPR 0.0001: {flows} records (",
         ),
     ],
 )
@@ -393,3 +397,49 @@ def test_bad_input_is_one_line_naming_the_file(case, model, inputs, expected, tm
     assert not out.exists()
     if case == "too few flows":
         assert "needs 10,000 after burst balancing" in err[0] and "--allow-few-flows" in err[0]
+
+
+def test_flow_logs_calibrate_as_the_capture_they_were_written_from(tmp_path, capsys):
+    """A flow log the agent wrote (plain, gzipped after rotation, or named .jsonl) gives the
+    same flows and thresholds as the capture it came from; another schema's records are
+    skipped with a warning."""
+    import gzip
+
+    from quietwire.agent.capture import read_capture
+    from quietwire.agent.flowlog import flow_lines
+    from quietwire.agent.meter import FlowMeter
+
+    model = ScoringModel(DEFAULT_MODEL)
+    meter = FlowMeter()
+    parts = [meter.add(batch) for batch in read_capture(SCAN)] + list(meter.drain())
+    text = "".join(flow_lines(p, model.score(p.features), model.version) for p in parts if len(p))
+    log = tmp_path / "flows.json"
+    log.write_text(text)
+    (tmp_path / "flows.20240102T030405Z.json.gz").write_bytes(gzip.compress(text.encode()))
+    (tmp_path / "flows.jsonl").write_text(
+        text.replace(f'"schema_hash":"{model.metadata["schema_hash"]}"', '"schema_hash":"beef"', 1)
+    )
+    args = ["calibrate", "--model", str(DEFAULT_MODEL), "--allow-few-flows", "-o"]
+    assert main([*args, str(tmp_path / "capture.onnx"), str(SCAN)]) == 0
+    capture = ScoringModel(tmp_path / "capture.onnx")
+    for name in ("flows.json", "flows.20240102T030405Z.json.gz"):
+        out = tmp_path / f"{name}.onnx"
+        assert main([*args, str(out), str(tmp_path / name)]) == 0
+        assert ScoringModel(out).thresholds == capture.thresholds
+        record = json.loads(ScoringModel(out).metadata["calibration"])
+        assert record["records"] == sum(len(p) for p in parts)
+        assert record["period"] == json.loads(capture.metadata["calibration"])["period"]
+    assert capsys.readouterr().err == ""
+    assert main([*args, str(tmp_path / "jsonl.onnx"), str(tmp_path / "flows.jsonl")]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"quietwire: warning: {tmp_path / 'flows.jsonl'}: skipped 1 record of another "
+        "feature schema (beef)"
+    ]
+    record = json.loads(ScoringModel(tmp_path / "jsonl.onnx").metadata["calibration"])
+    assert record["records"] == sum(len(p) for p in parts) - 1
+    site = read_site_flows([tmp_path])  # the directory: every log, the live and rotated files
+    assert [Path(name).name for name, _ in site.inputs] == [
+        "flows.20240102T030405Z.json.gz",
+        "flows.json",
+        "flows.jsonl",
+    ]

@@ -45,10 +45,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def format_report(r: CalibrationReport) -> str:
-    """The few lines an operator reads: flows used, thresholds old -> new, flows over each."""
-    period = ""
-    if r.first_start and r.last_end:
-        period = f", {r.first_start[:19]} to {r.last_end[:19]}"
+    """The few lines an operator reads: records used, thresholds old -> new, records over
+    each."""
     balance = (
         f"host {r.host_balance}, server {r.server_balance}"
         if r.host_balance or r.server_balance
@@ -56,21 +54,25 @@ def format_report(r: CalibrationReport) -> str:
     )
     lines = [
         f"calibrated {r.model_path} -> {r.out_path}",
-        f"flows: {r.flows:,} from {len(r.inputs)} input{'s' if len(r.inputs) != 1 else ''} "
-        f"({r.balanced_flows:,.0f} after burst balancing: {balance}){period}",
-        f"{'FPR':<8}{'old threshold':>14} -> {'new':<10}{'flows over old':>15}"
+        f"records: {r.records:,} ({r.records - r.interim_records:,} flows, "
+        f"{r.interim_records:,} interim) from {len(r.inputs)} "
+        f"input{'s' if len(r.inputs) != 1 else ''}, {r.balanced_records:,.0f} after burst "
+        f"balancing ({balance})",
+        f"{'FPR':<8}{'old threshold':>14} -> {'new':<10}{'records over old':>17}"
         f"{'over new':>10} (balanced)",
     ]
+    if r.first_start and r.last_end:
+        lines.insert(2, f"period: {r.first_start[:19]} to {r.last_end[:19]} (UTC)")
     for lv in r.levels:
         mark = "*" if lv.too_few_flows else ""
         lines.append(
             f"{lv.fpr:<8g}{lv.old_threshold:>14.4g} -> {lv.new_threshold:<8.4g}{mark:<2}"
-            f"{lv.share_over_old:>15.2%}{lv.share_over_new:>10.2%} "
+            f"{lv.share_over_old:>17.2%}{lv.share_over_new:>10.2%} "
             f"({lv.balanced_share_over_new:.2%})"
         )
     if any(lv.too_few_flows for lv in r.levels):
         lines.append(
-            "* fewer balanced flows than 1/FPR: the threshold is about the highest site score"
+            "* fewer balanced records than 1/FPR: the threshold is about the highest site score"
         )
     return "\n".join(lines)
 
@@ -80,8 +82,9 @@ def register(sub) -> None:
     cal = sub.add_parser(
         "calibrate",
         help="recompute a model's thresholds on the site's own flows",
-        description="Score the site's flows (captures, or flow tables that `quietwire flows` "
-        "wrote) with the model, recompute its threshold at each false-positive rate and its "
+        description="Score the site's flows (captures, flow tables that `quietwire flows` "
+        "wrote, or the agent's flow logs, rotated and gzipped ones too) with the model, "
+        "recompute its threshold at each false-positive rate and its "
         "tail-probability table from them, and write a new model that scores the same and "
         "records the calibration. Attacks in the flows are kept from setting the thresholds "
         "by the burst balancing the model was trained with.",
@@ -92,7 +95,7 @@ def register(sub) -> None:
         nargs="+",
         type=Path,
         metavar="INPUT",
-        help="the site's captures or flow tables, or directories of them",
+        help="the site's captures, flow tables or flow logs, or directories of them",
     )
     cal.add_argument("-o", "--out", type=Path, required=True, help="the ONNX file to write")
     cal.add_argument(
