@@ -126,7 +126,7 @@ def flow_lines(
     # '%.9g' writes NaN as 'nan': only numbers follow a ':' and precede ',' or '}' (the
     # strings are addresses, times, base64 and names, none of which can hold ':nan,').
     text = text.replace(":nan,", ":null,").replace(":nan}", ":null}")
-    if not np.isfinite(numbers).all():
+    if np.isinf(numbers).any():
         for bad in ("inf", "-inf"):
             text = text.replace(f":{bad},", ":null,").replace(f":{bad}}}", ":null}")
     return text

