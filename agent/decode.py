@@ -67,13 +67,25 @@ class Packets:
     ttl: np.ndarray  # int16, TTL or hop limit
     tcp_flags: np.ndarray  # uint8, 0 for non-TCP
     tcp_window: np.ndarray  # int32, -1 for non-TCP
+    # Where each packet's transport payload starts in ``raw`` (the batch's buffer) and how
+    # many of its bytes were captured (0 for later fragments: not the start of a payload).
+    # Only the payload statistics read them (payload.py); None where there are no bytes.
+    payload_offset: np.ndarray | None = None  # int64
+    payload_captured: np.ndarray | None = None  # int64
+    raw: np.ndarray | None = None  # uint8, shared by every packet of the batch
 
     def __len__(self) -> int:
         return len(self.ts_ns)
 
     def take(self, index: np.ndarray) -> Packets:
         """The packets at ``index`` (an integer or boolean array), in that order."""
-        return Packets(**{name: getattr(self, name)[index] for name in self.__dataclass_fields__})
+        return Packets(
+            **{
+                name: value if name == "raw" or value is None else value[index]
+                for name in self.__dataclass_fields__
+                for value in (getattr(self, name),)
+            }
+        )
 
 
 @dataclass
@@ -232,6 +244,9 @@ class Decoder:
         l4_hdr = np.where(later_fragment, 0, l4_hdr)
         hdr_len = (l4 - l3) + l4_hdr
         payload_len = np.maximum(ip_len - hdr_len, 0)
+        payload_offset = l4 + l4_hdr
+        captured = np.minimum(np.maximum(end - payload_offset, 0), payload_len)
+        payload_captured = np.where(later_fragment, 0, captured)
 
         if later_fragment.any() or first_fragment.any():
             matched = self._match_fragments(
@@ -274,6 +289,9 @@ class Decoder:
             ttl=ttl[keep],
             tcp_flags=tcp_flags[keep],
             tcp_window=tcp_window[keep],
+            payload_offset=payload_offset[keep],
+            payload_captured=payload_captured[keep],
+            raw=batch.data,
         )
         return packets, stats
 

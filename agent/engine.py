@@ -92,6 +92,11 @@ class Engine:
         self.sink = sink
         self.metrics = metrics
         self.flow_config = flow_config
+        if flow_config is not None and not flow_config.payload:
+            self.log(
+                "payload statistics are off (flow.payload: false): the model's payload "
+                "features are missing (NaN) for every flow, scored as if it had no payload"
+            )
         self.context_config = context_config
         self.meters: dict[str, FlowMeter] = {}
         self._seen: dict[str, dict] = {}

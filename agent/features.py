@@ -3,7 +3,8 @@
 This is the one extractor: the trainer fits on it and the agent scores with it, and a model
 records ``SCHEMA_HASH`` so the agent can refuse a model made for another schema. The records
 are ended flows and interim records of flows still open (flowrecords.INTERIM_FIRST_S; feature
-``flow_open``); version 3 added them. NaN means
+``flow_open``); version 3 added them. Version 4 added payload statistics (payload.py): no
+payload byte leaves the flow table, only these numbers. NaN means
 "does not apply" (TCP fields of a UDP flow, inter-arrival times of a one-packet direction),
 never zero; the schema's ``nullable`` says which features can be NaN.
 
@@ -22,9 +23,10 @@ import numpy as np
 from .context import CONTEXT_FEATURES
 from .decode import IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, TCP_FLAG_NAMES
 from .flowrecords import INTERIM, INTERIM_FIRST_S, NS, FlowRecords
+from .payload import CLASSES, DIRECTION_STATS, HTTP_STATS, HTTP_WINDOW, PAYLOAD_WINDOW
 
 SCHEMA_NAME = "quietwire.flow"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 DIRECTIONS = ("src2dst", "dst2src")
 
 
@@ -78,6 +80,40 @@ def _schema() -> tuple[Feature, ...]:
         Feature("tcp_reset", "bool", True, "a RST was seen"),
         Feature("flow_open", "bool", False, "an interim record: the flow is still open"),
     ]
+    first = f"first {PAYLOAD_WINDOW} bytes of the first payload packet"
+    units = {"entropy": "bits/byte", "longest_printable": "bytes"}
+    what = {
+        "entropy": "Shannon entropy",
+        "printable_share": "share of printable bytes",
+        "longest_printable": "longest run of printable bytes",
+        **{f"share_{c}": f"share of {c} bytes" for c in CLASSES},
+    }
+    for d in DIRECTIONS:
+        f += [
+            Feature(f"{d}_payload_{s}", units.get(s, "ratio"), True, f"{what[s]}, {first}, {d}")
+            for s in DIRECTION_STATS
+        ]
+    request = f"first {HTTP_WINDOW} bytes of the client's first payload, if an HTTP request"
+    f += [
+        Feature("http_request", "bool", True, "the client's first payload is an HTTP request"),
+        Feature("http_method_get", "bool", True, f"method is GET, {request}"),
+        Feature("http_uri_length", "bytes", True, f"URI length, {request}"),
+        Feature("http_query_length", "bytes", True, f"query length (after ?), {request}"),
+        Feature("http_uri_escapes", "count", True, f"%XX escapes in the URI, {request}"),
+        Feature(
+            "http_uri_specials",
+            "count",
+            True,
+            f"quotes, <>, $ {{}} ( ) ; | ` in the URI, {request}",
+        ),
+        Feature("http_header_count", "count", True, f"header lines in the window, {request}"),
+        Feature("http_header_bytes", "bytes", True, f"header bytes in the window, {request}"),
+        Feature("http_header_specials", "count", True, f"$ {{}} < > ` | in the headers, {request}"),
+        Feature(
+            "http_body_specials", "count", True, f"specials in the body's first bytes, {request}"
+        ),
+    ]
+    assert tuple(x.name for x in f[-len(HTTP_STATS) :]) == HTTP_STATS
     window = "flows started in the last window before this flow's last packet"
     f += [
         Feature("src_host_flows", "flows", False, f"{window}, by the client"),
@@ -107,6 +143,8 @@ SCHEMA_HASH = hashlib.sha256(
             "features": [asdict(x) for x in SCHEMA],
             # which records there are: ended flows, and interim ones at these ages
             "interim_first_s": INTERIM_FIRST_S,
+            "payload_window": PAYLOAD_WINDOW,
+            "http_window": HTTP_WINDOW,
         },
         sort_keys=True,
     ).encode()
@@ -214,6 +252,11 @@ def extract(flows: FlowRecords, context: np.ndarray) -> np.ndarray:
     v["tcp_answered"] = np.where(tcp, c["syn_packets"][:, 1] > 0, np.nan)
     v["tcp_reset"] = np.where(tcp, c["rst_packets"].sum(1) > 0, np.nan)
     v["flow_open"] = c["end_reason"] == INTERIM
+    for i, d in enumerate(DIRECTIONS):
+        for stat in DIRECTION_STATS:
+            v[f"{d}_payload_{stat}"] = c[f"payload_{stat}"][:, i]
+    for stat in HTTP_STATS:
+        v[stat] = c[stat]
     for j, name in enumerate(CONTEXT_FEATURES):
         v[name] = context[:, j]
     out = np.empty((len(flows), len(SCHEMA)), dtype=np.float32)

@@ -12,6 +12,7 @@ import numpy as np
 
 from .decode import ACK, FIN, RST, SYN, TCP_FLAG_NAMES, Packets
 from .flowrecords import ACTIVE, COUNT_MAX, IDLE, LEN_NONE, NEVER, NS, TCP_END
+from .payload import DIRECTION_STATS, HTTP_STATS, direction_stats, http_stats, window
 
 
 def split_runs(
@@ -94,9 +95,19 @@ def split_runs(
 
 
 def fold_runs(
-    cols: dict[str, np.ndarray], p: Packets, order, ts, sw, flags, run_start, run_of, run_slot
+    cols: dict[str, np.ndarray],
+    p: Packets,
+    order,
+    ts,
+    sw,
+    flags,
+    run_start,
+    run_of,
+    run_slot,
+    payload: bool = True,
 ) -> None:
-    """Reduce each run's packets and merge the results into its table slot."""
+    """Reduce each run's packets and merge the results into its table slot; with
+    ``payload``, also the payload statistics of each direction's first payload packet."""
     c = cols
     slot = run_slot[run_of]
     d = (sw != c["swapped"][slot]).astype(np.int64)  # 0: client to server
@@ -104,6 +115,8 @@ def fold_runs(
     first_of_run = np.zeros(len(ts), dtype=bool)
     first_of_run[run_start] = True
     packets_before = c["packets"][run_slot]  # (runs, 2): before this batch
+    if payload and p.raw is not None:
+        _fold_payload(c, p, order, d, run_of, run_slot)
 
     def add(col, values):
         sums = np.add.reduceat(values, run_start)
@@ -180,6 +193,39 @@ def fold_runs(
         fresh = packets_before[r[bounds], direction] == 0
         w = window[sel][bounds]
         c["init_window"][dsl] = np.where(fresh, w, c["init_window"][dsl])
+
+
+def _fold_payload(c, p: Packets, order, d, run_of, run_slot) -> None:
+    """Statistics of each direction's first packet with payload (payload.py), for flows that
+    had none in that direction before this batch."""
+    has = p.payload_len[order] > 0
+    rows, dirs, slots = [], [], []
+    for direction in (0, 1):
+        sel = np.flatnonzero(has & (d == direction))
+        if len(sel) == 0:
+            continue
+        r = run_of[sel]
+        first = sel[np.r_[True, r[1:] != r[:-1]]]  # packets are grouped by run, in order
+        slot = run_slot[run_of[first]]
+        fresh = c["payload_packets"][slot, direction] == 0  # (folded after this)
+        rows.append(first[fresh])
+        dirs.append(np.full(int(fresh.sum()), direction))
+        slots.append(slot[fresh])
+    if not rows:
+        return
+    rows, dirs, slots = np.concatenate(rows), np.concatenate(dirs), np.concatenate(slots)
+    if len(rows) == 0:
+        return
+    pkt = order[rows]
+    w, n_bytes = window(p.raw, p.payload_offset[pkt], p.payload_captured[pkt])
+    stats = direction_stats(w, n_bytes)
+    for j, name in enumerate(DIRECTION_STATS):
+        c[f"payload_{name}"][slots, dirs] = stats[:, j]
+    client = dirs == 0
+    if client.any():
+        http = http_stats(p.raw, p.payload_offset[pkt[client]], p.payload_captured[pkt[client]])
+        for j, name in enumerate(HTTP_STATS):
+            c[name][slots[client]] = http[:, j]
 
 
 def _fold_extreme(col: np.ndarray, where, ufunc, values: np.ndarray, starts: np.ndarray) -> None:

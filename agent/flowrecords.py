@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .decode import TCP_FLAG_NAMES
+from .payload import DIRECTION_STATS, HTTP_STATS
 
 NS = 1_000_000_000
 NEVER = np.iinfo(np.int64).max
@@ -37,13 +38,14 @@ INTERIM_FIRST_S = 60
 # Table columns: name -> (dtype, initial value, per direction?). Direction 0 is client to
 # server (src2dst), 1 is server to client (dst2src).
 #
-# Bytes per open flow: 117 for the columns of one value and 2 x 146 for the per-direction ones
-# (409 in all; see bytes_per_flow()); the flow table adds 8 for the key hash, 24 for its key
-# index (keyindex.py) and 4 for the free-slot stack. Bounded values are kept narrow: IP lengths
-# in 32 bits, and the counts that are not the flow's packet total (TCP flags, packets with
-# payload) in unsigned 32 bits that saturate at COUNT_MAX (a single flow would need over 2.3
-# million packets/s for the whole default 30-minute active timeout to reach it; the features
-# are float32, exact only to 2**24, anyway). Times, byte counts, packets and sums stay 64-bit.
+# Bytes per open flow: 133 for the columns of one value and 2 x 170 for the per-direction ones
+# (473 in all, 64 of them payload statistics; see bytes_per_flow()); the flow table adds 8 for the
+# key hash, 24 for its key index (keyindex.py) and 4 for the free-slot stack. Bounded values are
+# kept narrow: IP lengths in 32 bits, and the counts that are not the flow's packet total (TCP
+# flags, packets with payload) in unsigned 32 bits that saturate at COUNT_MAX (a single flow would
+# need over 2.3 million packets/s for the whole default 30-minute active timeout to reach it; the
+# features are float32, exact only to 2**24, anyway). Times, byte counts, packets and sums stay
+# 64-bit.
 COLUMNS: dict[str, tuple[str, float, bool]] = {
     "seq": ("i8", -1, False),
     "ip_version": ("u1", 0, False),
@@ -85,6 +87,11 @@ COLUMNS: dict[str, tuple[str, float, bool]] = {
     "ttl_min": ("i2", 256, True),
     "init_window": ("i4", -1, True),
     **{f"{flag}_packets": ("u4", 0, True) for flag in TCP_FLAG_NAMES},
+    # Payload statistics of each direction's first payload packet (payload.py), and the
+    # client's HTTP request line; NaN until there is one. Half precision: shares, entropy
+    # and window positions (at most 256) need no more.
+    **{f"payload_{stat}": ("f2", np.nan, True) for stat in DIRECTION_STATS},
+    **{stat: ("f2", np.nan, False) for stat in HTTP_STATS},
 }
 # What the host context needs of a flow at its start (FlowUpdate.started holds only these).
 START_COLUMNS = (

@@ -11,7 +11,9 @@ engine) starts when a batch would fill it to ``emergency_enter_fill`` and lasts 
 ``emergency_leave_fill``: meanwhile flows that never got an answer (no packet from the server)
 end after ``emergency_unanswered_timeout_s`` idle and the others after
 ``emergency_idle_timeout_s``, and when room is still needed the unanswered flows are evicted
-first, then the longest-idle ones. What ends early is counted in ``FlowTable.evictions``.
+first, then the longest-idle ones, and no payload statistics are taken (their features stay
+NaN: a flood's flows are judged by counts and host context). What ends early is counted in
+``FlowTable.evictions``.
 
 A flow still open is also reported before it ends (``interim``): ``FlowTable.snapshot`` hands
 on a copy of each flow that reached an age of the interim schedule (flowrecords.INTERIM_FIRST_S,
@@ -23,8 +25,8 @@ split where one of the rules above ends a flow, reduced per flow, and merged int
 (flowfold.py). Keys are found through a numpy hash index (keyindex.py), so the cost of a packet
 or a new flow does not grow with the flows open; expiry is one column scan per batch.
 
-Memory per open flow: 409 bytes of state columns (flowrecords.COLUMNS), 8 for its key hash,
-24 for the key index and 4 for the free-slot stack: 445 (bench/bench_table.py measures it; it
+Memory per open flow: 473 bytes of state columns (flowrecords.COLUMNS), 8 for its key hash,
+24 for the key index and 4 for the free-slot stack: 509 (bench/bench_table.py measures it; it
 was 1,254 with 512-byte rows in a table that doubled past max_flows, a Python dict index and a
 Python free list). Ended flows leave in start order, and no call ends more than a bounded
 number (see ``FlowTable.expire``), so what a flood hands the next stages at once is bounded.
@@ -81,6 +83,7 @@ class FlowConfig:
     emergency_idle_timeout_s: float = 10.0
     emergency_unanswered_timeout_s: float = 2.0
     interim: bool = True  # report flows still open at the interim ages (see snapshot())
+    payload: bool = True  # payload statistics (payload.py); off: those features are NaN
 
     def __post_init__(self) -> None:
         for name in (
@@ -478,7 +481,10 @@ class FlowTable:
         new_runs = np.flatnonzero(~continues)
         self._init_flows(new_slots, order[run_start[new_runs]], p, swapped, a_first)
 
-        fold_runs(self._cols, p, order, ts, sw, flags, run_start, run_of, run_slot)
+        # In emergency mode a flood's flows are judged by their counts and host context:
+        # payload statistics (a window of bytes per new flow) wait until it ends.
+        payload = self.config.payload and not self.emergency
+        fold_runs(self._cols, p, order, ts, sw, flags, run_start, run_of, run_slot, payload)
         # Snapshot new flows before any of them that also ended here is released.
         by_seq = new_slots[np.argsort(self._cols["seq"][new_slots])]
         started = FlowRecords({k: self._cols[k][by_seq] for k in START_COLUMNS})

@@ -15,7 +15,7 @@ import numpy as np
 
 from quietwire import DATA
 
-from .features import FEATURE_NAMES, SCHEMA_HASH
+from .features import FEATURE_NAMES, SCHEMA_HASH, SCHEMA_VERSION
 
 DEFAULT_MODEL = DATA / "default.onnx"
 OUTPUTS = ("score", "tail_probability", "contributions")
@@ -70,8 +70,9 @@ class ScoringModel:
         if found != SCHEMA_HASH:
             raise ModelError(
                 f"{self.path}: model expects feature schema {found} "
-                f"(v{meta.get('schema_version', '?')}), this agent extracts {SCHEMA_HASH}; "
-                "retrain the model with this version"
+                f"(v{meta.get('schema_version', '?')}), this agent extracts {SCHEMA_HASH} "
+                f"(v{SCHEMA_VERSION}); retrain it with this version: quietwire train --benign "
+                "CAPTURES_OR_FLOW_LOGS -o model.onnx (the bundled model always matches)"
             )
         outputs = [o.name for o in self._session.get_outputs()]
         if outputs != list(OUTPUTS):

@@ -148,11 +148,15 @@ class RotatingFile:
         return [p for _, p in sorted(found)]
 
     def apply_retention(self) -> list[Path]:
-        """Delete the oldest rotated files while together they exceed the cap."""
+        """Delete the oldest rotated files while together they exceed the cap. With
+        compression on, only compressed files count: one still waiting for the compressor is
+        counted (and may go) after it has shrunk, not at its uncompressed size."""
         if not self.retention_bytes:
             return []
         sizes = []
         for p in self.rotated_files():
+            if self.compress and p.suffix != ".gz":
+                continue
             try:
                 sizes.append((p, p.stat().st_size))
             except FileNotFoundError:  # deleted meanwhile (an operator, or a compression)

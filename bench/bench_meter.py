@@ -3,10 +3,11 @@
     python bench/bench_meter.py                  # 1,000,000 packets, then 2,000,000 for memory
     python bench/bench_meter.py --packets 200000 --no-second-size   # a quick run
 
-Every tool runs in its own child process pinned to CPU 0 (nfstream's meter process too), so
-each peak RSS is its own. Figures are packets/s over the whole file, and quietwire's ratio to
-each peer measured in the same run. scapy dissects only the first --scapy-packets packets
-(it is two orders of magnitude slower); its packets/s is over those.
+"no-payload" is quietwire's meter with payload statistics off (flow.payload: false), the meter
+as it was before them. Every tool runs in its own child process pinned to CPU 0 (nfstream's
+meter process too), so each peak RSS is its own. Figures are packets/s over the whole file,
+and quietwire's ratio to each peer measured in the same run. scapy dissects only the first
+--scapy-packets packets (it is two orders of magnitude slower); its packets/s is over those.
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ def _peak_rss_mib() -> float:
     return float("nan")
 
 
-def run_quietwire(path: str) -> dict:
+def run_quietwire(path: str, payload: bool = True) -> dict:
     from quietwire.agent.capture import read_capture
+    from quietwire.agent.flows import FlowConfig
     from quietwire.agent.meter import FlowMeter
 
-    meter = FlowMeter()
+    meter = FlowMeter(FlowConfig(payload=payload))
     start = time.perf_counter()
     flows = 0
     for batch in read_capture(path):
@@ -78,6 +80,8 @@ def child(tool: str, path: str, limit: int) -> None:
     os.sched_setaffinity(0, {0})
     if tool == "quietwire":
         result = run_quietwire(path)
+    elif tool == "no-payload":  # quietwire without payload statistics (flow.payload: false)
+        result = run_quietwire(path, payload=False)
     elif tool == "nfstream":
         result = run_nfstream(path)
     else:
@@ -127,7 +131,7 @@ def main() -> None:
             n = generate(path, size)
             size_mb = path.stat().st_size / 1e6
             print(f"\ncapture: {n:,} packets, {size_mb:,.0f} MB (bench/gen_capture.py)")
-            tools = ["quietwire", "nfstream", "scapy"] if i == 0 else ["quietwire"]
+            tools = ["quietwire", "no-payload", "nfstream", "scapy"] if i == 0 else ["quietwire"]
             limit = ("--scapy-packets", str(args.scapy_packets))
             results = {t: measure(t, path, *limit) for t in tools}
             print(
@@ -136,11 +140,18 @@ def main() -> None:
             )
             qw = results["quietwire"]["pps"]
             for tool, r in results.items():
-                ratio = "" if tool == "quietwire" else f"{qw / r['pps']:.1f}x faster"
+                ratio = "" if tool == "quietwire" else f"{qw / r['pps']:.2f}x as fast"
                 flows = "" if r["flows"] is None else f"{r['flows']:,}"
                 print(
                     f"{tool:<10} {r['packets']:>10,} {flows:>8} {r['seconds']:>8.2f} "
                     f"{r['pps']:>11,.0f} {r['peak_rss_mib']:>6.0f} MiB  {ratio}"
+                )
+            if "no-payload" in results:
+                off = results["no-payload"]["pps"]
+                print(
+                    f"payload statistics cost {1 - qw / off:.1%} of the meter's packets/s; "
+                    f"ratio to nfstream {off / results['nfstream']['pps']:.2f}x without them, "
+                    f"{qw / results['nfstream']['pps']:.2f}x with them"
                 )
             path.unlink()
     finally:

@@ -129,7 +129,9 @@ def test_train_and_sample_commands(tmp_path, capsys):
     model = tmp_path / "m.onnx"
     assert main(["train", "--benign", str(table), "-o", str(model), "--train-steps", "20"]) == 0
     printed = capsys.readouterr()
-    assert "benign records: 70 (63 flows, 7 interim records of open flows) from 1 files" in printed.err
+    assert (
+        "benign records: 70 (63 flows, 7 interim records of open flows) from 1 files" in printed.err
+    )
     assert (
         "records: 50 trained, 20 held out for calibration" in printed.out
     )  # 70 records, >= 20 held out

@@ -493,7 +493,8 @@ def test_a_flood_never_grows_the_table_past_max_flows():
     sizes = fed.table.nbytes()
     assert fed.table._capacity == 1000
     assert sizes["columns"] == 1000 * bytes_per_flow()
-    assert sum(sizes.values()) / 1000 < 470  # state columns 408, index 32, key 8, free stack 4
+    # state columns 473 (64 of them payload statistics), index 24.6, key 8, free stack 4
+    assert sum(sizes.values()) / 1000 < 520
 
 
 def test_packet_counts_in_32_bits_saturate():

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from scapy.all import IP, TCP, Ether
 
 import quietwire.agent.model as model_module
@@ -64,3 +65,25 @@ def test_bulk_scores_a_flood_by_its_distinct_shapes(tmp_path):
         flips = (bulk.score > thr) != (exact.score > thr)
         near = np.abs(exact.score - thr) < 0.02 * thr
         assert not (flips & ~near).any(), fpr
+
+
+def test_a_model_of_the_previous_schema_is_refused_with_how_to_retrain(tmp_path):
+    """A schema-v3 model (before payload statistics) is refused, naming both schemas and the
+    command that makes a matching one."""
+    import onnx
+
+    from quietwire.agent.model import DEFAULT_MODEL, ModelError, ScoringModel
+
+    model = onnx.load(str(DEFAULT_MODEL))
+    for prop in model.metadata_props:
+        if prop.key == "schema_hash":
+            prop.value = "0b1a154b90a51c1a"  # schema v3's hash
+        if prop.key == "schema_version":
+            prop.value = "3"
+    old = tmp_path / "v3.onnx"
+    onnx.save_model(model, str(old))
+    with pytest.raises(ModelError) as info:
+        ScoringModel(old)
+    message = str(info.value)
+    assert message.startswith(f"{old}: model expects feature schema 0b1a154b90a51c1a (v3)")
+    assert "(v4); retrain it with this version: quietwire train --benign" in message
