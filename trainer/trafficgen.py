@@ -1,10 +1,19 @@
 """A labelled traffic generator: benign sessions (web/TLS, DNS, NTP, SSH, mail) with attacks
 mixed in, written as a pcap with a label file of 5-tuples beside it. Seeded; small by default,
-larger with ``scale``. Headers are packed directly (scapy builds only the DNS payloads): scapy
-builds about a thousand packets a second, too slow for evaluation sets.
+larger with ``scale``. Headers are packed directly (scapy builds only the DNS questions):
+scapy builds about a thousand packets a second, too slow for evaluation sets.
 
 Attacks: SYN and UDP port scans, ping sweep, SYN and UDP floods, SSH and HTTP brute force, DNS
-tunnelling, slow exfiltration, periodic C2 beaconing, slowloris.
+tunnelling, slow exfiltration, periodic C2 beaconing, slowloris; and five web exploits
+(WEB_ATTACKS: SQL injection, XSS, a JNDI lookup, path traversal, command injection), each one
+request of a plain-HTTP session drawn as the benign ones are (client, server, sizes, packet
+counts), so only the request's bytes tell it apart.
+
+Payloads are their protocol's bytes (protocolbytes.py, httpbytes.py, webexploits.py): TLS
+records, SSH banners, SMTP dialogue, DNS answers, HTTP requests and responses. They come from
+a second generator seeded from the same seed, so the sizes and timing drawn for a seed (and
+so every flow statistic) do not depend on what the packets carry; SMTP commands are the
+exception, as long as their text.
 """
 
 from __future__ import annotations
@@ -18,6 +27,9 @@ from pathlib import Path
 import numpy as np
 from scapy.all import DNS, DNSQR
 
+from . import httpbytes, protocolbytes
+from .webexploits import WEB_ATTACKS, exploit_request
+
 ATTACKS = (
     "syn_scan",
     "udp_scan",
@@ -30,6 +42,7 @@ ATTACKS = (
     "slow_exfil",
     "c2_beacon",
     "slowloris",
+    *WEB_ATTACKS,
 )
 RESOLVER, MAIL, WEB, SSH_SERVER = "10.2.0.53", "10.2.0.25", "10.2.0.80", "10.2.0.22"
 # The incident cause the default rules should give each attack type, and which end of its
@@ -46,7 +59,29 @@ EXPECTED_CAUSE = {
     "slow_exfil": ("exfiltration", "source"),
     "c2_beacon": ("c2_beacon", "source"),
     "slowloris": ("slow_dos", "victim"),
+    **{kind: ("web_attack", "source") for kind in WEB_ATTACKS},
 }
+WEB_HOST = "intranet.corp"  # the name WEB serves under
+PAYLOAD_STREAM = 1  # the payload generator's seed is (seed, PAYLOAD_STREAM)
+# Response status lines: benign requests mostly succeed; exploits meet more errors.
+BENIGN_STATUS = {
+    "200 OK": 0.9,
+    "404 Not Found": 0.04,
+    "302 Found": 0.03,
+    "403 Forbidden": 0.02,
+    "500 Internal Server Error": 0.01,
+}
+EXPLOIT_STATUS = {
+    "200 OK": 0.65,
+    "500 Internal Server Error": 0.15,
+    "403 Forbidden": 0.1,
+    "404 Not Found": 0.05,
+    "400 Bad Request": 0.05,
+}
+# Sessions per web-exploit instance, each from a client and to a server drawn as a benign
+# web session's (not one attacker's burst): what sets them apart is in their bytes (the
+# request, and the server's more frequent errors), not in flow statistics or host context.
+WEB_EXPLOIT_SESSIONS = 30
 ETH_HEADER = bytes.fromhex("020000000002020000000001") + b"\x08\x00"
 FLAGS = {"F": 1, "S": 2, "R": 4, "P": 8, "A": 16}
 ICMP_P, TCP_P, UDP_P = 1, 6, 17
@@ -92,7 +127,8 @@ def _dns(name: str, response: bool, qtype: str = "A") -> bytes:
 
 @dataclass
 class _Capture:
-    rng: np.random.Generator
+    rng: np.random.Generator  # sizes, times, addresses
+    fill: np.random.Generator  # payload bytes
     packets: list[tuple[float, bytes]] = field(default_factory=list)
     labels: dict[tuple, str] = field(default_factory=dict)
 
@@ -119,14 +155,14 @@ class _Capture:
         return int(self.rng.integers(32768, 60999))
 
     def tcp_session(self, t, c, s, dport, label, up, down, gap=0.02, close=True):
-        """Handshake, request/response exchanges (byte sizes per packet), FIN close."""
+        """Handshake, request/response exchanges (the payload of each packet), FIN close."""
         sp = self.port()
 
-        def to_server(at, flags, size=0):
-            self.add(at, c, s, TCP_P, sp, dport, label, flags, b"u" * size)
+        def to_server(at, flags, payload=b""):
+            self.add(at, c, s, TCP_P, sp, dport, label, flags, payload)
 
-        def to_client(at, flags, size=0):
-            self.add(at, s, c, TCP_P, dport, sp, label, flags, b"d" * size)
+        def to_client(at, flags, payload=b""):
+            self.add(at, s, c, TCP_P, dport, sp, label, flags, payload)
 
         to_server(t, "S")
         t += gap
@@ -183,31 +219,46 @@ def _client(rng) -> str:
     return f"10.1.{int(rng.integers(0, 4))}.{int(rng.integers(2, 250))}"
 
 
+def _web_server(rng: np.random.Generator) -> str:
+    """A web session's server: WEB three times in ten, else one outside."""
+    return (
+        WEB
+        if rng.random() < 0.3
+        else f"93.184.{int(rng.integers(0, 255))}.{int(rng.integers(1, 255))}"
+    )
+
+
+def _http_host(fill: np.random.Generator, server: str) -> str:
+    """The Host header for a web server (one of a few names for those outside)."""
+    return WEB_HOST if server == WEB else protocolbytes.pick(fill, httpbytes.HOSTS)
+
+
 def _benign(cap: _Capture, t: float) -> None:
-    rng = cap.rng
+    rng, fill = cap.rng, cap.fill
     c = _client(rng)
     kind = rng.choice(["web", "web", "web", "dns", "dns", "ntp", "ssh", "mail"])
     if kind == "web":
-        server = (
-            WEB
-            if rng.random() < 0.3
-            else f"93.184.{int(rng.integers(0, 255))}.{int(rng.integers(1, 255))}"
-        )
+        server = _web_server(rng)
         n = int(rng.integers(1, 30))
-        cap.tcp_session(
-            t,
-            c,
-            server,
-            int(rng.choice([443, 443, 80])),
-            "benign",
-            [int(rng.integers(200, 900))] + [0] * 0,
-            [int(rng.integers(200, 1460)) for _ in range(n)],
-        )
+        port = int(rng.choice([443, 443, 80]))
+        up = [int(rng.integers(200, 900))]
+        down = [int(rng.integers(200, 1460)) for _ in range(n)]
+        if port == 443:
+            sni = WEB_HOST if server == WEB else protocolbytes.pick(fill, protocolbytes.SNI_NAMES)
+            payloads = protocolbytes.tls_session(fill, up, down, sni)
+        else:
+            request, content = httpbytes.benign_request(fill, up[0], _http_host(fill, server))
+            status = _status(fill, BENIGN_STATUS)
+            payloads = (
+                [request],
+                httpbytes.response(fill, down, content if "200" in status else "html", status),
+            )
+        cap.tcp_session(t, c, server, port, "benign", *payloads)
     elif kind == "dns":
         sp = cap.port()
         name = str(rng.choice(["example.com", "intranet.corp", "updates.vendor.net", "mail.corp"]))
         cap.add(t, c, RESOLVER, UDP_P, sp, 53, payload=_dns(name, False))
-        answer = _dns(name, True) + b"a" * int(rng.integers(16, 200))
+        answer = protocolbytes.dns_answers(fill, _dns(name, True), int(rng.integers(16, 200)))
         cap.add(t + float(rng.uniform(0.002, 0.03)), RESOLVER, c, UDP_P, 53, sp, payload=answer)
     elif kind == "ntp":
         server = f"162.159.200.{int(rng.integers(1, 4))}"
@@ -223,30 +274,39 @@ def _benign(cap: _Capture, t: float) -> None:
         )
     elif kind == "ssh":
         n = int(rng.integers(10, 80))
+        up = [int(rng.integers(36, 120)) for _ in range(n)]
+        down = [int(rng.integers(36, 400)) for _ in range(n)]
+        gap = float(rng.uniform(0.1, 0.8))
         cap.tcp_session(
-            t,
-            c,
-            SSH_SERVER,
-            22,
-            "benign",
-            [int(rng.integers(36, 120)) for _ in range(n)],
-            [int(rng.integers(36, 400)) for _ in range(n)],
-            gap=float(rng.uniform(0.1, 0.8)),
+            t, c, SSH_SERVER, 22, "benign", *protocolbytes.ssh_session(fill, up, down), gap=gap
         )
     else:
-        cap.tcp_session(
-            t,
-            c,
-            MAIL,
-            int(rng.choice([25, 587])),
-            "benign",
-            [int(rng.integers(10, 80)) for _ in range(6)] + [1400] * int(rng.integers(1, 12)),
-            [int(rng.integers(20, 120)) for _ in range(7)],
-        )
+        port = int(rng.choice([25, 587]))
+        up = [int(rng.integers(10, 80)) for _ in range(6)] + [1400] * int(rng.integers(1, 12))
+        down = [int(rng.integers(20, 120)) for _ in range(7)]
+        cap.tcp_session(t, c, MAIL, port, "benign", *protocolbytes.smtp_session(fill, up, down))
+
+
+def _status(fill: np.random.Generator, table: dict[str, float]) -> str:
+    return str(fill.choice(list(table), p=list(table.values())))
+
+
+def _web_exploit(cap: _Capture, kind: str, t: float) -> None:
+    """One plain-HTTP session whose request carries an exploit of ``kind``: client, server,
+    request size and response packets drawn as a benign web session's are."""
+    rng, fill = cap.rng, cap.fill
+    c = _client(rng)
+    server = _web_server(rng)
+    n = int(rng.integers(1, 30))
+    up = [int(rng.integers(200, 900))]
+    down = [int(rng.integers(200, 1460)) for _ in range(n)]
+    request = exploit_request(fill, kind, up[0], _http_host(fill, server))
+    response = httpbytes.response(fill, down, "html", _status(fill, EXPLOIT_STATUS))
+    cap.tcp_session(t, c, server, 80, kind, [request], response)
 
 
 def _attack(cap: _Capture, kind: str, t0: float, duration: float) -> None:
-    rng = cap.rng
+    rng, fill = cap.rng, cap.fill
     attacker = rng.choice([_client(rng), f"203.0.113.{int(rng.integers(2, 250))}"])
     target = f"10.2.0.{int(rng.integers(100, 200))}"
     if kind == "syn_scan":
@@ -278,9 +338,8 @@ def _attack(cap: _Capture, kind: str, t0: float, duration: float) -> None:
     elif kind == "ping_sweep":
         for i in range(100):
             host = f"10.2.1.{i + 1}"
-            cap.add(
-                t0 + i * 0.01, attacker, host, ICMP_P, label=kind, icmp=(8, 0), payload=b"p" * 56
-            )
+            echo = protocolbytes.ping_payload(t0 + i * 0.01)
+            cap.add(t0 + i * 0.01, attacker, host, ICMP_P, label=kind, icmp=(8, 0), payload=echo)
             if rng.random() < 0.3:
                 cap.add(
                     t0 + i * 0.01 + 0.001,
@@ -289,7 +348,7 @@ def _attack(cap: _Capture, kind: str, t0: float, duration: float) -> None:
                     ICMP_P,
                     label=kind,
                     icmp=(0, 0),
-                    payload=b"p" * 56,
+                    payload=echo,
                 )
     elif kind == "syn_flood":
         for i in range(600):
@@ -302,57 +361,55 @@ def _attack(cap: _Capture, kind: str, t0: float, duration: float) -> None:
     elif kind == "udp_flood":
         sp = cap.port()
         for i in range(600):
-            cap.add(
-                t0 + i * 0.0005,
-                attacker,
-                target,
-                UDP_P,
-                sp,
-                int(rng.integers(1, 65535)),
-                kind,
-                payload=b"x" * int(rng.integers(512, 1400)),
-            )
+            dport = int(rng.integers(1, 65535))
+            payload = fill.bytes(int(rng.integers(512, 1400)))
+            cap.add(t0 + i * 0.0005, attacker, target, UDP_P, sp, dport, kind, payload=payload)
     elif kind == "ssh_bruteforce":
         for i in range(40):
-            cap.tcp_session(
-                t0 + i * 1.5,
-                attacker,
-                SSH_SERVER,
-                22,
-                kind,
-                [40, 600, 80, 96],
-                [40, 700, 60, 52],
-                gap=0.01,
+            up, down = protocolbytes.ssh_session(
+                fill, [40, 600, 80, 96], [40, 700, 60, 52], protocolbytes.SSH_TOOLS
             )
+            cap.tcp_session(t0 + i * 1.5, attacker, SSH_SERVER, 22, kind, up, down, gap=0.01)
     elif kind == "http_bruteforce":
         for i in range(60):
-            cap.tcp_session(t0 + i * 0.5, attacker, WEB, 80, kind, [420], [310], gap=0.005)
+            request = httpbytes.login_request(fill, 420, WEB_HOST)
+            status = protocolbytes.pick(fill, ("401 Unauthorized", "200 OK"))
+            response = httpbytes.response(fill, [310], "html", status)
+            cap.tcp_session(t0 + i * 0.5, attacker, WEB, 80, kind, [request], response, gap=0.005)
     elif kind == "dns_tunnel":
         sp = cap.port()
         client = _client(rng)
         letters = list("abcdefghijklmnopqrstuvwxyz0123456789")
+        base32 = str.maketrans("0189", "4567")  # the drawn labels, in base32's alphabet
         for i in range(300):
             t = t0 + i * 0.2
-            name = "".join(rng.choice(letters, 60)) + ".t.evil.example"
+            name = "".join(rng.choice(letters, 60)).translate(base32) + ".t.evil.example"
             cap.add(t, client, RESOLVER, UDP_P, sp, 53, kind, payload=_dns(name, False, "TXT"))
-            answer = _dns(name, True, "TXT") + b"t" * int(rng.integers(150, 400))
+            response = _dns(name, True, "TXT")
+            answer = protocolbytes.dns_txt_answer(fill, response, int(rng.integers(150, 400)))
             cap.add(t + 0.02, RESOLVER, client, UDP_P, 53, sp, kind, payload=answer)
     elif kind == "slow_exfil":
         client = _client(rng)
         n = max(4, int(duration / 20))
-        cap.tcp_session(t0, client, "198.51.100.7", 443, kind, [1000] * n, [0] * 0, gap=20.0)
+        up, down = protocolbytes.tls_session(fill, [1000] * n, [], "backup.example-files.net")
+        cap.tcp_session(t0, client, "198.51.100.7", 443, kind, up, down, gap=20.0)
     elif kind == "c2_beacon":
         client = _client(rng)
+        sni = f"cdn-{protocolbytes.token(fill, 8, protocolbytes.LOWER_ALNUM)}.example-cloud.net"
         t = t0
         while t < t0 + duration - 5:
-            cap.tcp_session(t, client, "198.51.100.66", 443, kind, [300], [200], gap=0.03)
+            up, down = protocolbytes.tls_session(fill, [300], [200], sni)
+            cap.tcp_session(t, client, "198.51.100.66", 443, kind, up, down, gap=0.03)
             t += 60 + float(rng.normal(0, 2))
     elif kind == "slowloris":
         for i in range(80):
             n = max(3, int(duration / 30))
-            cap.tcp_session(
-                t0 + i * 0.05, attacker, WEB, 80, kind, [15] * n, [], gap=10.0, close=False
-            )
+            stream = httpbytes.slowloris_stream(fill, 15 * n, WEB_HOST)
+            up = [stream[j : j + 15] for j in range(0, 15 * n, 15)]
+            cap.tcp_session(t0 + i * 0.05, attacker, WEB, 80, kind, up, [], gap=10.0, close=False)
+    elif kind in WEB_ATTACKS:
+        for t in np.sort(rng.uniform(t0, t0 + duration, WEB_EXPLOIT_SESSIONS)).tolist():
+            _web_exploit(cap, kind, t)
 
 
 def generate(
@@ -368,7 +425,7 @@ def generate(
     ``scale`` multiplies the benign sessions (1,500 at 1.0); ``attack_share`` multiplies the
     attack instances (each attack type once at 1.0; 0 for benign traffic only)."""
     rng = np.random.default_rng(seed)
-    cap = _Capture(rng)
+    cap = _Capture(rng, np.random.default_rng([seed, PAYLOAD_STREAM]))
     n_benign = int(1500 * scale)
     for t in np.sort(rng.uniform(0, duration_s, n_benign)).tolist():
         _benign(cap, t)
