@@ -13,16 +13,20 @@ pytest.importorskip("sklearn", reason="scikit-learn (dev extra) is not installed
 
 from quietwire.agent.features import FEATURE_NAMES  # noqa: E402
 from quietwire.cli import main  # noqa: E402
+from quietwire.trainer.data import load_labels  # noqa: E402
 from quietwire.trainer.detector import TrainConfig, host_weights  # noqa: E402
 from quietwire.trainer.evaluate import (  # noqa: E402
     auprc,
     generated_set,
     mean_report,
+    payload_borne,
+    payload_borne_files,
+    payload_table,
     recall_at_fpr,
     report,
 )
 from quietwire.trainer.fidelity import auroc  # noqa: E402
-from quietwire.trainer.trafficgen import ATTACKS, generate, read_labels  # noqa: E402
+from quietwire.trainer.trafficgen import ATTACKS, WEB_ATTACKS, generate, read_labels  # noqa: E402
 
 from .conftest import meter_file  # noqa: E402
 
@@ -61,6 +65,34 @@ def test_mean_over_seeds():
     assert m.type_mean == pytest.approx(0.625)
     assert m.sd["type_mean"] == pytest.approx(abs(one.type_mean - two.type_mean) / 2)
     assert m.confusion["true_positive"] == 1  # (2 + 0) / 2
+
+
+def test_payload_borne_table():
+    """The payload-borne types: the real set's by their label reasons, AUROC per detector
+    and the mean over the types a set has flows of."""
+    assert payload_borne_files(load_labels()) == (
+        "WebattackRCE",
+        "WebattackSQLinj",
+        "log4j-webapp-exploit",
+        "sql_injection",
+        "xss",
+    )
+    assert payload_borne_files(
+        {"malicious": {"a.pcap": {"reason": "XSS probe"}, "b.pcap": "scan"}}
+    ) == ("a",)
+    benign = np.array([0.0, 1.0, 2.0, 3.0])
+    kinds = np.array(["web_sqli", "web_xss", "syn_scan"])
+    reports = {
+        "one": report(benign, np.array([2.5, 3.5, 9.0]), kinds, 2.2),  # sqli 3/4, xss 1
+        "two": report(benign, np.array([0.5, 1.5, 9.0]), kinds, 2.2),  # sqli 1/4, xss 2/4
+    }
+    r = payload_borne(reports, ("web_sqli", "web_xss", "web_jndi"))  # no jndi flows here
+    assert set(r["types"]) == {"web_sqli", "web_xss"}
+    assert r["types"]["web_sqli"] == {"flows": 1, "auroc": {"one": 0.75, "two": 0.25}}
+    assert r["mean_auroc"] == {"one": pytest.approx(0.875), "two": pytest.approx(0.375)}
+    text = payload_table({"generated": r, "real": payload_borne(reports, ())})
+    assert "web_sqli" in text and "mean over 2 types" in text and "0.875" in text
+    assert "real" not in text.split("\n", 2)[2]  # a set without such types has no rows
 
 
 def test_generator_labels_every_flow(tmp_path):
@@ -163,3 +195,10 @@ def test_eval_command_small(tmp_path, capsys):
     for t in inc["types"].values():
         assert t["lines_per_incident"] is None or t["lines_per_incident"] >= 2
     assert "incidents on a fresh generated capture" in text
+    # the payload-borne table: the five exploit types, every detector's AUROC
+    assert "payload-borne attacks" in text
+    borne = gen["payload_borne"]
+    assert set(borne["types"]) == set(WEB_ATTACKS)
+    for kind, t in borne["types"].items():
+        assert t["flows"] > 0 and set(t["auroc"]) == set(gen["payload_borne"]["mean_auroc"])
+        print(f"{kind}: " + ", ".join(f"{d} {v:.3f}" for d, v in t["auroc"].items()))

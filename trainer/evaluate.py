@@ -3,13 +3,16 @@
 Sets (both rebuilt from commands in the repo):
 - ``real``: the nDPI captures of quietwire/data/ndpi_labels.yaml; benign files split into
   train and test flows, every flow of a malicious file is an attack of that file's type;
-- ``generated``: trafficgen.py's labelled pcap (benign sessions, eleven attack types).
+- ``generated``: trafficgen.py's labelled pcap (benign sessions, sixteen attack types).
 
 Every detector is fitted on the same benign training flows and scored on the same test flows.
+Payload-borne attacks (a web exploit in one request's bytes) get a table of their own: the
+generated set's five exploit types and the real set's files whose label names one.
 """
 
 from __future__ import annotations
 
+import re
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,7 +27,7 @@ from .data import load_labels
 from .detector import DiffusionDetector, TrainConfig
 from .fidelity import auroc
 from .preprocess import Preprocessor
-from .trafficgen import ATTACKS, flow_kinds, generate, read_labels
+from .trafficgen import ATTACKS, WEB_ATTACKS, flow_kinds, generate, read_labels
 
 FPRS = (1e-2, 1e-3, 1e-4)
 
@@ -230,6 +233,25 @@ class EvalSet:
     benign: np.ndarray  # benign test flows
     attack: np.ndarray  # attack test flows
     kinds: np.ndarray  # attack type of each attack flow
+    payload_borne: tuple[str, ...] = ()  # the attack types whose attack is in a request's bytes
+
+
+# A real-set label reason that names a web exploit carried in a request's payload.
+PAYLOAD_BORNE = re.compile(
+    r"sql injection|cross-site scripting|\bxss\b|log4shell|log4j|remote-code-execution|\brce\b",
+    re.IGNORECASE,
+)
+
+
+def payload_borne_files(labels: dict) -> tuple[str, ...]:
+    """The real set's attack types (file stems) whose label reason names a payload-borne web
+    attack: SQL injection, XSS, Log4Shell, remote code execution."""
+    out = []
+    for name, reason in labels["malicious"].items():
+        text = reason if isinstance(reason, str) else str((reason or {}).get("reason", ""))
+        if PAYLOAD_BORNE.search(text):
+            out.append(name.rsplit(".", 1)[0])
+    return tuple(sorted(out))
 
 
 def _features(path: Path):
@@ -252,7 +274,12 @@ def real_set(pcap_dir: Path, seed: int = 0) -> EvalSet:
     order = np.random.default_rng(seed).permutation(len(benign))
     cut = int(len(benign) * 0.7)
     return EvalSet(
-        "real", benign[order[:cut]], benign[order[cut:]], np.concatenate(attacks), np.array(kinds)
+        "real",
+        benign[order[:cut]],
+        benign[order[cut:]],
+        np.concatenate(attacks),
+        np.array(kinds),
+        payload_borne_files(labels),
     )
 
 
@@ -270,7 +297,12 @@ def generated_set(workdir: Path, seed: int = 0, scale: float = 1.0) -> EvalSet:
     cut = int(len(benign) * 0.7)
     is_attack = np.isin(kinds, ATTACKS)
     return EvalSet(
-        "generated", benign[order[:cut]], benign[order[cut:]], x[is_attack], kinds[is_attack]
+        "generated",
+        benign[order[:cut]],
+        benign[order[cut:]],
+        x[is_attack],
+        kinds[is_attack],
+        WEB_ATTACKS,
     )
 
 
@@ -456,6 +488,52 @@ def table(name: str, reports: dict[str, Report]) -> str:
         f"  {'mean over attack types':<42}"
         + " ".join(f"{pm(reports[d].type_mean, reports[d].sd.get('type_mean')):>12}" for d in dets)
     )
+    return "\n".join(lines)
+
+
+def payload_borne(reports: dict[str, Report], kinds: tuple[str, ...]) -> dict:
+    """Each payload-borne attack type's flows and AUROC per detector (the types the set
+    has flows of), and each detector's mean over them."""
+    first = next(iter(reports.values()))
+    present = [k for k in kinds if k in first.per_attack]
+    types = {
+        k: {
+            "flows": first.per_attack[k]["flows"],
+            "auroc": {d: r.per_attack[k]["auroc"] for d, r in reports.items()},
+        }
+        for k in present
+    }
+    mean = {
+        d: float(np.mean([types[k]["auroc"][d] for k in present])) if present else None
+        for d in reports
+    }
+    return {"types": types, "mean_auroc": mean}
+
+
+def _short(detector: str) -> str:
+    """A detector's name in a 12-character column: the score of a diffusion model."""
+    if detector.startswith("diffusion ("):
+        return detector[len("diffusion (") : -1][:12]
+    return {"isolation_forest": "iforest"}.get(detector, detector)[:12]
+
+
+def payload_table(results: dict[str, dict]) -> str:
+    """The payload-borne attacks of each set ({set name: payload_borne(...)}): AUROC per
+    detector, one row per type and a mean per set."""
+    dets = next((list(r["mean_auroc"]) for r in results.values() if r["types"]), [])
+    lines = [
+        "== payload-borne attacks (a web exploit in one request's bytes): AUROC per detector",
+        f"{'':<10} {'attack type':<24} {'flows':>6} " + " ".join(f"{_short(d):>12}" for d in dets),
+    ]
+    for name, r in results.items():
+        for kind, t in r["types"].items():
+            values = " ".join(f"{t['auroc'][d]:12.3f}" for d in dets)
+            lines.append(f"{name:<10} {kind:<24} {t['flows']:6} {values}")
+        if r["types"]:
+            means = " ".join(f"{r['mean_auroc'][d]:12.3f}" for d in dets)
+            label = f"mean over {len(r['types'])} types"
+            lines.append(f"{name:<10} {label:<31} {means}")
+    lines.append(f"detectors: {', '.join(dets)}")
     return "\n".join(lines)
 
 

@@ -29,6 +29,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             return 2
         sets.append(ev.real_set(args.pcap_dir, seed=args.seed))
     result: dict = {"train_steps": args.train_steps, "seeds": args.seeds}
+    payload_borne: dict[str, dict] = {}  # per set, for the table after every set's own
     for s in sets:
         print(
             f"\n{s.name}: {len(s.train)} benign training flows; test: {len(s.benign)} "
@@ -38,6 +39,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         reports, scores = result_set.reports, result_set.scores
         print(ev.table(s.name, reports))
         entry = {k: r.as_dict() for k, r in reports.items()}
+        entry["payload_borne"] = payload_borne[s.name] = ev.payload_borne(reports, s.payload_borne)
         b, a = scores[result_set.diffusion.name]
         entry["imbalance_auprc"] = ev.imbalance(b, a)
         print(
@@ -75,6 +77,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for png in ev.plots(out, s.name, scores):
             print(f"plot: {png}")
         result[s.name] = entry
+    if any(r["types"] for r in payload_borne.values()):
+        print("\n" + ev.payload_table(payload_borne))
     report = out / "report.json"
     report.write_text(json.dumps(result, indent=2))
     print(f"\nreport: {report}")
@@ -89,7 +93,8 @@ def register(sub) -> None:
         description="Rebuild the labelled sets (generated: trafficgen's pcap; real: the "
         "nDPI captures of quietwire/data/ndpi_labels.yaml), fit the diffusion model and the "
         "baselines (Isolation Forest, LOF, autoencoder) on the same benign flows, and report "
-        "AUROC, AUPRC, recall at FPR 1e-2/1e-3/1e-4 and per attack type; --hard adds "
+        "AUROC, AUPRC, recall at FPR 1e-2/1e-3/1e-4 and per attack type, then the "
+        "payload-borne attacks (web exploits in a request's bytes) of both sets; --hard adds "
         "contamination, masked/jittered features and augmentation with synthetic flows.",
     )
     ev.add_argument("--data", choices=("generated", "real", "all"), default="all")
