@@ -112,6 +112,7 @@ def _schema() -> tuple[Feature, ...]:
         Feature(
             "http_body_specials", "count", True, f"specials in the body's first bytes, {request}"
         ),
+        Feature("http_uri_dotdots", "count", True, f'".." in the URI (or %XX), {request}'),
     ]
     assert tuple(x.name for x in f[-len(HTTP_STATS) :]) == HTTP_STATS
     window = "flows started in the last window before this flow's last packet"

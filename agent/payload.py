@@ -4,11 +4,12 @@ themselves. For the first packet with payload in each direction, over its first 
 Shannon entropy in bits per byte, the printable share and the longest printable run. For a
 client payload that starts with an HTTP request line (recognised from the bytes, not the port),
 over its first HTTP_WINDOW (1024) bytes: whether the method is GET, the URI's length, its
-query's length, its %XX escapes and special characters (quotes, angle brackets, script
-punctuation, as sent or %-encoded), the header lines, bytes and unusual characters ($ { } < > `
-|) that follow, and the special characters of the body's first bytes. This is PAYL's idea (Wang
-& Stolfo, RAID 2004: byte distributions of normal payloads) reduced to a few numbers per flow,
-which the diffusion model learns jointly with the flow statistics and the host context.
+query's length, its %XX escapes, special characters (quotes, angle brackets, script punctuation,
+as sent or %-encoded) and ".." (path traversal, decoded too), the header lines, bytes and
+unusual characters ($ { } < > ` |) that follow, and the special characters of the body's first
+bytes. This is PAYL's idea (Wang & Stolfo, RAID 2004: byte distributions of normal payloads)
+reduced to a few numbers per flow, which the diffusion model learns jointly with the flow
+statistics and the host context.
 
 Everything is computed with numpy over the selected packets of a batch (one row per packet,
 one column per window byte); the window is read from the capture buffer and dropped, and
@@ -53,6 +54,7 @@ HTTP_STATS = (
     "http_header_bytes",
     "http_header_specials",
     "http_body_specials",
+    "http_uri_dotdots",
 )
 METHODS = (b"GET ", b"POST ", b"HEAD ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ")
 
@@ -226,6 +228,16 @@ def http_stats(raw: np.ndarray, offset: np.ndarray, length: np.ndarray) -> np.nd
     decoded = np.zeros(w.shape, dtype=bool)
     decoded[:, :-2] = esc[:, :-2] & SPECIAL[HEX_VALUE[w[:, 1:-1]] * 16 + HEX_VALUE[w[:, 2:]]]
     special = SPECIAL[w] | decoded
+    # ".." in the URI as decoded (%2e%2e, .%2e, ...): each character is a byte or an escape,
+    # and the one after it starts 1 or 3 bytes on
+    value = np.where(esc, 0, w.astype(np.int64))
+    value[:, :-2] = np.where(
+        esc[:, :-2], HEX_VALUE[w[:, 1:-1]] * 16 + HEX_VALUE[w[:, 2:]], value[:, :-2]
+    )
+    starts_char = ~(np.roll(esc, 1, axis=1) | np.roll(esc, 2, axis=1))  # not inside an escape
+    after = np.minimum(idx + np.where(esc, 3, 1), width - 1)
+    dot = value == ord(".")
+    dotdot = dot & np.take_along_axis(dot & in_uri, after, axis=1) & starts_char & in_uri
     in_body = (idx >= headers_to[:, None]) & inside & blank.any(axis=1)[:, None]
     out[req, 4] = (esc & in_uri).sum(axis=1)
     out[req, 5] = (special & in_uri).sum(axis=1)
@@ -235,4 +247,5 @@ def http_stats(raw: np.ndarray, offset: np.ndarray, length: np.ndarray) -> np.nd
     out[req, 7] = np.maximum(headers_to - headers_from, 0)
     out[req, 8] = (HEADER_SPECIAL[w] & in_headers).sum(axis=1)
     out[req, 9] = (special & in_body).sum(axis=1)
+    out[req, 10] = dotdot.sum(axis=1)
     return out

@@ -54,6 +54,7 @@ def test_http_request_statistics_by_hand(tmp_path):
     assert f["http_uri_escapes"] == 4 and f["http_uri_specials"] == 3
     assert f["http_header_count"] == 2 and f["http_header_bytes"] == 17 + 32
     assert f["http_header_specials"] == 3 and f["http_body_specials"] == 0
+    assert f["http_uri_dotdots"] == 0
     # Byte classes of the request, counted by hand: 3 script bytes ($ { }), 2 angle, 4
     # escapes of 3 bytes, 12 whitespace (8 spaces... and 4 CR/LF pairs = 8 bytes: see below).
     req = REQUEST.decode()
@@ -94,6 +95,23 @@ def test_binary_payloads_entropy_and_classes(tmp_path):
     assert f["src2dst_payload_longest_printable"] == 95
     assert f["dst2src_payload_longest_printable"] == 0
     assert f["http_request"] == 0 and np.isnan(f["http_uri_length"])
+
+
+def test_path_traversal_counts_decoded_dots():
+    """".." in a URI, sent plainly or %-encoded (one dot, both, mixed case), counted once per
+    pair; a dot in a name is not one; the headers do not count."""
+    from quietwire.agent.payload import http_stats
+
+    requests = [
+        b"GET /a/../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /a/%2e%2e/%2E%2E%2fetc HTTP/1.1\r\n\r\n",
+        b"GET /a/.%2e/b..c HTTP/1.1\r\n\r\n",
+        b"GET /a.b/c HTTP/1.1\r\nReferer: /../x\r\n\r\n",
+    ]
+    raw = np.frombuffer(b"".join(requests) + bytes(2048), np.uint8)
+    offsets = np.cumsum([0] + [len(r) for r in requests[:-1]])
+    out = http_stats(raw, offsets, np.array([len(r) for r in requests]))
+    assert out[:, HTTP_STATS.index("http_uri_dotdots")].tolist() == [2, 2, 2, 0]
 
 
 def test_directions_without_payload_are_nan_and_not_http_lookalikes(tmp_path):

@@ -39,6 +39,11 @@ REAL_EXPECTED_CAUSE = {
     "dns2tcp_tunnel": "dns_tunnel",
     "dns_exfiltration": "dns_tunnel",
     "icmp-tunnel": "icmp_tunnel",
+    # payload-borne (schema v4's payload statistics can show them)
+    "WebattackSQLinj": "web_attack",
+    "sql_injection": "web_attack",
+    "xss": "web_attack",
+    "log4j-webapp-exploit": "web_attack",
 }
 
 

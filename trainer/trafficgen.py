@@ -59,7 +59,7 @@ EXPECTED_CAUSE = {
     "slow_exfil": ("exfiltration", "source"),
     "c2_beacon": ("c2_beacon", "source"),
     "slowloris": ("slow_dos", "victim"),
-    **{kind: ("web_attack", "source") for kind in WEB_ATTACKS},
+    **{kind: ("web_attack", "victim") for kind in WEB_ATTACKS},  # per attacked service
 }
 WEB_HOST = "intranet.corp"  # the name WEB serves under
 PAYLOAD_STREAM = 1  # the payload generator's seed is (seed, PAYLOAD_STREAM)
