@@ -117,22 +117,21 @@ def direction_stats(w: np.ndarray, n_bytes: np.ndarray) -> np.ndarray:
     out = np.full((len(w), len(DIRECTION_STATS)), np.nan, dtype=np.float32)
     for lo in range(0, len(w), ROWS_AT_ONCE):
         rows = slice(lo, lo + ROWS_AT_ONCE)
-        out[rows] = _direction_stats(np.ascontiguousarray(w[rows].T), n_bytes[rows])
+        out[rows] = _direction_stats(w[rows], n_bytes[rows])
     return out
 
 
-def _direction_stats(wt: np.ndarray, n_bytes: np.ndarray) -> np.ndarray:
-    """Statistics of windows given one per column (``wt`` is (width, n)). One bincount makes
-    a byte histogram per window; class counts (a matrix product with CLASS_MATRIX),
-    printable bytes and the entropy come from it. The longest printable run is a running
-    count down the window, updated for every window at once. Only text windows holding a
-    '%' are searched for escapes."""
-    width, n = wt.shape
+def _direction_stats(w: np.ndarray, n_bytes: np.ndarray) -> np.ndarray:
+    """One bincount makes a byte histogram per window (windows in rows, so each one's counts
+    stay together in memory); class counts (a product with CLASS_MATRIX), printable bytes
+    and the entropy come from it. The longest printable run is a running count down the
+    windows, all of them at once. Only text windows holding a '%' are searched for escapes."""
+    n, width = w.shape
     n_cls = len(CLASSES) + 1  # the classes, then the rest
-    inside = np.arange(width, dtype=np.int32)[:, None] < n_bytes[None, :].astype(np.int32)
-    col = np.arange(n, dtype=np.int32)[None, :]
-    codes = np.where(inside, wt.astype(np.int32), 256)  # past the end: bin 256, dropped
-    codes += 257 * col
+    inside = np.arange(width, dtype=np.int32)[None, :] < n_bytes[:, None].astype(np.int32)
+    codes = w.astype(np.int32)
+    codes[~inside] = 256  # past the end: bin 256, dropped
+    codes += (np.arange(n, dtype=np.int32) * 257)[:, None]
     hist = np.bincount(codes.ravel(), minlength=257 * n).reshape(n, 257)
     hist[:, 256] = 0
     counts = (hist.astype(np.float32) @ CLASS_MATRIX).astype(np.int64)  # exact below 2**24
@@ -145,29 +144,27 @@ def _direction_stats(wt: np.ndarray, n_bytes: np.ndarray) -> np.ndarray:
     # classes to "escapes" (in a binary window a % is just a byte)
     pct = np.flatnonzero((hist[:, ord("%")] > 0) & (printable == n_bytes))
     if len(pct):
-        w, ins = np.ascontiguousarray(wt[:, pct].T), np.ascontiguousarray(inside[:, pct].T)
-        esc = _escapes(w, ins)
+        esc = _escapes(w[pct], inside[pct])
         covered = esc.copy()
         covered[:, 1:] |= esc[:, :-1]
         covered[:, 2:] |= esc[:, :-2]
         moved = np.bincount(
-            (np.arange(len(pct))[:, None] * n_cls + CLASS_OF[w])[covered],
+            (np.arange(len(pct))[:, None] * n_cls + CLASS_OF[w[pct]])[covered],
             minlength=len(pct) * n_cls,
         ).reshape(len(pct), n_cls)
         counts[pct] -= moved
         counts[pct, CLASSES.index("escapes")] += moved.sum(axis=1)
     # longest printable run: the whole window unless a byte is not printable
     longest = n_bytes.astype(np.float64)
-    broken = np.flatnonzero(printable < n_bytes)
-    if len(broken):
-        printable_at = PRINTABLE8[wt[:, broken]] & inside[:, broken]  # (width, broken) 0/1
-        run = np.zeros(len(broken), np.uint8)
-        best = np.zeros(len(broken), np.uint8)
-        for row in printable_at:  # one step down every window at once
+    if (printable < n_bytes).any():
+        down = PRINTABLE8[w.T] & inside.T  # (width, n): step down every window at once
+        run = np.zeros(n, np.uint8)
+        best = np.zeros(n, np.uint8)
+        for row in down:
             run += row
             run *= row
             np.maximum(best, run, out=best)
-        longest[broken] = best
+        longest = best.astype(np.float64)
     out = np.column_stack(
         [entropy, printable / length, longest, counts[:, : len(CLASSES)] / length[:, None]]
     ).astype(np.float32)
