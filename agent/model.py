@@ -31,7 +31,7 @@ class ModelError(Exception):
 class Scores:
     score: np.ndarray  # (n,) higher = more anomalous
     tail_probability: np.ndarray  # (n,) share of held-out benign flows scoring as high
-    contributions: np.ndarray  # (n, F) per-feature error, higher = less like benign
+    contributions: np.ndarray  # (n, F) per-feature error, higher = less like benign; 0 for NaN
 
     def top_features(self, k: int = 3) -> list[list[tuple[str, float]]]:
         """The k features of each flow with the highest contributions."""
@@ -108,8 +108,13 @@ class ScoringModel:
             for i in range(0, len(x), SCORE_BATCH)
         ]
         if len(parts) == 1:
-            return Scores(*parts[0])
-        return Scores(*(np.concatenate(column) for column in zip(*parts)))
+            scores = Scores(*parts[0])
+        else:
+            scores = Scores(*(np.concatenate(column) for column in zip(*parts)))
+        # A feature that does not apply to a flow (NaN: a payload statistic of a flow without
+        # payload) explains nothing to an analyst: its share of the error is not named.
+        scores.contributions[np.isnan(x)] = 0.0
+        return scores
 
     def score_bulk(self, features: np.ndarray, bits: int = BULK_MANTISSA_BITS) -> Scores:
         """Score many near-identical flows (a flood) at the cost of their distinct shapes: every

@@ -87,3 +87,21 @@ def test_a_model_of_the_previous_schema_is_refused_with_how_to_retrain(tmp_path)
     message = str(info.value)
     assert message.startswith(f"{old}: model expects feature schema 0b1a154b90a51c1a (v3)")
     assert "(v4); retrain it with this version: quietwire train --benign" in message
+
+
+def test_features_that_do_not_apply_are_never_named(tmp_path):
+    """A SYN probe has no payload (its payload statistics are NaN): none of them is among
+    the features that explain its score, though the model's error touches their inputs."""
+    from quietwire.agent.features import FEATURE_NAMES
+
+    pkts = [
+        Ether() / IP(src="10.0.0.1", dst="10.0.0.2") / TCP(sport=40000 + i, dport=i + 1, flags="S")
+        for i in range(30)
+    ]
+    flows = meter_file(write_pcap(tmp_path / "p.pcap", pkts, [0.01 * i for i in range(30)]))
+    scores = ScoringModel().score(flows.features)
+    nan = np.isnan(flows.features)
+    assert nan.any(axis=0)[FEATURE_NAMES.index("http_uri_specials")]
+    assert (scores.contributions[nan] == 0).all() and (scores.contributions[~nan] > 0).any()
+    named = {name for flow in scores.top_features(5) for name, _ in flow}
+    assert not named & {FEATURE_NAMES[j] for j in np.flatnonzero(nan.all(axis=0))}
