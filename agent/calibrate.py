@@ -149,6 +149,7 @@ def calibrate(
     host_balance: int | None = None,
     server_balance: int | None = None,
     allow_few_flows: bool = False,
+    min_records: int | None = None,
     inputs: Sequence[tuple[str, int]] = (),
     period: tuple[str | None, str | None] = (None, None),
     now: datetime | None = None,
@@ -157,7 +158,9 @@ def calibrate(
     and write the result to ``out_path`` (atomically; it may be the model itself).
 
     ``host_balance`` / ``server_balance``: burst balancing's bounds (None: the model's own
-    training values; 0 and 0: every flow counts fully). ``inputs`` ((file, records) pairs) and
+    training values; 0 and 0: every flow counts fully). ``min_records``: the balanced records
+    needed (default: 1 / the smallest false-positive rate); a level with fewer than 1 / its
+    rate then gets about the highest site score. ``inputs`` ((file, records) pairs) and
     ``period`` (the first flow start and last flow end, ISO 8601) are recorded in the model.
     """
     model_path, out_path = Path(model_path), Path(out_path)
@@ -191,13 +194,15 @@ def calibrate(
     balanced = float(weights.sum())
     levels = sorted(model.thresholds, reverse=True)
     smallest = levels[-1]
-    needed = int(np.ceil(1.0 / smallest - 1e-9))
+    needed = int(np.ceil(1.0 / smallest - 1e-9)) if min_records is None else int(min_records)
     if balanced < needed * (1 - 1e-9) and not allow_few_flows:
         raw = int(np.ceil(needed * len(scores) / balanced))
+        level = f" FPR {smallest:g}" if min_records is None else ""
+        rule = "" if min_records is None else " (min_records)"
         raise TooFewFlowsError(
-            f"too few flows in {where} to calibrate FPR {smallest:g}: {len(scores):,} records "
+            f"too few flows in {where} to calibrate{level}: {len(scores):,} records "
             f"({balanced:,.0f} after burst balancing), it needs {needed:,} after burst "
-            f"balancing (about {raw:,} records like these)",
+            f"balancing{rule} (about {raw:,} records like these)",
             smallest,
             needed,
         )

@@ -13,6 +13,7 @@ from .context import ContextConfig
 from .flowlog import FlowLogSettings
 from .flows import FlowConfig
 from .incidents import IncidentSettings
+from .learning import LearnSettings, parse_duration
 from .metrics import ServerSettings
 from .model import DEFAULT_MODEL
 from .yamlnodes import Node, YamlError, load
@@ -50,6 +51,7 @@ class Settings:
     alerts: AlertSettings = field(default_factory=AlertSettings)
     metrics: ServerSettings | None = field(default_factory=ServerSettings)
     flow_log: FlowLogSettings | None = None
+    learn: LearnSettings | None = None
     source: Path | None = None
 
 
@@ -83,6 +85,7 @@ def _settings(root: Node, path: Path) -> Settings:
             "incidents",
             "alert_budget",
             "flow_log",
+            "learn",
         },
     )
     if "capture" not in top:
@@ -182,6 +185,12 @@ def _settings(root: Node, path: Path) -> Settings:
             except ValueError as exc:
                 raise top["metrics"].error(str(exc)) from None
     flow_log = _flow_log(top["flow_log"], path) if "flow_log" in top else None
+    learn = _learn(top["learn"]) if "learn" in top else None
+    if learn is not None and flow_log is None:
+        raise top["learn"].error(
+            "learn: a learning period calibrates on the flow log's records, so it needs "
+            "flow_log: {path: ...} (e.g. /var/log/quietwire/flows.json)"
+        )
     return Settings(
         capture=capture,
         flow=flow,
@@ -193,6 +202,7 @@ def _settings(root: Node, path: Path) -> Settings:
         alerts=alerts,
         metrics=metrics,
         flow_log=flow_log,
+        learn=learn,
         source=path,
     )
 
@@ -211,6 +221,25 @@ def _flow_log(node: Node, path: Path) -> FlowLogSettings | None:
         return FlowLogSettings(path=_relative(path, m["path"].scalar("flow_log.path", str)), **kw)
     except ValueError as exc:
         key = str(exc).split(":")[0].removeprefix("flow_log.")
+        raise (m[key] if key in m else node).error(str(exc)) from None
+
+
+def _learn(node: Node) -> LearnSettings | None:
+    """``learn: {period: 24h, min_records, max_records}``, or ``learn: false``."""
+    if node.kind == "scalar" and node.scalar("learn", (bool, str, float)) is False:
+        return None
+    m = node.mapping("learn", {"period", "min_records", "max_records"})
+    if "period" not in m:
+        raise node.error("learn: missing key 'period' (how long to learn, e.g. period: 24h)")
+    try:
+        period = parse_duration(m["period"].scalar("learn.period", (str, float)))
+    except ValueError as exc:
+        raise m["period"].error(f"learn.period: {exc}") from None
+    kw = {k: m[k].scalar(f"learn.{k}", int) for k in ("min_records", "max_records") if k in m}
+    try:
+        return LearnSettings(period_s=period, **kw)
+    except ValueError as exc:
+        key = str(exc).split(":")[0].removeprefix("learn.")
         raise (m[key] if key in m else node).error(str(exc)) from None
 
 

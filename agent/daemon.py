@@ -1,7 +1,7 @@
 """The two ways the agent runs: ``replay`` (capture files, as fast as possible or in real time)
 and ``run`` (the daemon: live interfaces, SIGTERM = drain and exit 0, SIGHUP = reload rules and
 model, keeping the old ones if the new ones are broken, and reopen the alert file and the flow
-log)."""
+log; a learning period, learning.py, when configured)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from .engine import Engine
 from .flowlog import FlowLog, FlowLogSettings
 from .flows import FlowConfig
 from .incidents import IncidentSettings
+from .learning import Learner
 from .livecapture import LiveCapture
 from .metrics import Metrics, MetricsServer, ServerSettings
 from .model import ModelError, ScoringModel
@@ -145,6 +146,10 @@ def run(settings: Settings, config_path: Path) -> int:
     model = ScoringModel(settings.model)
     rules = load_rules(settings.rules)
     metrics = Metrics()
+    learner = None
+    if settings.learn:  # config validation made sure there is a flow log
+        learner = Learner(settings.learn, settings.flow_log.path, model, time.time(), log, metrics)
+        model = learner.model_for(model)
     server = MetricsServer(metrics, settings.metrics) if settings.metrics else None
     sink = AlertSink(settings.alerts.file, stdout=settings.alerts.stdout)
     flow_log = FlowLog(settings.flow_log, metrics, log) if settings.flow_log else None
@@ -178,6 +183,8 @@ def run(settings: Settings, config_path: Path) -> int:
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, on_reload)
+    if learner:
+        learner.tick(time.time(), engine)  # holds back from the first packet on
     where = f", metrics on {settings.metrics.listen}:{server.port}" if server else ""
     log(
         f"capturing on {', '.join(cap.interfaces)} (model {model.version}, "
@@ -203,10 +210,12 @@ def run(settings: Settings, config_path: Path) -> int:
                 sink.flush()
                 if flow_log:
                     flow_log.tick()  # rotation by age, the compressor's failures
+                if learner:
+                    learner.tick(time.time(), engine)  # progress; at the end, calibration
             if state["reload"]:
                 state["reload"] = False
                 settings = _reload(
-                    engine, settings, config_path, load_config, ConfigError, metrics, sink
+                    engine, settings, config_path, load_config, ConfigError, metrics, sink, learner
                 )
                 if flow_log:
                     flow_log.reopen()
@@ -239,13 +248,17 @@ def run(settings: Settings, config_path: Path) -> int:
     return 0
 
 
-def _reload(engine, settings, config_path, load_config, config_error, metrics, sink):
+def _reload(engine, settings, config_path, load_config, config_error, metrics, sink, learner):
     """SIGHUP: re-read the config, rules and model; on any error keep everything as it was.
-    Capture settings (interfaces, filter, ring) take effect at the next start."""
+    Capture settings (interfaces, filter, ring) and the learn section take effect at the next
+    start; after a learning period's calibration its model stands in for the configured one
+    it was calibrated from."""
     try:
         new = load_config(config_path)
         rules = load_rules(new.rules)
         model = ScoringModel(new.model)
+        if learner:
+            model = learner.model_for(model)
     except (config_error, RuleError, ModelError) as exc:
         metrics.reloads.labels("failure").inc()
         metrics.reload_ok.set(0)

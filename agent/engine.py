@@ -16,6 +16,7 @@ import numpy as np
 from .alerts import AlertSink, BudgetSettings, LineBudget, eve_alerts, eve_incident
 from .capture import PacketBatch
 from .context import ContextConfig
+from .drift import calibration_table
 from .flowrecords import END_REASONS, INTERIM
 from .flows import FlowConfig
 from .incidents import Incident, IncidentSettings, IncidentTracker
@@ -101,10 +102,13 @@ class Engine:
         self.meters: dict[str, FlowMeter] = {}
         self._seen: dict[str, dict] = {}
         self.summary = Summary()
+        # Causes whose incidents are not raised (a learning period's unknown_anomaly): their
+        # lines are not written, and an incident opened while held stays held until it closes.
+        self.hold_back_causes: frozenset[str] = frozenset()
+        self._held_incidents: set[str] = set()
+        self.held_back_incidents: Counter = Counter()  # by cause
         if metrics:
-            metrics.set_model(
-                model.version, model.metadata["schema_hash"], model.score_kind, time.time()
-            )
+            self._model_metrics()
 
     def _meter(self, interface: str) -> FlowMeter:
         if interface not in self.meters:
@@ -146,10 +150,16 @@ class Engine:
         if model is not None:
             self.model = model
             if self.metrics:
-                self.metrics.set_model(
-                    model.version, model.metadata["schema_hash"], model.score_kind, time.time()
-                )
+                self._model_metrics()
         self.rules = self.rules.replaced(rules or self.rules.ruleset, self.model.thresholds)
+
+    def _model_metrics(self) -> None:
+        """The live model's info and thresholds; its calibration table is drift's reference."""
+        m = self.model
+        table = calibration_table(m.path, m.version)
+        self.metrics.set_model(
+            m.version, m.metadata["schema_hash"], m.score_kind, time.time(), m.thresholds, table
+        )
 
     def _handle(self, flows: MeteredFlows, interface: str) -> None:
         if len(flows) == 0:
@@ -174,6 +184,8 @@ class Engine:
         deduplicated: dict[int, int] = {}
         if self.incidents.settings.flow_alerts:
             alerts, deduplicated = self.rules.flow_alerts(verdicts, flows.records)
+            if self.hold_back_causes:
+                alerts = [a for a in alerts if a[1].cause not in self.hold_back_causes]
             granted = self._grant([rule.cause for _, rule, _ in alerts])
             records = eve_alerts(
                 flows.records,
@@ -199,6 +211,7 @@ class Engine:
             m.evidence_dropped.inc(dropped)
         m.scoring_seconds.observe(elapsed)
         m.score.observe_many(scores.score)
+        m.drift.observe(scores.score)
         for rid, count in verdicts.suppressed_by_rule.items():
             m.suppressed.labels(str(rid), "allowlist").inc(count)
         for rid, count in deduplicated.items():
@@ -210,6 +223,8 @@ class Engine:
 
     def _write_incidents(self, due: list[tuple[Incident, str]]) -> None:
         """Incident lines, as far as the budget allows (opened incidents count either way)."""
+        if self.hold_back_causes or self._held_incidents:
+            due = self._hold_back(due)
         for inc, state in due:
             if state == "open" and not inc.counted:  # a held-back open line comes again
                 inc.counted = True
@@ -226,6 +241,24 @@ class Engine:
         )
         if self.metrics:
             self.metrics.open_incidents.set(len(self.incidents.open))
+
+    def _hold_back(self, due: list[tuple[Incident, str]]) -> list[tuple[Incident, str]]:
+        """Drop the lines of held incidents; count each held incident once, when it opens."""
+        kept = []
+        for inc, state in due:
+            if inc.id not in self._held_incidents and not (
+                state == "open" and not inc.counted and inc.cause in self.hold_back_causes
+            ):
+                kept.append((inc, state))
+                continue
+            if inc.id not in self._held_incidents:
+                self._held_incidents.add(inc.id)
+                self.held_back_incidents[inc.cause] += 1
+                if self.metrics:
+                    self.metrics.learning_held_back.labels(inc.cause).inc()
+            if state == "close":
+                self._held_incidents.discard(inc.id)
+        return kept
 
     def _grant(self, causes: list[str]) -> int:
         """How many of these lines the budget lets through; the rest are counted by cause."""

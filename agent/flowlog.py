@@ -193,6 +193,16 @@ class FlowLog:
                 ok = False
         return ok
 
+    def rotate(self) -> None:
+        """Rotate the live file now if it holds anything (the end of a learning period: the
+        period's records then lie in rotated files, which no later write or rotation moves)."""
+        if not self.file.is_open or self.file.size == 0:
+            return
+        try:
+            self.file.rotate()
+        except OSError as exc:
+            self._failed("rotate", exc, 0)
+
     def flush(self) -> None:
         """Lines are written per batch (nothing is buffered); report compressor failures."""
         for operation, exc in self.file.errors():
@@ -268,6 +278,7 @@ class FlowLogStats:
 class FlowLogChunk:
     features: np.ndarray  # (n, len(FEATURE_NAMES)) float32
     hosts: list[str]  # each flow's client address (src_ip)
+    ends: list[str | None] = field(default_factory=list)  # each record's end (EVE time)
 
 
 def is_flow_log(path: Path) -> bool:
@@ -287,6 +298,7 @@ def read_flow_log(path: Path, stats: FlowLogStats | None = None) -> Iterator[Flo
     handle = gzip.open(path, "rb") if compressed else open(path, "rb")  # noqa: SIM115
     rows: list[list[float]] = []
     hosts: list[str] = []
+    ends: list[str | None] = []
     numbers: list[int] = []
     number = 0
     with handle:
@@ -295,19 +307,21 @@ def read_flow_log(path: Path, stats: FlowLogStats | None = None) -> Iterator[Flo
                 stats.lines += 1
                 if not raw.strip():
                     continue
-                if _parse(raw, number, stats, rows, hosts):
+                if _parse(raw, number, stats, rows, hosts, ends):
                     numbers.append(number)
                 if len(rows) >= READ_CHUNK:
-                    yield _chunk(rows, hosts, numbers, stats)
-                    rows, hosts, numbers = [], [], []
+                    yield _chunk(rows, hosts, ends, numbers, stats)
+                    rows, hosts, ends, numbers = [], [], [], []
         except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
             stats.truncated = f"after line {number}: {exc}"
     if rows:
-        yield _chunk(rows, hosts, numbers, stats)
+        yield _chunk(rows, hosts, ends, numbers, stats)
 
 
-def _parse(raw: bytes, number: int, stats: FlowLogStats, rows: list, hosts: list) -> bool:
-    """Append the line's features and host if it is a flow record of this schema."""
+def _parse(
+    raw: bytes, number: int, stats: FlowLogStats, rows: list, hosts: list, ends: list
+) -> bool:
+    """Append the line's features, host and end time if it is a flow record of this schema."""
     try:
         # null -> NaN before parsing (json reads NaN), so a row is floats only
         rec = json.loads(raw.replace(b":null", b":NaN").replace(b": null", b": NaN"))
@@ -337,6 +351,7 @@ def _parse(raw: bytes, number: int, stats: FlowLogStats, rows: list, hosts: list
         return False
     rows.append(row)
     hosts.append(str(host))
+    ends.append(end if isinstance(end, str) else None)
     # EVE timestamps have one width and one zone: text order is time order
     if isinstance(start, str) and (stats.first_start is None or start < stats.first_start):
         stats.first_start = start
@@ -351,7 +366,7 @@ def _malformed(stats: FlowLogStats, number: int, reason: str) -> None:
         stats.first_malformed.append((number, reason))
 
 
-def _chunk(rows: list, hosts: list, numbers: list, stats: FlowLogStats) -> FlowLogChunk:
+def _chunk(rows: list, hosts: list, ends: list, numbers: list, stats: FlowLogStats) -> FlowLogChunk:
     try:
         x = np.array(rows, dtype=np.float32)
     except (ValueError, TypeError):  # a value that is no number: find the rows, drop them
@@ -365,9 +380,10 @@ def _chunk(rows: list, hosts: list, numbers: list, stats: FlowLogStats) -> FlowL
                 _malformed(stats, number, "a feature value that is not a number")
         x = np.array([r for r, ok in zip(rows, good) if ok], dtype=np.float32)
         hosts = [h for h, ok in zip(hosts, good) if ok]
+        ends = [e for e, ok in zip(ends, good) if ok]
     x = x.reshape(len(hosts), len(FEATURE_NAMES))
     stats.flows += len(x)
-    return FlowLogChunk(x, hosts)
+    return FlowLogChunk(x, hosts, ends)
 
 
 def _reason(exc: Exception) -> str:

@@ -23,12 +23,15 @@ from prometheus_client.utils import floatToGoString
 from quietwire import __version__
 
 from .decode import DECODE_ERROR_REASONS
+from .drift import ScoreDrift
 from .flowrecords import END_REASONS
 from .flows import EVICTION_REASONS
 
 SCORE_BUCKETS = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300)
 # What can fail in the flow log (flowlog.FlowLog): the label values of its error counter.
 FLOW_LOG_OPERATIONS = ("open", "write", "rotate", "compress", "retention")
+# How a learning period's calibration ended (learning.Learner): its counter's label values.
+LEARNING_RESULTS = ("calibrated", "too_few_flows", "failed")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
@@ -148,6 +151,41 @@ class Metrics:
             "When the current model was loaded",
             registry=r,
         )
+        self.threshold = Gauge(
+            "quietwire_model_threshold",
+            "The live model's score threshold at each false-positive rate",
+            ["fpr"],
+            registry=r,
+        )
+        self.drift = ScoreDrift(registry=r)
+        self.learning = Gauge(
+            "quietwire_learning_active",
+            "1 during a learning period (unknown_anomaly incidents held back)",
+            registry=r,
+        )
+        self.learning_left = Gauge(
+            "quietwire_learning_seconds_left",
+            "Seconds until the learning period ends and the model is calibrated",
+            registry=r,
+        )
+        self.learning_progress = Gauge(
+            "quietwire_learning_progress_ratio",
+            "Share of the learning period done (0 to 1)",
+            registry=r,
+        )
+        self.learning_held_back = Counter(
+            "quietwire_learning_incidents_held_back",
+            "Incidents not raised during the learning period, by cause (unknown_anomaly)",
+            ["cause"],
+            registry=r,
+        )
+        self.learning_calibrations = Counter(
+            "quietwire_learning_calibrations",
+            "Calibrations at the end of a learning period, by result: calibrated, "
+            "too_few_flows (old thresholds kept), failed",
+            ["result"],
+            registry=r,
+        )
         self.reloads = Counter(
             "quietwire_config_reloads", "Reloads (SIGHUP), by result", ["result"], registry=r
         )
@@ -172,11 +210,28 @@ class Metrics:
             self.reloads.labels(result)
         for operation in FLOW_LOG_OPERATIONS:
             self.flow_log_errors.labels(operation)
+        for result in LEARNING_RESULTS:
+            self.learning_calibrations.labels(result)
+        self.learning_held_back.labels("unknown_anomaly")
 
-    def set_model(self, version: str, schema_hash: str, score: str, loaded_at: float) -> None:
+    def set_model(
+        self,
+        version: str,
+        schema_hash: str,
+        score: str,
+        loaded_at: float,
+        thresholds: dict[float, float] | None = None,
+        table: np.ndarray | None = None,
+    ) -> None:
+        """A model went live: its info, its thresholds, and the drift gauges' new reference
+        (its calibration ``table``; the drift window starts empty)."""
         self.model_info.clear()
         self.model_info.labels(version, schema_hash, score).set(1)
         self.model_loaded.set(loaded_at)
+        self.threshold.clear()
+        for fpr, value in (thresholds or {}).items():
+            self.threshold.labels(f"{fpr:g}").set(value)
+        self.drift.reset(thresholds or {}, table)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,7 +1,8 @@
 """The site's flows from files, for calibration: captures (through the agent's own flow
 meter, so the features are the ones it scores live), flow tables that `quietwire flows`
 wrote and flow logs that the agent wrote (live, rotated or gzipped), each with the time span
-of its flows.
+of its flows; and a learning period's records (``period_records``): those of one flow log
+that ended within the period, in bounded memory.
 
 Input kinds are told apart by file name (``input_kind``) and read by one function each
 (``READERS``).
@@ -9,6 +10,9 @@ Input kinds are told apart by file name (``input_kind``) and read by one functio
 
 from __future__ import annotations
 
+import calendar
+import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +24,7 @@ from .features import FEATURE_NAMES
 from .flowfile import iso_times, read_stored_flows
 from .flowlog import FlowLogStats, read_flow_log
 from .meter import FlowMeter
+from .rotation import rotated_pattern
 
 CAPTURE_SUFFIXES = (".pcap", ".pcapng", ".cap")
 TABLE_SUFFIXES = (".csv", ".jsonl")
@@ -174,3 +179,116 @@ def read_site_flows(paths: list[Path], progress: Callable[[str], None] | None = 
         max(ends) if ends else None,
         tuple(warnings),
     )
+
+
+# --- a learning period's records (learning.py) ------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeriodRecords:
+    """The flow log's records of a period, for calibration."""
+
+    features: np.ndarray  # (n, F) float32: all of them, or a uniform sample of max_records
+    records: int  # records of the period found (before sampling)
+    inputs: tuple[tuple[str, int], ...]  # (file, records of the period in it)
+    warnings: tuple[str, ...] = ()
+
+
+def flow_log_files(flow_log: Path, since: float) -> list[Path]:
+    """The flow log's files that can hold records from ``since`` on: the files rotated at or
+    after it (oldest first; a gzipped one rather than its uncompressed twin) and the live one."""
+    pattern = rotated_pattern(flow_log)
+    found: dict[str, tuple[tuple, Path]] = {}
+    try:
+        names = os.listdir(flow_log.parent)
+    except FileNotFoundError:
+        names = []
+    for name in names:
+        m = pattern.match(name)
+        if not m:
+            continue
+        rotated = calendar.timegm(time.strptime(m.group(1), "%Y%m%dT%H%M%SZ"))
+        if rotated < int(since):  # renamed before the period began: all its records did too
+            continue
+        base = name.removesuffix(".gz")
+        if base not in found or name.endswith(".gz"):
+            found[base] = ((m.group(1), int(m.group(2) or 0)), flow_log.parent / name)
+    files = [p for _, p in sorted(found.values())]
+    return files + ([flow_log] if flow_log.exists() else [])
+
+
+class _Sample:
+    """A seeded uniform sample of at most ``size`` rows in bounded memory: each row draws a
+    uniform key and the rows with the smallest keys are kept."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.rng = np.random.default_rng(seed)
+        self.rows: list[np.ndarray] = []
+        self.keys: list[np.ndarray] = []
+        self.held = 0
+
+    def add(self, x: np.ndarray) -> None:
+        self.rows.append(x)
+        self.keys.append(self.rng.random(len(x)))
+        self.held += len(x)
+        if self.held > 2 * self.size:
+            self._shrink()
+
+    def _shrink(self) -> None:
+        x, k = np.concatenate(self.rows), np.concatenate(self.keys)
+        if len(k) > self.size:
+            keep = np.sort(np.argpartition(k, self.size - 1)[: self.size])
+            x, k = x[keep], k[keep]
+        self.rows, self.keys, self.held = [x], [k], len(k)
+
+    def features(self) -> np.ndarray:
+        if self.held > self.size:
+            self._shrink()
+        if not self.rows:
+            return np.zeros((0, len(FEATURE_NAMES)), np.float32)
+        return np.concatenate(self.rows)
+
+
+def _read_period(path: Path, lo: str, hi: str, sample: _Sample, stats: FlowLogStats) -> int:
+    """Add the records of one file that ended within [lo, hi] (EVE times) to the sample."""
+    n = 0
+    for chunk in read_flow_log(path, stats):
+        mask = np.fromiter(
+            (e is not None and lo <= e <= hi for e in chunk.ends), bool, len(chunk.ends)
+        )
+        sample.add(chunk.features[mask])
+        n += int(mask.sum())
+    return n
+
+
+def period_records(
+    flow_log: Path, start: float, end: float, max_records: int, seed: int = 0
+) -> PeriodRecords:
+    """The records of ``flow_log`` (live and rotated files) that ended within [start, end]
+    (epoch seconds); a seeded uniform sample of ``max_records`` of them when there are more,
+    so a long period costs bounded memory. Unreadable files and skipped lines are warnings."""
+    lo, hi = iso_times(np.array([int(start * 1e9), int(end * 1e9)], dtype=np.int64))
+    sample = _Sample(max_records, seed)
+    inputs: list[tuple[str, int]] = []
+    warnings: list[str] = []
+    for path in flow_log_files(flow_log, start):
+        stats = FlowLogStats()
+        try:
+            try:
+                n = _read_period(path, lo, hi, sample, stats)
+            except FileNotFoundError:  # gzipped (and the plain file deleted) meanwhile
+                path = path.with_name(path.name + ".gz")
+                n = _read_period(path, lo, hi, sample, stats)
+        except OSError as exc:
+            warnings.append(f"{path}: cannot read: {exc.strerror or exc}")
+            continue
+        if stats.other_schema or stats.malformed:
+            warnings.append(
+                f"{path}: skipped {stats.other_schema:,} records of another feature schema "
+                f"and {stats.malformed:,} malformed lines"
+            )
+        if n:
+            inputs.append((str(path), n))
+    records = sum(n for _, n in inputs)
+    return PeriodRecords(sample.features(), records, tuple(inputs), tuple(warnings))

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -104,6 +105,10 @@ def test_dashboard_structure_and_metrics():
         "open incidents",
         "held back",
         "emergency",
+        "drift",
+        "psi",
+        "learning",
+        "thresholds",
     ):
         assert topic in titles, topic
 
@@ -210,6 +215,10 @@ def test_prometheus_scrapes_a_replay(ndpi, tmp_path):
                 "Open incidents",
                 "Incidents in range by cause",
                 "Flow-table emergency mode (1 = on)",
+                "Score drift: share of records over each threshold (last 15 min)",
+                "Score drift: PSI against the calibration (last 15 min)",
+                "Learning period progress",
+                "Live thresholds by FPR",
             }
             for p in panels():
                 for t in p["targets"]:
@@ -233,3 +242,133 @@ def test_prometheus_scrapes_a_replay(ndpi, tmp_path):
             if prom:
                 prom.terminate()
                 prom.wait(timeout=20)
+
+
+# ---- the model workflow of deploy/README.md, command by command -----------------------------
+
+
+def workflow_commands() -> list[str]:
+    """The commands of deploy/README.md's model workflow (its first sh block), in order."""
+    text = (DEPLOY / "README.md").read_text()
+    section = text.split("## The model: learn, review, retrain", 1)[1]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_the_workflow_block_names_the_config_it_needs():
+    text = (DEPLOY / "README.md").read_text().split("## The model: learn, review, retrain")[1]
+    assert "#      flow_log: {path: /var/log/quietwire/flows.json}" in text
+    assert "#      learn: {period: 24h}" in text
+    assert len(workflow_commands()) == 10
+
+
+def test_the_model_workflow(tmp_path):
+    """Every command of deploy/README.md's model workflow, in order, on a sensor made of a
+    veth pair in a network namespace: the paths are the test's, systemctl is the daemon's
+    start and SIGHUP, journalctl its log, the learning period 10 s, training 20 steps."""
+    from .test_daemon import PY, _can_netns, start_daemon
+
+    why = _can_netns()
+    if why or shutil.which("curl") is None:
+        why = why or "needs curl"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but the workflow test cannot run: {why}")
+        pytest.skip(why)
+    pytest.importorskip("torch")  # step 4 trains
+    from quietwire import DATA
+    from quietwire.agent.model import DEFAULT_MODEL, ScoringModel
+
+    etc, log_dir, lib, work = (tmp_path / d for d in ("etc", "log", "lib", "work"))
+    for d in (etc, log_dir, lib, work):
+        d.mkdir()
+    shutil.copy(DEFAULT_MODEL, lib / "model.onnx")
+    config = etc / "config.yaml"
+    config.write_text(
+        f"capture: {{interfaces: [qwb]}}\nmodel: {lib}/model.onnx\nflow: {{idle_timeout_s: 2}}\n"
+        f"flow_log: {{path: {log_dir}/flows.json}}\nlearn: {{period: 10s, min_records: 50}}\n"
+        f"alerts: {{file: {log_dir}/alerts.json}}\nmetrics: {{listen: 127.0.0.1, port: 9109}}\n"
+    )
+    daemon_log = tmp_path / "daemon.log"
+    name = f"qwf{os.getpid()}"
+    ip = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
+    ip("ip", "netns", "add", name)
+    ns = ["ip", "netns", "exec", name]
+    proc = None
+    quietwire = f"{PY} -m quietwire.cli"
+    paths = {
+        "/opt/quietwire/venv/bin/quietwire": quietwire,
+        "/etc/quietwire/config.yaml": str(config),
+        "/var/log/quietwire": str(log_dir),
+        "/var/lib/quietwire": str(lib),
+        "/data/pcaps/known-bad.pcap": str(DATA / "scan.pcap"),
+        "-o root -g quietwire ": "",  # no quietwire group here
+    }
+
+    def shell(line: str) -> str:
+        res = subprocess.run(
+            [*ns, "bash", "-o", "pipefail", "-c", line],
+            cwd=work,
+            capture_output=True,
+            text=True,
+        )
+        assert res.returncode == 0, (line, res.stdout, res.stderr, daemon_log.read_text())
+        return res.stdout
+
+    def wait_for(text: str) -> None:
+        deadline = time.monotonic() + 60
+        while text not in daemon_log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, daemon_log.read_text()
+            time.sleep(0.2)
+
+    try:
+        ip(*ns, "ip", "link", "add", "qwa", "type", "veth", "peer", "name", "qwb")
+        for dev in ("qwa", "qwb", "lo"):
+            ip(*ns, "ip", "link", "set", dev, "up")
+        outputs = []
+        for command in workflow_commands():
+            line = command.removeprefix("sudo ")
+            for old, new in paths.items():
+                line = line.replace(old, new)
+            if line.startswith("quietwire "):
+                line = quietwire + line[len("quietwire") :]
+            if line == "systemctl restart quietwire":
+                proc = start_daemon(ns, config, daemon_log)
+                for capture in ("scan.pcap", "sample.pcap"):  # the site's traffic
+                    ip(*ns, "tcpreplay", "-q", "--topspeed", "-i", "qwa", str(DATA / capture))
+                outputs.append("started")
+                continue
+            if line == "systemctl reload quietwire":
+                proc.send_signal(signal.SIGHUP)
+                wait_for("reloaded:")
+                outputs.append(daemon_log.read_text())
+                continue
+            if line.startswith("journalctl -u quietwire"):
+                wait_for("learning period done")
+                line = line.replace("journalctl -u quietwire", f"cat {daemon_log}")
+                # traffic goes on: the drift gauges of the calibrated model fill again
+                ip(*ns, "tcpreplay", "-q", "--topspeed", "-i", "qwa", str(DATA / "scan.pcap"))
+                deadline = time.monotonic() + 30
+                metrics = "curl -s http://127.0.0.1:9109/metrics"
+                while not re.search(r"^quietwire_score_psi ", shell(metrics), re.M):
+                    assert time.monotonic() < deadline, "no drift gauges after the calibration"
+                    time.sleep(0.5)
+            if " train " in line:
+                line += " --train-steps 20"
+            assert not re.match(r"(sudo|systemctl|journalctl|/opt|/etc|/var)", line), line
+            outputs.append(shell(line))
+        (check_config, _, learning, journal, review, drift, trained, check, _, reloaded) = outputs
+        assert ": OK (" in check_config and "learning period 10s" in check_config
+        assert "quietwire_learning_active" in learning and "quietwire_model_threshold" in learning
+        assert "learning period done: calibrated" in journal
+        assert (work / "check.csv").exists() and "quietwire_score_psi" in drift
+        assert "quietwire_score_share_over_threshold" in drift
+        retrained = ScoringModel(lib / "model.onnx")
+        assert retrained.version != ScoringModel(DEFAULT_MODEL).version
+        assert f"model {retrained.version}" in reloaded.splitlines()[-1]
+        metrics = shell("curl -s http://127.0.0.1:9109/metrics")
+        assert f'version="{retrained.version}"' in metrics
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0, daemon_log.read_text()
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)

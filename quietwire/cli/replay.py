@@ -88,6 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from quietwire.agent.config import ConfigError, load_config
+    from quietwire.agent.learning import format_duration
 
     try:
         settings = load_config(args.config)
@@ -96,9 +97,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except (ConfigError, ModelError, RuleError) as exc:
         error(str(exc))
         return 2
+    learn = settings.learn
     print(
         f"{args.config}: OK (interfaces {', '.join(settings.capture.interfaces)}; model "
-        f"{model.path} {model.version}; {len(rules)} rules from {', '.join(rules.sources)})"
+        f"{model.path} {model.version}; {len(rules)} rules from {', '.join(rules.sources)}"
+        + (f"; learning period {format_duration(learn.period_s)}" if learn else "")
+        + ")"
     )
     return 0
 
