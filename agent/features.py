@@ -254,10 +254,10 @@ def extract(flows: FlowRecords, context: np.ndarray) -> np.ndarray:
     v["tcp_reset"] = np.where(tcp, c["rst_packets"].sum(1) > 0, np.nan)
     v["flow_open"] = c["end_reason"] == INTERIM
     for i, d in enumerate(DIRECTIONS):
-        for stat in DIRECTION_STATS:
-            v[f"{d}_payload_{stat}"] = c[f"payload_{stat}"][:, i]
-    for stat in HTTP_STATS:
-        v[stat] = c[stat]
+        for j, stat in enumerate(DIRECTION_STATS):
+            v[f"{d}_payload_{stat}"] = c["payload_stats"][:, i, j]
+    for j, stat in enumerate(HTTP_STATS):
+        v[stat] = c["http_stats"][:, j]
     for j, name in enumerate(CONTEXT_FEATURES):
         v[name] = context[:, j]
     out = np.empty((len(flows), len(SCHEMA)), dtype=np.float32)

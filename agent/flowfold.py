@@ -12,7 +12,7 @@ import numpy as np
 
 from .decode import ACK, FIN, RST, SYN, TCP_FLAG_NAMES, Packets
 from .flowrecords import ACTIVE, COUNT_MAX, IDLE, LEN_NONE, NEVER, NS, TCP_END
-from .payload import DIRECTION_STATS, HTTP_STATS, direction_stats, http_stats, window
+from .payload import direction_stats, http_stats, window
 
 
 def split_runs(
@@ -219,13 +219,11 @@ def _fold_payload(c, p: Packets, order, d, run_of, run_slot) -> None:
     pkt = order[rows]
     w, n_bytes = window(p.raw, p.payload_offset[pkt], p.payload_captured[pkt])
     stats = direction_stats(w, n_bytes)
-    for j, name in enumerate(DIRECTION_STATS):
-        c[f"payload_{name}"][slots, dirs] = stats[:, j]
+    c["payload_stats"][slots, dirs] = stats
     client = dirs == 0
     if client.any():
         http = http_stats(p.raw, p.payload_offset[pkt[client]], p.payload_captured[pkt[client]])
-        for j, name in enumerate(HTTP_STATS):
-            c[name][slots[client]] = http[:, j]
+        c["http_stats"][slots[client]] = http
 
 
 def _fold_extreme(col: np.ndarray, where, ufunc, values: np.ndarray, starts: np.ndarray) -> None:

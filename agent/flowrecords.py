@@ -35,8 +35,8 @@ IDLE, ACTIVE, TCP_END, EVICTED, END_OF_INPUT, EMERGENCY_TIMEOUT, INTERIM = range
 INTERIM_FIRST_S = 60
 
 
-# Table columns: name -> (dtype, initial value, per direction?). Direction 0 is client to
-# server (src2dst), 1 is server to client (dst2src).
+# Table columns: name -> (dtype, initial value, per direction? or the shape of one row's
+# value). Direction 0 is client to server (src2dst), 1 is server to client (dst2src).
 #
 # Bytes per open flow: 133 for the columns of one value and 2 x 170 for the per-direction ones
 # (473 in all, 64 of them payload statistics; see bytes_per_flow()); the flow table adds 8 for the
@@ -46,7 +46,7 @@ INTERIM_FIRST_S = 60
 # need over 2.3 million packets/s for the whole default 30-minute active timeout to reach it; the
 # features are float32, exact only to 2**24, anyway). Times, byte counts, packets and sums stay
 # 64-bit.
-COLUMNS: dict[str, tuple[str, float, bool]] = {
+COLUMNS: dict[str, tuple[str, float, bool | tuple[int, ...]]] = {
     "seq": ("i8", -1, False),
     "ip_version": ("u1", 0, False),
     "src_hi": ("u8", 0, False),
@@ -90,8 +90,8 @@ COLUMNS: dict[str, tuple[str, float, bool]] = {
     # Payload statistics of each direction's first payload packet (payload.py), and the
     # client's HTTP request line; NaN until there is one. Half precision: shares, entropy
     # and window positions (at most 256) need no more.
-    **{f"payload_{stat}": ("f2", np.nan, True) for stat in DIRECTION_STATS},
-    **{stat: ("f2", np.nan, False) for stat in HTTP_STATS},
+    "payload_stats": ("f2", np.nan, (2, len(DIRECTION_STATS))),  # [direction, statistic]
+    "http_stats": ("f2", np.nan, (len(HTTP_STATS),)),
 }
 # What the host context needs of a flow at its start (FlowUpdate.started holds only these).
 START_COLUMNS = (
@@ -107,9 +107,18 @@ START_COLUMNS = (
 )
 
 
+def row_shape(spec: bool | tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of one flow's value in a column: (2,) per direction, () for one value."""
+    if isinstance(spec, tuple):
+        return spec
+    return (2,) if spec else ()
+
+
 def bytes_per_flow() -> int:
     """Bytes one flow takes in the COLUMNS (the table's state columns, one row)."""
-    return sum(np.dtype(t).itemsize * (2 if d else 1) for t, _, d in COLUMNS.values())
+    return sum(
+        np.dtype(t).itemsize * int(np.prod(row_shape(d))) for t, _, d in COLUMNS.values()
+    )
 
 
 @dataclass(frozen=True)
@@ -147,7 +156,7 @@ class FlowRecords:
 
 def empty_records() -> FlowRecords:
     return FlowRecords(
-        {k: np.zeros((0, 2) if d else 0, dtype=t) for k, (t, _, d) in COLUMNS.items()}
+        {k: np.zeros((0, *row_shape(d)), dtype=t) for k, (t, _, d) in COLUMNS.items()}
     )
 
 

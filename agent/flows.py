@@ -58,6 +58,7 @@ from .flowrecords import (
     FlowRecords,
     FlowUpdate,
     empty_records,
+    row_shape,
 )
 from .keyindex import KeyIndex
 
@@ -159,8 +160,8 @@ class FlowTable:
         if need <= self._capacity:
             return
         new_cap = max(need, min(2 * self._capacity, self.config.max_flows))
-        for name, (dtype, init, per_dir) in COLUMNS.items():
-            shape = (new_cap, 2) if per_dir else (new_cap,)
+        for name, (dtype, init, per_flow) in COLUMNS.items():
+            shape = (new_cap, *row_shape(per_flow))
             col = np.full(shape, init, dtype=dtype)
             if self._capacity:
                 col[: self._capacity] = self._cols[name]
@@ -201,12 +202,15 @@ class FlowTable:
         if len(slots) == 0:
             return empty_records()
         self._cols["end_reason"][slots] = reason
-        slots = slots[np.argsort(self._cols["seq"][slots], kind="stable")]  # in start order
-        out = FlowRecords({k: v[slots] for k, v in self._cols.items()})
+        # Read and reset the rows in slot order (memory order: a flood releases thousands of
+        # rows scattered over the table), hand them on in start order.
+        by_slot = np.sort(slots)
+        in_start_order = np.argsort(self._cols["seq"][by_slot], kind="stable")
+        out = FlowRecords({k: v[by_slot][in_start_order] for k, v in self._cols.items()})
         if registered:
-            self._index.remove(self._key_hash[slots])
+            self._index.remove(self._key_hash[by_slot])
         for name, (_, init, _) in COLUMNS.items():
-            self._cols[name][slots] = init
+            self._cols[name][by_slot] = init
         self._free[self._n_free : self._n_free + len(slots)] = slots
         self._n_free += len(slots)
         return out
