@@ -53,8 +53,9 @@ class Recorder(FlowLog):
         super().write(flows, scores, model_version, interface)
 
 
-def replay(flow_log, alerts: Path | None = None, chunk_bytes: int = 16 << 10):
-    """Replay the bundled captures through an Engine (in 16 KiB chunks: several batches)."""
+def replay(flow_log, alerts: Path | None = None, chunk_bytes: int = 16 << 10, captures=CAPTURES):
+    """Replay the bundled captures (or ``captures``) through an Engine, each on its own (in
+    16 KiB chunks: several batches)."""
     engine = Engine(
         ScoringModel(),
         load_rules(DEFAULT_RULES),
@@ -62,7 +63,7 @@ def replay(flow_log, alerts: Path | None = None, chunk_bytes: int = 16 << 10):
         flow_log.metrics,
         flow_log=flow_log,
     )
-    for path in CAPTURES:
+    for path in captures:
         for batch in read_capture(path, chunk_bytes=chunk_bytes):
             engine.process(batch, "file")
         engine.flush()
@@ -331,20 +332,13 @@ def test_a_full_disk_is_counted_and_scoring_goes_on(tmp_path):
 def test_reopen_after_the_file_was_moved(tmp_path):
     path = tmp_path / "flows.json"
     flow_log = FlowLog(FlowLogSettings(path))
-    engine = Engine(ScoringModel(), load_rules(DEFAULT_RULES), AlertSink(None))
-    engine.flow_log = flow_log
-    for batch in read_capture(CAPTURES[0]):
-        engine.process(batch, "file")
-    engine.flush()
+    replay(flow_log, captures=CAPTURES[:1])
     first = len(path.read_text().splitlines())
     assert first > 0
     moved = tmp_path / "flows.json.1"
     path.rename(moved)  # logrotate
     flow_log.reopen()  # SIGHUP
-    engine.meters.clear()
-    for batch in read_capture(CAPTURES[1]):
-        engine.process(batch, "file")
-    engine.flush()
+    replay(flow_log, captures=CAPTURES[1:2])
     flow_log.close()
     assert len(moved.read_text().splitlines()) == first  # nothing more went to the moved file
     assert len(path.read_text().splitlines()) == flow_log.lines - first > 1900
@@ -354,11 +348,7 @@ def test_a_line_cut_short_is_ended_before_the_next(tmp_path):
     path = tmp_path / "flows.json"
     path.write_text('{"event_type":"flow","cut sh')  # what a full disk can leave
     flow_log = FlowLog(FlowLogSettings(path))
-    engine = Engine(ScoringModel(), load_rules(DEFAULT_RULES), AlertSink(None))
-    engine.flow_log = flow_log
-    for batch in read_capture(CAPTURES[0]):
-        engine.process(batch, "file")
-    engine.flush()
+    replay(flow_log, captures=CAPTURES[:1])
     flow_log.close()
     stats = FlowLogStats()
     n = sum(len(c.features) for c in read_flow_log(path, stats))
