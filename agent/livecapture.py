@@ -5,6 +5,13 @@ The kernel fills blocks of the memory-mapped ring; each ready block is copied ou
 and handed back, so the only per-packet Python is following the packets' header chain. Kernel
 drops come from PACKET_STATISTICS. A BPF filter is compiled by libpcap (through scapy) and
 attached to the socket, so filtered packets never leave the kernel. Needs CAP_NET_RAW.
+
+Capture workers (workers.py) each open one ring on the same interface and join one AF_PACKET
+fanout group: PACKET_FANOUT_HASH sends each packet to the ring its flow hash picks, and the
+kernel's flow hash is symmetric, so both directions of a flow reach one worker;
+PACKET_FANOUT_FLAG_DEFRAG reassembles IPv4 fragments before the hash, so a fragmented datagram
+reaches its flow's worker (whole: the worker sees one packet where a single ring sees the
+fragments).
 """
 
 from __future__ import annotations
@@ -24,6 +31,11 @@ PACKET_ADD_MEMBERSHIP = 1
 PACKET_RX_RING = 5
 PACKET_STATISTICS = 6
 PACKET_VERSION = 10
+PACKET_FANOUT = 18
+PACKET_FANOUT_HASH = 0
+PACKET_FANOUT_FLAG_DEFRAG = 0x8000
+SO_ATTACH_FILTER = 26
+SO_DETACH_FILTER = 27
 TPACKET_V3 = 2
 PACKET_MR_PROMISC = 1
 ETH_P_ALL = 0x0003
@@ -49,8 +61,10 @@ class LiveCapture:
         block_kib: int = 1024,
         blocks: int = 64,
         snaplen: int = 65535,
+        fanout_group: int | None = None,
     ) -> None:
         self.interface = interface
+        self.fanout_group = fanout_group
         self.kernel_packets = 0
         self.kernel_drops = 0
         try:
@@ -66,7 +80,11 @@ class LiveCapture:
     def _setup(self, bpf_filter, promiscuous, block_kib, blocks, snaplen) -> None:
         s = self.sock
         s.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
-        if bpf_filter:
+        if self.fanout_group is not None:
+            # Until the socket is in its fanout group it would see every packet: take none
+            # (a one-instruction filter, "return 0") until it has joined.
+            _set_filter(s, [(0x06, 0, 0, 0)])
+        elif bpf_filter:
             self._attach_filter(bpf_filter)
         self.block_size = block_kib * 1024
         self.blocks = blocks
@@ -78,6 +96,13 @@ class LiveCapture:
         )
         s.setsockopt(SOL_PACKET, PACKET_RX_RING, req)
         s.bind((self.interface, ETH_P_ALL))
+        if self.fanout_group is not None:
+            mode = PACKET_FANOUT_HASH | PACKET_FANOUT_FLAG_DEFRAG
+            s.setsockopt(SOL_PACKET, PACKET_FANOUT, (self.fanout_group & 0xFFFF) | mode << 16)
+            if bpf_filter:
+                self._attach_filter(bpf_filter)
+            else:
+                s.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
         if promiscuous:
             index = socket.if_nametoindex(self.interface)
             s.setsockopt(
@@ -108,7 +133,7 @@ class LiveCapture:
             ) from exc
         self.sock.setsockopt(
             socket.SOL_SOCKET,
-            26,
+            SO_ATTACH_FILTER,
             bytes(
                 ctypes.string_at(  # SO_ATTACH_FILTER
                     ctypes.addressof(program), ctypes.sizeof(program)
@@ -174,6 +199,15 @@ class LiveCapture:
             self.ring.close()
         finally:
             self.sock.close()
+
+
+def _set_filter(sock: socket.socket, program: list[tuple[int, int, int, int]]) -> None:
+    """Attach a classic BPF program given as (code, jt, jf, k) instructions."""
+    insns = (ctypes.c_uint8 * (8 * len(program)))()
+    for i, insn in enumerate(program):
+        struct.pack_into("=HBBI", insns, 8 * i, *insn)
+    prog = struct.pack("HL", len(program), ctypes.addressof(insns))  # struct sock_fprog
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, prog)
 
 
 def _empty() -> PacketBatch:
