@@ -9,6 +9,7 @@ lines; the writer records the schema hash in every JSON line and as the CSV's
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import ipaddress
 import json
@@ -16,10 +17,10 @@ import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 
+from . import tableformat as tf
 from .communityid import flow_community_ids
 from .features import FEATURE_NAMES, SCHEMA_HASH
 from .flowrecords import END_REASONS, FlowRecords
@@ -45,7 +46,7 @@ ID_FIELDS = (
     "end_reason",
     "schema_hash",
 )
-FORMATS = ("csv", "jsonl")
+FORMATS = ("csv", "jsonl", "parquet")
 
 
 class FlowFileError(Exception):
@@ -55,10 +56,16 @@ class FlowFileError(Exception):
 def format_ips(version: np.ndarray, hi: np.ndarray, lo: np.ndarray) -> list[str]:
     """Text addresses (dotted quad for IPv4, RFC 5952 for IPv6), each distinct one formatted
     once."""
+    text, inverse = ip_codes(version, hi, lo)
+    return [text[i] for i in inverse.tolist()]
+
+
+def ip_codes(version: np.ndarray, hi: np.ndarray, lo: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """The distinct addresses as text, and each row's index into them."""
     if len(version) and (version == 4).all():  # the common case: a 1-D unique, no ipaddress
         uniq, inverse = np.unique(lo, return_inverse=True)
         text = [f"{a >> 24 & 255}.{a >> 16 & 255}.{a >> 8 & 255}.{a & 255}" for a in uniq.tolist()]
-        return [text[i] for i in inverse.reshape(-1).tolist()]
+        return text, inverse.reshape(-1)
     keys = np.stack([hi, lo, version.astype(np.uint64)], axis=1)
     uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
     text = [
@@ -67,7 +74,7 @@ def format_ips(version: np.ndarray, hi: np.ndarray, lo: np.ndarray) -> list[str]
         else str(ipaddress.IPv6Address((h << 64) | low))
         for h, low, v in uniq.tolist()
     ]
-    return [text[i] for i in inverse.reshape(-1).tolist()]
+    return text, inverse.reshape(-1)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -111,64 +118,168 @@ def identity_columns(flows: FlowRecords) -> dict[str, list]:
 
 
 SCORE_FIELDS = ("score", "tail_probability", "top_features")
+ROW_CHUNK = 4096  # rows formatted at a time: the byte matrices stay a few MB
+_QUOTED = {"community_id", "start", "end", "src_ip", "dest_ip", "proto", "end_reason"}
 
 
 class FlowWriter:
-    """Writes MeteredFlows to a CSV or JSON-lines file (or an open text stream); with
-    ``scored`` each row also carries the model's score, tail probability and top features."""
+    """Writes MeteredFlows to a CSV or JSON-lines text stream, or to a Parquet file (``out`` a
+    path or binary file; see flowparquet.py); with ``scored`` each row also carries the
+    model's score, tail probability and top features. Call ``close`` at the end."""
 
-    def __init__(self, out: IO[str], fmt: str, scored: bool = False) -> None:
+    def __init__(self, out, fmt: str, scored: bool = False, header: bool = True) -> None:
         if fmt not in FORMATS:
             raise FlowFileError(f"unknown flow table format {fmt!r} (expected one of {FORMATS})")
         self._out = out
         self._fmt = fmt
         self._scored = scored
+        self._parquet = None
         self.rows = 0
-        if fmt == "csv":
+        if fmt == "parquet":
+            from .flowparquet import ParquetFlowWriter
+
+            self._parquet = ParquetFlowWriter(out, scored)
+        elif fmt == "csv" and header:
             extra = SCORE_FIELDS if scored else ()
             out.write(",".join((*ID_FIELDS, *extra, *FEATURE_NAMES)) + "\n")
-            self._float_row = ",".join(["%.9g"] * len(FEATURE_NAMES))
 
     def write(self, flows: MeteredFlows, scores: Scores | None = None) -> None:
         if len(flows) == 0:
             return
         if self._scored != (scores is not None):
             raise ValueError("scores must be given exactly when the writer is scored")
-        ident = identity_columns(flows.records)
-        columns = [ident[k] for k in ID_FIELDS]
-        if scores is not None:
-            top = [
-                ";".join(f"{name}={value:.3g}" for name, value in row)
-                for row in scores.top_features(3)
-            ]
-            columns += [
-                [f"{v:.6g}" for v in scores.score.tolist()],
-                [f"{v:.6g}" for v in scores.tail_probability.tolist()],
-                top,
-            ]
-        names = (*ID_FIELDS, *SCORE_FIELDS) if scores is not None else ID_FIELDS
-        id_rows = zip(*columns)
-        feats = flows.features.tolist()
-        if self._fmt == "csv":
-            # No identity or score field can hold a comma or a quote (numbers, addresses,
-            # base64, timestamps, names), so rows are joined directly; '%.9g' round-trips
-            # float32.
-            self._out.writelines(
-                ",".join("" if v is None else str(v) for v in ids)
-                + ","
-                + (self._float_row % tuple(f)).replace("nan", "")
-                + "\n"
-                for ids, f in zip(id_rows, feats)
-            )
+        if self._parquet is not None:
+            self._parquet.write(flows, scores)
         else:
-            for ids, f in zip(id_rows, feats):
-                row = dict(zip(names, ids))
-                if scores is not None:
-                    row["score"], row["tail_probability"] = float(ids[-3]), float(ids[-2])
-                values = (None if math.isnan(x) else x for x in f)
-                row["features"] = dict(zip(FEATURE_NAMES, values))
-                self._out.write(json.dumps(row, separators=(",", ":")) + "\n")
+            rows = format_rows if self._fmt == "csv" else format_json_rows
+            for lo in range(0, len(flows), ROW_CHUNK):
+                part = slice(lo, lo + ROW_CHUNK)
+                self._out.write(rows(flows.records.take(part), flows.features[part], scores, part))
         self.rows += len(flows)
+
+    def close(self) -> None:
+        """Finish the file (Parquet's footer); a text stream is left to its owner."""
+        if self._parquet is not None:
+            self._parquet.close()
+
+    def append(self, part: Path, rows: int) -> None:
+        """Add the rows of a part another writer of the same format wrote (without a
+        header): text is copied, a Parquet part's row groups are written again."""
+        if self._parquet is not None:
+            self._parquet.append(part)
+        else:
+            with part.open(newline="") as handle:
+                while chunk := handle.read(1 << 20):
+                    self._out.write(chunk)
+        self.rows += rows
+
+
+def identity_text(flows: FlowRecords, null: bytes) -> dict[str, tf.Text]:
+    """The identity fields as text columns (``null`` for a port the protocol has not)."""
+    n = len(flows)
+    no_ports = ~np.isin(flows["proto"], (6, 17, 132))
+    protos, proto_codes = np.unique(flows["proto"], return_inverse=True)
+    ver = flows["ip_version"]
+    return {
+        "flow_id": tf.integers(flows["seq"]),
+        "community_id": tf.fixed_width(flow_community_ids(flows), 30),
+        "start": iso_text(flows["first_ns"]),
+        "end": iso_text(flows["last_ns"]),
+        "src_ip": tf.strings(*ip_codes(ver, flows["src_hi"], flows["src_lo"])),
+        "src_port": tf.replace(tf.integers(flows["src_port"]), no_ports, null),
+        "dest_ip": tf.strings(*ip_codes(ver, flows["dst_hi"], flows["dst_lo"])),
+        "dest_port": tf.replace(tf.integers(flows["dst_port"]), no_ports, null),
+        "proto": tf.strings(
+            [PROTO_NAMES.get(p, str(p)) for p in protos.tolist()], proto_codes.reshape(-1)
+        ),
+        "ip_version": tf.integers(ver),
+        "pkts_toserver": tf.integers(flows["packets"][:, 0]),
+        "pkts_toclient": tf.integers(flows["packets"][:, 1]),
+        "bytes_toserver": tf.integers(flows["bytes"][:, 0]),
+        "bytes_toclient": tf.integers(flows["bytes"][:, 1]),
+        "end_reason": tf.strings(END_REASONS, flows["end_reason"].astype(np.intp)),
+        "schema_hash": tf.strings([SCHEMA_HASH], np.zeros(n, dtype=np.intp)),
+    }
+
+
+def iso_text(ns: np.ndarray) -> tf.Text:
+    """iso_times as a text column: each distinct second formatted once, microseconds by
+    arithmetic."""
+    seconds, micros = np.divmod(ns // 1000, 1_000_000)
+    uniq, inverse = np.unique(seconds, return_inverse=True)
+    stamps, _ = tf.strings([_second(t) for t in uniq.tolist()])
+    chars = np.empty((len(ns), 31), dtype=np.uint8)
+    chars[:, :19] = stamps[inverse.reshape(-1), :19]
+    chars[:, 19] = ord(".")
+    digits, _ = tf.integers(micros + 1_000_000)  # a leading 1 keeps the zeros
+    chars[:, 20:26] = digits[:, 1:7]
+    chars[:, 26:] = np.frombuffer(b"+0000", dtype=np.uint8)
+    return chars, np.full(len(ns), 31, dtype=np.int64)
+
+
+def _score_texts(scores: Scores, part: slice, json_numbers: bool) -> list[tf.Text]:
+    """Score, tail probability and top features of the rows ``part`` (Python per row: these
+    columns exist only when a model scored the flows, whose cost is far larger)."""
+    score = [f"{v:.6g}" for v in scores.score[part].tolist()]
+    tail = [f"{v:.6g}" for v in scores.tail_probability[part].tolist()]
+    if json_numbers:
+        score, tail = ([_json_number(float(v)) for v in col] for col in (score, tail))
+    sub = Scores(*(getattr(scores, f.name)[part] for f in dataclasses.fields(Scores)))
+    top = [";".join(f"{name}={value:.3g}" for name, value in row) for row in sub.top_features(3)]
+    return [tf.strings(score), tf.strings(tail), tf.strings(top)]
+
+
+def _json_number(x: float) -> str:
+    if math.isnan(x):
+        return "NaN"
+    if math.isinf(x):
+        return "Infinity" if x > 0 else "-Infinity"
+    return repr(x)
+
+
+def format_rows(
+    flows: FlowRecords, features: np.ndarray, scores: Scores | None, part: slice
+) -> str:
+    """CSV rows: the identity, the scores of the rows ``part`` if any, then the features
+    ('%.9g', which round-trips float32; NaN empty). No field can hold a comma or a quote."""
+    ident = identity_text(flows, b"")
+    columns = [ident[k] for k in ID_FIELDS]
+    if scores is not None:
+        columns += _score_texts(scores, part, json_numbers=False)
+    parts: list = []
+    for i, column in enumerate(columns):
+        parts += [column] if i == 0 else [b",", column]
+    chars, lens = tf.g9(features, nan=b"")
+    k = features.shape[1]
+    parts.append(tf.Block([b","] * k, chars.reshape(-1, k, tf.SLOT), lens.reshape(-1, k)))
+    parts.append(b"\n")
+    return tf.assemble(len(flows), parts).decode("ascii")
+
+
+def format_json_rows(
+    flows: FlowRecords, features: np.ndarray, scores: Scores | None, part: slice
+) -> str:
+    """JSON lines: the identity fields, the scores if any, and ``features`` as an object of
+    numbers ('%.9g', as the flow log writes them; NaN is null)."""
+    ident = identity_text(flows, b"null")
+    named = [(k, ident[k]) for k in ID_FIELDS]
+    if scores is not None:
+        named += list(zip(SCORE_FIELDS, _score_texts(scores, part, json_numbers=True)))
+    parts: list = []
+    text = "{"
+    for name, column in named:
+        quote = '"' if name in _QUOTED or name in ("schema_hash", "top_features") else ""
+        parts += [f'{text}"{name}":{quote}'.encode(), column]
+        text = f"{quote},"
+    chars, lens = tf.g9(features, nan=b"null", inf=b"Infinity")
+    k = features.shape[1]
+    prefixes = [
+        f'{"{" if i == 0 else ","}"{name}":'.encode() for i, name in enumerate(FEATURE_NAMES)
+    ]
+    parts.append(f'{text}"features":'.encode())
+    parts.append(tf.Block(prefixes, chars.reshape(-1, k, tf.SLOT), lens.reshape(-1, k)))
+    parts.append(b"}}\n")
+    return tf.assemble(len(flows), parts).decode("ascii")
 
 
 @dataclass(frozen=True)
@@ -193,6 +304,10 @@ def read_stored_flows(path: str | Path) -> StoredFlows:
     """A table written by FlowWriter: its features and the span of its flows' times (the
     writer's timestamps have one width and one zone, so text order is time order)."""
     path = Path(path)
+    if path.suffix == ".parquet":
+        from .flowparquet import read_parquet_flows
+
+        return read_parquet_flows(path)
     rows: list[list[float]] = []
     starts: list[str] = []
     ends: list[str] = []

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from quietwire.agent.capture import CaptureError, read_capture
 from quietwire.agent.context import ContextConfig
 from quietwire.agent.features import SCHEMA, SCHEMA_HASH, SCHEMA_NAME, SCHEMA_VERSION
+from quietwire.agent.filepool import default_workers, ordered_map
 from quietwire.agent.flowfile import FORMATS, FlowWriter
 from quietwire.agent.flows import FlowConfig
 from quietwire.agent.meter import FlowMeter
@@ -29,14 +32,14 @@ def cmd_flows(args: argparse.Namespace) -> int:
     except ValueError as exc:
         error(str(exc))
         return 2
-    fmt = args.format or ("jsonl" if args.output and args.output.suffix == ".jsonl" else "csv")
-    out = sys.stdout
-    if args.output:
-        try:
-            out = args.output.open("w", newline="")
-        except OSError as exc:
-            error(f"{args.output}: cannot write: {exc.strerror}")
-            return 2
+    suffix = args.output.suffix if args.output else ""
+    fmt = args.format or {".jsonl": "jsonl", ".parquet": "parquet"}.get(suffix, "csv")
+    if args.workers < 1:
+        error(f"--workers: expected at least 1, got {args.workers}")
+        return 2
+    if fmt == "parquet" and not args.output:
+        error("Parquet output needs a file: -o FILE.parquet")
+        return 2
     model = None
     if args.score or args.model:
         try:
@@ -44,41 +47,28 @@ def cmd_flows(args: argparse.Namespace) -> int:
         except ModelError as exc:
             error(str(exc))
             return 2
-    progress = Progress(sys.stderr.isatty() and not args.quiet)
-    writer = FlowWriter(out, fmt, scored=model is not None)
-    alerts = 0
-    failed = False
-    started = time.perf_counter()
-    packets = flows = 0
-    for path in args.files:
-        meter = FlowMeter(flow_config, context_config)
-        total = path.stat().st_size if path.exists() else 0
-
-        def on_progress(done: int, path=path, total=total, meter=meter) -> None:
-            progress.update(str(path), done, total, meter.stats.decode.packets)
-
+    out = sys.stdout
+    if args.output and fmt != "parquet":
         try:
-            for batch in read_capture(path, on_progress=on_progress):
-                alerts += _write(writer, meter.add(batch), model, args.fpr)
-        except CaptureError as exc:
-            progress.done()
-            error(str(exc))
-            failed = True
-        # What was decoded before any damage is still written.
-        for part in meter.drain():
-            alerts += _write(writer, part, model, args.fpr)
-        progress.done()
-        st = meter.stats
-        packets += st.decode.packets
-        flows += st.flows_ended
-        if not args.quiet:
-            errors = ", ".join(f"{k} {v}" for k, v in sorted(st.decode.errors.items()) if v)
-            print(
-                f"{path}: {st.decode.packets} packets, {st.flows_ended} flows"
-                + (f" (+{st.interim_records} interim records)" if st.interim_records else "")
-                + (f", skipped: {errors}" if errors else ""),
-                file=sys.stderr,
-            )
+            out = args.output.open("w", newline="")
+        except OSError as exc:
+            error(f"{args.output}: cannot write: {exc.strerror}")
+            return 2
+    writer = FlowWriter(args.output if fmt == "parquet" else out, fmt, scored=model is not None)
+    job = _Job(fmt, flow_config, context_config, model.path if model else None, args.fpr)
+    started = time.perf_counter()
+    if args.workers == 1 or len(args.files) < 2:
+        results = _in_process(args, job, writer, model)
+    else:
+        results = _in_workers(args, job, writer)
+    failed = False
+    packets = flows = alerts = 0
+    for r in results:
+        failed |= r.error is not None
+        packets += r.packets
+        flows += r.flows
+        alerts += r.alerts
+    writer.close()
     if out is not sys.stdout:
         out.close()
     elapsed = time.perf_counter() - started
@@ -96,6 +86,116 @@ def cmd_flows(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 1 if failed else 0
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every file is metered and written with (sent to worker processes)."""
+
+    fmt: str
+    flow_config: FlowConfig
+    context_config: ContextConfig
+    model: Path | None
+    fpr: float
+
+
+@dataclass
+class _FileResult:
+    path: Path
+    packets: int = 0
+    flows: int = 0
+    interim: int = 0
+    errors: dict = field(default_factory=dict)
+    alerts: int = 0
+    rows: int = 0
+    error: str | None = None  # the capture's damage (the flows before it are written)
+    part: Path | None = None  # a worker's output, to append
+
+
+def _meter_file(path: Path, job: _Job, writer: FlowWriter, model, on_progress=None):
+    """Meter one capture on its own and write its flows; its account."""
+    meter = FlowMeter(job.flow_config, job.context_config)
+    result = _FileResult(path)
+    try:
+        for batch in read_capture(path, on_progress=on_progress and on_progress(meter)):
+            result.alerts += _write(writer, meter.add(batch), model, job.fpr)
+    except CaptureError as exc:
+        result.error = str(exc)
+    # What was decoded before any damage is still written.
+    for part in meter.drain():
+        result.alerts += _write(writer, part, model, job.fpr)
+    st = meter.stats
+    result.packets, result.flows = st.decode.packets, st.flows_ended
+    result.interim, result.errors = st.interim_records, dict(st.decode.errors)
+    result.rows = writer.rows
+    return result
+
+
+def _in_process(args, job: _Job, writer: FlowWriter, model):
+    progress = Progress(sys.stderr.isatty() and not args.quiet)
+    for path in args.files:
+        total = path.stat().st_size if path.exists() else 0
+
+        def on_progress(meter, path=path, total=total):
+            return lambda done: progress.update(str(path), done, total, meter.stats.decode.packets)
+
+        result = _meter_file(path, job, writer, model, on_progress)
+        progress.done()
+        _report(args, result)
+        yield result
+
+
+_MODELS: dict = {}  # a worker process's loaded models
+
+
+def _worker(task: tuple[Path, Path, _Job]) -> _FileResult:
+    """In a worker process: meter one file into a part file of the output format."""
+    path, part, job = task
+    model = None
+    if job.model is not None:
+        model = _MODELS.get(job.model) or _MODELS.setdefault(job.model, ScoringModel(job.model))
+    if job.fmt == "parquet":
+        writer = FlowWriter(part, job.fmt, scored=model is not None)
+        result = _meter_file(path, job, writer, model)
+        writer.close()
+    else:
+        with part.open("w", newline="") as out:
+            writer = FlowWriter(out, job.fmt, scored=model is not None, header=False)
+            result = _meter_file(path, job, writer, model)
+    result.part = part
+    return result
+
+
+def _in_workers(args, job: _Job, writer: FlowWriter):
+    where = args.output.parent if args.output else None
+    with tempfile.TemporaryDirectory(prefix="quietwire-flows-", dir=where) as tmp:
+        tasks = [
+            (path, Path(tmp) / f"part-{i}.{job.fmt}", job) for i, path in enumerate(args.files)
+        ]
+        for (path, _, _), future in zip(tasks, ordered_map(_worker, tasks, args.workers)):
+            try:
+                result = future.result()
+            except Exception as exc:  # the worker's own failure: name the file, go on
+                result = _FileResult(path, error=f"{path}: {type(exc).__name__}: {exc}")
+            if result.part is not None:
+                writer.append(result.part, result.rows)
+                result.part.unlink()
+            _report(args, result)
+            yield result
+
+
+def _report(args, r: _FileResult) -> None:
+    if r.error:
+        error(r.error)
+    if args.quiet:
+        return
+    errors = ", ".join(f"{k} {v}" for k, v in sorted(r.errors.items()) if v)
+    print(
+        f"{r.path}: {r.packets} packets, {r.flows} flows"
+        + (f" (+{r.interim} interim records)" if r.interim else "")
+        + (f", skipped: {errors}" if errors else ""),
+        file=sys.stderr,
+    )
 
 
 def _write(writer: FlowWriter, flows, model, fpr: float) -> int:
@@ -124,7 +224,8 @@ def register(sub) -> None:
         "flows",
         help="extract bidirectional flows and their features from captures",
         description="Read pcap/pcapng files and write one row per flow: identity (EVE/conn.log "
-        "field names) and every feature of the schema. Each file is metered on its own.",
+        "field names) and every feature of the schema. Each file is metered on its own "
+        "(with --workers, in parallel processes; the rows still come in input order).",
     )
     flows.add_argument(
         "files",
@@ -138,7 +239,17 @@ def register(sub) -> None:
         "-f",
         "--format",
         choices=FORMATS,
-        help="csv or jsonl (default: from the output suffix, else csv)",
+        help="csv, jsonl or parquet (default: from the output suffix, else csv); parquet "
+        "needs pyarrow: pip install 'quietwire[parquet]'",
+    )
+    flows.add_argument(
+        "-w",
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help=f"meter up to N files at once in worker processes (1; this machine: "
+        f"{default_workers()} cores); output and results as with 1",
     )
     flows.add_argument(
         "--idle-timeout",
