@@ -98,7 +98,8 @@ class LiveCapture:
         s.bind((self.interface, ETH_P_ALL))
         if self.fanout_group is not None:
             mode = PACKET_FANOUT_HASH | PACKET_FANOUT_FLAG_DEFRAG
-            s.setsockopt(SOL_PACKET, PACKET_FANOUT, (self.fanout_group & 0xFFFF) | mode << 16)
+            arg = (self.fanout_group & 0xFFFF) | mode << 16
+            s.setsockopt(SOL_PACKET, PACKET_FANOUT, struct.pack("=I", arg))
             if bpf_filter:
                 self._attach_filter(bpf_filter)
             else:

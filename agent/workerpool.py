@@ -89,6 +89,7 @@ class WorkerPool:
         self.restarts = 0
         self._drops: dict[tuple, int] = {}
         self._finished_cpu: dict[int, float] = {}
+        self._finished_packets: dict[int, int] = {}
         self._started_cpu = time.process_time()
         self._dead_since: dict[int, float] = {}
         try:
@@ -159,8 +160,10 @@ class WorkerPool:
         """A worker's pipe closed: finished if it said done everywhere, else it died."""
         w.conn.close()
         w.process.join(timeout=5)
-        self._finished_cpu[w.index] = self._finished_cpu.get(w.index, 0.0) + (
-            (w.totals or {}).get("cpu_s", 0.0)
+        totals = w.totals or {}
+        self._finished_cpu[w.index] = self._finished_cpu.get(w.index, 0.0) + totals.get("cpu_s", 0)
+        self._finished_packets[w.index] = self._finished_packets.get(w.index, 0) + totals.get(
+            "packets", 0
         )
         self.workers[w.index] = None
         if len(w.done) == len(self.central):
@@ -237,14 +240,18 @@ class WorkerPool:
         return sum(self._drops.values())
 
     def cpu_line(self) -> str:
-        """CPU seconds of each role: the workers (all lifetimes of each) and the central stage."""
-        cpu = dict(self._finished_cpu)
+        """Packets and CPU seconds of each role: each worker (all its lifetimes) and the
+        central stage (this process, since the pool started)."""
+        cpu, packets = dict(self._finished_cpu), dict(self._finished_packets)
         for w in self.workers:
             if w is not None:
                 cpu[w.index] = cpu.get(w.index, 0.0) + (w.totals or {}).get("cpu_s", 0.0)
+                packets[w.index] = packets.get(w.index, 0) + (w.totals or {}).get("packets", 0)
         central = time.process_time() - self._started_cpu
-        parts = ", ".join(f"worker {i} {s:.2f}" for i, s in sorted(cpu.items()))
-        return f"CPU seconds: {parts}, central stage {central:.2f}; {self.restarts} restarts"
+        parts = ", ".join(
+            f"worker {i} {packets.get(i, 0)} packets {s:.2f} CPU s" for i, s in sorted(cpu.items())
+        )
+        return f"{parts}, central stage {central:.2f} CPU s; {self.restarts} worker restarts"
 
     def close(self) -> None:
         for w in self.workers:
