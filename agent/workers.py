@@ -269,10 +269,12 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
         ready = tables[src.interface].idle(-NEVER if files else time.time_ns() - RING_LAG_NS)
         send_report(conn, {"kind": "ready", "interface": src.interface, "pid": os.getpid()}, ready)
     last_tick = time.monotonic()
+    caught_up = dict.fromkeys(tables, True)  # the last read found the ring empty
     try:
         while not state["stop"]:
             for src in sources:
                 batch = src.read(timeout_s=0.1 / len(sources))
+                caught_up[src.interface] = not len(batch)
                 if len(batch):
                     report = tables[src.interface].add(batch, src if files else None)
                     send_report(conn, {"kind": "report", "interface": src.interface}, report)
@@ -280,13 +282,18 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
                 break
             if not files and time.monotonic() - last_tick >= TICK_S:
                 last_tick = time.monotonic()
-                now = time.time_ns()
                 for src in sources:
                     _, drops = src.statistics()
                     table = tables[src.interface]
                     table.kernel_drops += drops
-                    mark = max(now - RING_LAG_NS, table.table.now_ns or -NEVER)
-                    report = table.expire(now, mark)
+                    if not caught_up[src.interface]:
+                        # packets still wait in the ring: time is theirs, and add() expires
+                        # by it; the clock would end flows whose next packets are queued
+                        report = table.idle(table.table.now_ns or -NEVER)
+                    else:
+                        now = time.time_ns()
+                        mark = max(now - RING_LAG_NS, table.table.now_ns or -NEVER)
+                        report = table.expire(now, mark)
                     send_report(conn, {"kind": "report", "interface": src.interface}, report)
         for src in sources:  # drain: what the ring still holds, then every open flow
             table = tables[src.interface]
