@@ -1,0 +1,682 @@
+"""Synthetic benign flows: a mixed-type diffusion model of the feature vector, apart from the
+detector (TabDDPM, Kotelnikov et al., ICML 2023, with categories as one-hot Gaussians).
+
+The detector's network is trained for detection (log / robust scaling clipped at +-20, missing
+values as continuous indicators); as a generator it is told apart from real flows at once
+(README, "Synthetic flows"). This model is its own network, written to its own ONNX file
+(``model.gen.onnx`` beside ``model.onnx``), so the scorer does not change:
+
+- **What is modelled** ("free" columns): counts, sizes and times through a quantile transform
+  to a standard normal (tables of 512 normal scores and values per column, stored in the
+  file); the protocol (TCP/UDP/ICMP/other), the port class (< 1024 / registered / dynamic),
+  flags and integer columns with at most ``MAX_CATEGORIES`` values as categories, one-hot at
+  +-1. Gaussian diffusion over both, categories decoded by argmax (one network, one graph; a
+  categorical's argmax needs no multinomial sampler).
+- **What is computed**: everything the schema defines from other features (bidirectional
+  sums, the combined length statistics, means as bytes / packets, bytes as header + payload,
+  ratios, rates, protocol and port flags, tcp_answered / tcp_reset) and every missing value:
+  NaN exactly where agent/features.py says a feature does not apply, from the generated
+  protocol and counts. A decoded value that breaks a rule the model has no column for (a
+  minimum above the mean, a flag count above the packets) is moved to the nearest valid value
+  by ``assemble``; the rows it changes are counted (``last_repairs``).
+
+The denoiser's graph takes x_t [N, D] and t [N] (float steps) and returns the predicted noise;
+the DDPM ancestral sampler runs in numpy around it (onnxruntime, no torch).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from quietwire.agent.features import FEATURE_NAMES, SCHEMA, SCHEMA_HASH
+from quietwire.agent.payload import DIRECTION_STATS, HTTP_STATS
+
+from .detector import TrainingError
+
+DIRECTIONS = ("src2dst", "dst2src")
+FLAGS = ("fin", "syn", "rst", "psh", "ack", "urg", "ece", "cwr")
+MAX_CATEGORIES = 16  # an integer column with at most this many values is a category
+QUANTILES = 512
+PROTOS = ("tcp", "udp", "icmp", "other")
+PORT_CLASSES = ("well_known", "registered", "dynamic")
+INTEGER_UNITS = {"packets", "bytes", "count", "hops", "flows", "hosts", "ports"}
+_J = {name: j for j, name in enumerate(FEATURE_NAMES)}
+_UNIT = {f.name: f.unit for f in SCHEMA}
+
+# Features the schema defines from others: computed, never modelled.
+DERIVED = frozenset(
+    [f"{d}_{s}" for d in DIRECTIONS for s in ("pkt_len_mean", "bytes", "header_bytes")]
+    + [f"{d}_payload_ratio" for d in DIRECTIONS]
+    + [f"bidirectional_{s}" for s in ("packets", "bytes")]
+    + [f"bidirectional_pkt_len_{s}" for s in ("min", "mean", "std", "max")]
+    + ["dst2src_src2dst_bytes_ratio", "packets_per_s", "bytes_per_s"]
+    + ["proto_tcp", "proto_udp", "proto_icmp", "dst_port_well_known", "dst_port_registered"]
+    + ["tcp_answered", "tcp_reset"]
+)
+# Modelled in place of some derived ones.
+EXTRA = ("proto", "port_class", "src2dst_header_per_packet", "dst2src_header_per_packet")
+
+
+class GeneratorError(TrainingError):
+    """A generator cannot be fitted or read (too few flows, another schema, a bad file)."""
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    width: int = 256
+    depth: int = 3
+    time_dim: int = 64
+    steps: int = 200  # diffusion steps (cosine schedule)
+    train_steps: int = 4000
+    batch_size: int = 256
+    lr: float = 2e-3
+    seed: int = 0
+
+
+def cosine_betas(steps: int) -> np.ndarray:
+    """Nichol & Dhariwal's cosine schedule (betas capped at 0.999)."""
+    s = 0.008
+    t = np.arange(steps + 1, dtype=np.float64) / steps
+    abar = np.cos((t + s) / (1 + s) * np.pi / 2) ** 2
+    return np.clip(1 - abar[1:] / abar[:-1], 0, 0.999)
+
+
+def free_columns(x: np.ndarray) -> dict[str, np.ndarray]:
+    """The modelled columns of raw features (n, F): every feature not in DERIVED, and EXTRA."""
+    x = np.asarray(x, dtype=np.float64)
+    c = {name: x[:, j] for name, j in _J.items() if name not in DERIVED}
+    proto = np.full(len(x), 3.0)
+    for k, name in enumerate(("proto_tcp", "proto_udp", "proto_icmp")):
+        proto = np.where(x[:, _J[name]] == 1, k, proto)
+    c["proto"] = proto
+    wk, reg = x[:, _J["dst_port_well_known"]], x[:, _J["dst_port_registered"]]
+    c["port_class"] = np.where(np.isnan(wk), np.nan, np.where(wk == 1, 0, np.where(reg == 1, 1, 2)))
+    for d in DIRECTIONS:
+        p = x[:, _J[f"{d}_packets"]]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            c[f"{d}_header_per_packet"] = np.where(p > 0, x[:, _J[f"{d}_header_bytes"]] / p, np.nan)
+    return c
+
+
+def _categorical(name: str, present: np.ndarray) -> bool:
+    if name in ("proto", "port_class") or _UNIT.get(name) == "bool":
+        return True
+    return _UNIT.get(name) in INTEGER_UNITS and len(np.unique(present)) <= MAX_CATEGORIES
+
+
+@dataclass
+class Encoding:
+    """Fitted column encodings: numeric columns as quantile tables (normal score -> value),
+    categorical ones as their values (one-hot at +-1; a missing value has no hot entry)."""
+
+    numeric: list[str]
+    scores: np.ndarray  # (Q,) normal scores of the table's quantile levels
+    tables: np.ndarray  # (len(numeric), Q) values at those levels
+    categorical: list[str]
+    values: list[np.ndarray]  # each categorical column's values, sorted
+
+    @property
+    def width(self) -> int:
+        return len(self.numeric) + sum(len(v) for v in self.values)
+
+    @staticmethod
+    def fit(free: dict[str, np.ndarray]) -> Encoding:
+        levels = (np.arange(QUANTILES) + 0.5) / QUANTILES
+        scores = _normal_quantile(levels)
+        numeric, tables, categorical, values = [], [], [], []
+        for name, v in free.items():
+            present = v[~np.isnan(v)]
+            if len(present) == 0:
+                present = np.zeros(1)
+            if _categorical(name, present):
+                categorical.append(name)
+                values.append(np.unique(present))
+            else:
+                numeric.append(name)
+                tables.append(np.quantile(present, levels))
+        return Encoding(
+            numeric, scores, np.array(tables).reshape(-1, QUANTILES), categorical, values
+        )
+
+    def encode(self, free: dict[str, np.ndarray]) -> np.ndarray:
+        """(n, width) float32: normal scores (0 where missing), then one-hot blocks at +-1."""
+        n = len(next(iter(free.values())))
+        parts = []
+        for name, table in zip(self.numeric, self.tables):
+            v = free[name]
+            # midpoint of the table's span of v (ties map to the middle of their quantiles)
+            up = np.interp(v, table, self.scores)
+            down = -np.interp(-v, -table[::-1], -self.scores[::-1])
+            parts.append(np.where(np.isnan(v), 0.0, (up + down) / 2)[:, None])
+        for name, vals in zip(self.categorical, self.values):
+            v = free[name]
+            hot = -np.ones((n, len(vals)))
+            idx = np.searchsorted(vals, np.nan_to_num(v, nan=vals[0]))
+            idx = np.clip(idx, 0, len(vals) - 1)
+            ok = ~np.isnan(v) & (vals[idx] == v)
+            hot[np.flatnonzero(ok), idx[ok]] = 1.0
+            parts.append(hot)
+        return np.concatenate(parts, axis=1).astype(np.float32)
+
+    def decode(self, z: np.ndarray) -> dict[str, np.ndarray]:
+        """Model space back to free columns: inverse quantile transform, argmax per category."""
+        out: dict[str, np.ndarray] = {}
+        for k, (name, table) in enumerate(zip(self.numeric, self.tables)):
+            out[name] = np.interp(z[:, k], self.scores, table)
+        pos = len(self.numeric)
+        for name, vals in zip(self.categorical, self.values):
+            out[name] = vals[np.argmax(z[:, pos : pos + len(vals)], axis=1)]
+            pos += len(vals)
+        return out
+
+    def clip_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Where clean model inputs can lie (the sampler clips predicted clean inputs)."""
+        hi = np.ones(self.width, np.float32)
+        hi[: len(self.numeric)] = self.scores[-1]
+        return -hi, hi
+
+
+def _normal_quantile(p: np.ndarray) -> np.ndarray:
+    import torch
+
+    return torch.special.ndtri(torch.from_numpy(np.asarray(p, np.float64))).numpy()
+
+
+# ---- the schema's rules: computing what is defined, repairing what is not ----------------------
+
+
+def assemble(free: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, int]]:
+    """Raw features (n, F) float32 from decoded free columns, and the rows each repair step
+    changed. Every row of the result satisfies fidelity.constraint_violations' rules."""
+    n = len(free["proto"])
+    c = {k: np.asarray(v, np.float64).copy() for k, v in free.items()}
+    repairs: dict[str, int] = {}
+
+    def fix(rule: str, bad: np.ndarray, col: str, value) -> None:
+        if bad.any():
+            repairs[rule] = repairs.get(rule, 0) + int(bad.sum())
+            c[col] = np.where(bad, value, c[col])
+
+    for name, v in c.items():
+        if _UNIT.get(name) in INTEGER_UNITS and not name.endswith(("_mean", "_std")):
+            c[name] = np.maximum(np.round(v), 0)
+    proto = c["proto"].astype(int)
+    tcp = proto == 0
+    ported = proto <= 1
+    fix("src2dst packets >= 1", ~(c["src2dst_packets"] >= 1), "src2dst_packets", 1)
+    for d in DIRECTIONS:
+        p = c[f"{d}_packets"]
+        fix("payload packets <= packets", c[f"{d}_payload_packets"] > p, f"{d}_payload_packets", p)
+        pp = c[f"{d}_payload_packets"]
+        fix(
+            "no payload packets, no payload",
+            (pp == 0) & (c[f"{d}_payload_bytes"] > 0),
+            f"{d}_payload_bytes",
+            0,
+        )
+        fix(
+            "payload packets carry payload",
+            (pp > 0) & (c[f"{d}_payload_bytes"] < pp),
+            f"{d}_payload_bytes",
+            pp,
+        )
+        header = np.round(np.nan_to_num(c[f"{d}_header_per_packet"], nan=40.0) * p)
+        c[f"{d}_header_bytes"] = header
+        c[f"{d}_bytes"] = header + c[f"{d}_payload_bytes"]
+        bytes_ = c[f"{d}_bytes"]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(p > 0, bytes_ / np.maximum(p, 1), np.nan)
+        c[f"{d}_pkt_len_mean"] = mean
+        _order_stats(c, f"{d}_pkt_len", p, mean, fix, integer=True, total=bytes_)
+        for flag in FLAGS:
+            name = f"{d}_{flag}_packets"
+            fix("flag counts <= packets", tcp & (c[name] > p), name, np.minimum(c[name], p))
+    total = c["src2dst_packets"] + c["dst2src_packets"]
+    fix("one packet, no duration", (total == 1) & (c["duration_s"] != 0), "duration_s", 0.0)
+    c["duration_s"] = np.maximum(c["duration_s"], 0)
+    for d in DIRECTIONS:
+        p = c[f"{d}_packets"]
+        _order_stats(c, f"{d}_iat", p - 1, c[f"{d}_iat_mean_s"], fix, suffix="_s")
+    _order_stats(c, "bidirectional_iat", total - 1, c["bidirectional_iat_mean_s"], fix, suffix="_s")
+    c["bidirectional_packets"] = total
+    c["bidirectional_bytes"] = c["src2dst_bytes"] + c["dst2src_bytes"]
+    _combined_lengths(c, total)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dur = c["duration_s"]
+        c["dst2src_src2dst_bytes_ratio"] = c["dst2src_bytes"] / c["src2dst_bytes"]
+        c["packets_per_s"] = np.where(dur > 0, total / dur, np.nan)
+        c["bytes_per_s"] = np.where(dur > 0, c["bidirectional_bytes"] / dur, np.nan)
+        for d in DIRECTIONS:
+            b = c[f"{d}_bytes"]
+            c[f"{d}_payload_ratio"] = np.where(b > 0, c[f"{d}_payload_bytes"] / b, np.nan)
+    for k, name in enumerate(("proto_tcp", "proto_udp", "proto_icmp")):
+        c[name] = (proto == k).astype(np.float64)
+    pc = c["port_class"]
+    c["dst_port_well_known"] = np.where(ported, pc == 0, np.nan)
+    c["dst_port_registered"] = np.where(ported, pc == 1, np.nan)
+    c["tcp_answered"] = (c["dst2src_syn_packets"] > 0).astype(np.float64)
+    c["tcp_reset"] = ((c["src2dst_rst_packets"] + c["dst2src_rst_packets"]) > 0).astype(float)
+    for a, b in (
+        ("src_host_distinct_dst_hosts", "src_host_flows"),
+        ("src_host_distinct_dst_ports", "src_host_flows"),
+        ("dst_host_distinct_src_hosts", "dst_host_flows"),
+    ):
+        fix("distinct peers <= flows", c[a] > c[b], a, c[b])
+    _missing(c, tcp, total)
+    out = np.empty((n, len(FEATURE_NAMES)), np.float32)
+    for j, name in enumerate(FEATURE_NAMES):
+        out[:, j] = c[name]
+    return out, repairs
+
+
+def _order_stats(c, prefix, count, mean, fix, integer=False, total=None, suffix="") -> None:
+    """min <= mean <= max and std within what min, max, mean and count allow; one value:
+    min = mean = max, std 0; two values: min and max fix the std (and, for lengths, the sum)."""
+    lo_n, sd_n, hi_n, mean_n = (f"{prefix}_{s}{suffix}" for s in ("min", "std", "max", "mean"))
+    lo, sd, hi = c[lo_n], np.maximum(c[sd_n], 0), c[hi_n]
+    if integer:
+        lo, hi = np.round(lo), np.round(hi)
+    one, two = count == 1, count == 2
+    m_lo = np.floor(mean) if integer else mean
+    m_hi = np.ceil(mean) if integer else mean
+    bad = (count >= 1) & ((lo > m_lo) | (hi < m_hi))
+    fix("min <= mean <= max", bad, lo_n, lo)  # counts the rows; the values follow
+    lo, hi = np.minimum(lo, m_lo), np.maximum(hi, m_hi)
+    lo = np.maximum(lo, 0)
+    if integer and total is not None:
+        hi2 = np.clip(hi, m_hi, total - np.maximum(lo, 0))  # two packets: the other one is lo
+        lo = np.where(two, total - hi2, lo)
+        hi = np.where(two, hi2, hi)
+        sd2 = (hi - lo) / 2
+    else:  # two gaps: their mean is the mean, min and max straddle it
+        half = np.minimum(mean - lo, hi - mean)
+        lo = np.where(two, mean - half, lo)
+        hi = np.where(two, mean + half, hi)
+        sd2 = half
+    lo = np.where(one, mean, lo)
+    hi = np.where(one, mean, hi)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        floor = np.sqrt(((hi - mean) ** 2 + (mean - lo) ** 2) / np.maximum(count, 1))
+    new_sd = np.clip(sd, np.minimum(floor, (hi - lo) / 2), (hi - lo) / 2)
+    new_sd = np.where(two, sd2, np.where(one, 0.0, new_sd))
+    fix("std within min, mean, max", (count >= 1) & ~np.isclose(new_sd, sd), sd_n, new_sd)
+    c[lo_n], c[hi_n], c[sd_n] = lo, hi, new_sd
+    if mean_n in c:
+        c[mean_n] = mean
+
+
+def _combined_lengths(c, total) -> None:
+    ps = [c[f"{d}_packets"] for d in DIRECTIONS]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lo = np.fmin(
+            *(np.where(p > 0, c[f"{d}_pkt_len_min"], np.nan) for d, p in zip(DIRECTIONS, ps))
+        )
+        hi = np.fmax(
+            *(np.where(p > 0, c[f"{d}_pkt_len_max"], np.nan) for d, p in zip(DIRECTIONS, ps))
+        )
+        mean = c["bidirectional_bytes"] / total
+        sumsq = sum(
+            np.where(p > 0, p * (c[f"{d}_pkt_len_std"] ** 2 + c[f"{d}_pkt_len_mean"] ** 2), 0.0)
+            for d, p in zip(DIRECTIONS, ps)
+        )
+        sd = np.sqrt(np.maximum(sumsq / total - mean**2, 0.0))
+    c["bidirectional_pkt_len_min"], c["bidirectional_pkt_len_max"] = lo, hi
+    c["bidirectional_pkt_len_mean"] = mean
+    c["bidirectional_pkt_len_std"] = np.where(total == 1, 0.0, np.minimum(sd, (hi - lo) / 2))
+
+
+def _missing(c, tcp, total) -> None:
+    """NaN exactly where agent/features.py says a feature does not apply."""
+
+    def na(names, where):
+        for name in names:
+            c[name] = np.where(where, np.nan, c[name])
+
+    for d in DIRECTIONS:
+        p = c[f"{d}_packets"]
+        na([f"{d}_pkt_len_{s}" for s in ("min", "mean", "std", "max")] + [f"{d}_ttl_min"], p == 0)
+        na([f"{d}_payload_ratio"], c[f"{d}_bytes"] == 0)
+        na([f"{d}_iat_{s}_s" for s in ("min", "mean", "std", "max")], p <= 1)
+        na([f"{d}_init_window"], ~tcp | (p == 0))
+        na([f"{d}_{f}_packets" for f in FLAGS], ~tcp)
+        na([f"{d}_payload_{s}" for s in DIRECTION_STATS], c[f"{d}_payload_packets"] == 0)
+    na([f"bidirectional_iat_{s}_s" for s in ("min", "mean", "std", "max")], total <= 1)
+    na(["tcp_answered", "tcp_reset"], ~tcp)
+    na(["http_request"], c["src2dst_payload_packets"] == 0)
+    na([n for n in HTTP_STATS if n != "http_request"], ~(c["http_request"] == 1))
+    na(["pair_gap_mean_s"], c["pair_prior_flows"] == 0)
+    na(["pair_gap_cv"], c["pair_prior_flows"] <= 1)
+
+
+# ---- the model -----------------------------------------------------------------------------
+
+
+class FlowGenerator:
+    """fit(X) on benign raw features; sample(n) synthetic ones; export / load as ONNX."""
+
+    def __init__(self, config: GeneratorConfig | None = None) -> None:
+        self.config = config or GeneratorConfig()
+        self.encoding: Encoding | None = None
+        self.denoiser = None  # torch module while fitted in this process
+        self._session = None  # onnxruntime session once loaded from a file
+        self.last_repairs: dict[str, int] = {}
+        self.last_rate = 0.0  # flows per second of the last sample()
+        self.fit_seconds = 0.0
+        self.final_loss = float("nan")
+
+    def fit(self, x: np.ndarray, progress: Callable[[str, int, int], None] | None = None):
+        import torch
+
+        from .diffusion import Denoiser
+
+        cfg = self.config
+        x = np.asarray(x, np.float32)
+        if x.ndim != 2 or x.shape[1] != len(FEATURE_NAMES) or len(x) < 20:
+            raise GeneratorError(f"need at least 20 flows of this schema to fit, got {x.shape}")
+        started = time.perf_counter()
+        self.encoding = Encoding.fit(free_columns(x))
+        data = torch.from_numpy(self.encoding.encode(free_columns(x)))
+        torch.manual_seed(cfg.seed)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        d = data.shape[1]
+        net = Denoiser(d, d, cfg.width, cfg.depth, cfg.time_dim, cfg.steps)
+        abar = torch.from_numpy(np.cumprod(1 - cosine_betas(cfg.steps))).float()
+        opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.train_steps)
+        net.train()
+        recent = []
+        for step in range(cfg.train_steps):
+            batch = data[torch.randint(0, len(data), (cfg.batch_size,), generator=gen)]
+            t = torch.randint(0, cfg.steps, (len(batch),), generator=gen)
+            noise = torch.randn(batch.shape, generator=gen)
+            a = abar[t].unsqueeze(1)
+            loss = ((net(a.sqrt() * batch + (1 - a).sqrt() * noise, t) - noise) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            recent.append(loss.item())
+            if progress and (step % 50 == 0 or step == cfg.train_steps - 1):
+                progress("generator", step + 1, cfg.train_steps)
+        net.eval()
+        self.denoiser = net
+        self.final_loss = float(np.mean(recent[-100:]))
+        self.fit_seconds = time.perf_counter() - started
+        return self
+
+    def _eps(self) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+        if self._session is not None:
+            sess = self._session
+            return lambda x, t: sess.run(["eps"], {"x_t": x, "t": t})[0]
+        if self.denoiser is None:
+            raise GeneratorError("the generator is not fitted")
+        import torch
+
+        def eps(x, t):
+            with torch.no_grad():
+                return self.denoiser(torch.from_numpy(x), torch.from_numpy(t)).numpy()
+
+        return eps
+
+    def sample_inputs(self, n: int, seed: int = 0) -> np.ndarray:
+        """DDPM ancestral sampling in model space, clean-input predictions clipped to where
+        encoded flows lie."""
+        eps = self._eps()
+        cfg = self.config
+        betas = cosine_betas(cfg.steps)
+        abar = np.cumprod(1 - betas)
+        abar_prev = np.r_[1.0, abar[:-1]]
+        rng = np.random.default_rng(seed)
+        lo, hi = self.encoding.clip_bounds()
+        x = rng.standard_normal((n, self.encoding.width)).astype(np.float32)
+        for t in range(cfg.steps - 1, -1, -1):
+            e = eps(x, np.full(n, t, np.float32))
+            x0 = np.clip((x - np.sqrt(1 - abar[t]) * e) / np.sqrt(abar[t]), lo, hi)
+            c0 = betas[t] * np.sqrt(abar_prev[t]) / (1 - abar[t])
+            ct = (1 - abar_prev[t]) * np.sqrt(1 - betas[t]) / (1 - abar[t])
+            x = c0 * x0 + ct * x
+            if t > 0:
+                var = betas[t] * (1 - abar_prev[t]) / (1 - abar[t])
+                x = x + np.sqrt(var) * rng.standard_normal(x.shape)
+            x = x.astype(np.float32)
+        return x0
+
+    def sample(self, n: int, seed: int = 0, batch: int = 4096) -> np.ndarray:
+        """n synthetic benign flows, (n, F) float32 raw features; ``last_repairs`` counts the
+        rows each repair step changed, ``last_rate`` the flows per second."""
+        if self.encoding is None:
+            raise GeneratorError("the generator is not fitted")
+        started = time.perf_counter()
+        parts, repairs = [], {}
+        for k, start in enumerate(range(0, n, batch)):
+            z = self.sample_inputs(min(batch, n - start), seed + k)
+            x, fixed = assemble(self.encoding.decode(z))
+            parts.append(x)
+            for rule, rows in fixed.items():
+                repairs[rule] = repairs.get(rule, 0) + rows
+        self.last_repairs = repairs
+        self.last_rate = n / max(time.perf_counter() - started, 1e-9)
+        return np.concatenate(parts) if parts else np.zeros((0, len(FEATURE_NAMES)), np.float32)
+
+    # ---- ONNX ------------------------------------------------------------------------------
+    def export(self, path: str | Path) -> Path:
+        """Write the denoiser graph (x_t, t -> eps; weights in float16) with the encoding's
+        tables as initializers and the column layout as metadata."""
+        import onnx
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save_model(_graph(self), str(path))
+        return path
+
+    @staticmethod
+    def load(path: str | Path) -> FlowGenerator:
+        import onnx
+        import onnxruntime as ort
+        from onnx import numpy_helper
+
+        try:
+            model = onnx.load(str(path))
+            meta = {p.key: p.value for p in model.metadata_props}
+            if meta.get("quietwire_generator") != "1":
+                raise GeneratorError(f"{path}: not a quietwire generator")
+            if meta.get("schema_hash") != SCHEMA_HASH:
+                raise GeneratorError(
+                    f"{path}: generator for feature schema {meta.get('schema_hash')!r}, this "
+                    f"quietwire's is {SCHEMA_HASH}"
+                )
+            layout = json.loads(meta["layout"])
+            inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+            gen = FlowGenerator(GeneratorConfig(**json.loads(meta["config"])))
+            gen.encoding = Encoding(
+                layout["numeric"],
+                inits["encoding/scores"].astype(np.float64),
+                inits["encoding/tables"].astype(np.float64).reshape(len(layout["numeric"]), -1),
+                layout["categorical"],
+                [np.array(v, np.float64) for v in layout["values"]],
+            )
+            options = ort.SessionOptions()
+            options.log_severity_level = 3  # the tables are initializers no node reads
+            options.intra_op_num_threads = 1
+            gen._session = ort.InferenceSession(
+                model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+            )
+        except GeneratorError:
+            raise
+        except Exception as exc:  # onnx / onnxruntime raise several types for a bad file
+            raise GeneratorError(f"{path}: cannot load generator ({str(exc)[:200]})") from exc
+        return gen
+
+
+def generator_path(model: str | Path) -> Path:
+    """Where the generator of a model file lives: model.onnx -> model.gen.onnx."""
+    model = Path(model)
+    return model.with_name(model.stem + ".gen.onnx")
+
+
+def _graph(gen: FlowGenerator):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quietwire import __version__
+
+    if gen.denoiser is None:
+        raise GeneratorError("the generator is not fitted")
+    net, cfg = gen.denoiser, gen.config
+    sd = {k: v.detach().numpy().astype(np.float32) for k, v in net.state_dict().items()}
+    nodes, inits, counter = [], [], [0]
+
+    def const(name, value, half=False):
+        arr = np.asarray(value)
+        if half:
+            inits.append(numpy_helper.from_array(arr.astype(np.float16), name + "_f16"))
+            return op("Cast", name + "_f16", to=TensorProto.FLOAT)
+        inits.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def op(kind, *inputs, **attrs):
+        counter[0] += 1
+        out = f"{kind.lower()}_{counter[0]}"
+        nodes.append(helper.make_node(kind, list(inputs), [out], **attrs))
+        return out
+
+    def linear(x, name):
+        w = const(f"gen/{name}.weight_t", sd[f"{name}.weight"].T.copy(), half=True)
+        return op("Add", op("MatMul", x, w), const(f"gen/{name}.bias", sd[f"{name}.bias"]))
+
+    def norm(x, name):
+        w = const(f"gen/{name}.weight", sd[f"{name}.weight"])
+        return op(
+            "LayerNormalization",
+            x,
+            w,
+            const(f"gen/{name}.bias", sd[f"{name}.bias"]),
+            axis=-1,
+            epsilon=1e-5,
+        )
+
+    def silu(x):
+        return op("Mul", x, op("Sigmoid", x))
+
+    half = cfg.time_dim // 2
+    freqs = np.exp(-np.log(10_000.0) * np.arange(half, dtype=np.float32) / half)
+    freqs = (freqs * (1000.0 / cfg.steps)).astype(np.float32).reshape(1, half)
+    angles = op(
+        "MatMul",
+        op("Unsqueeze", "t", const("gen/axis1", np.array([1], np.int64))),
+        const("gen/freqs", freqs),
+    )
+    emb = op("Concat", op("Sin", angles), op("Cos", angles), axis=1)
+    h = op("Add", linear("x_t", "inp"), linear(emb, "time"))
+    for i in range(cfg.depth):
+        p = f"blocks.{i}"
+        h = op("Add", h, linear(silu(linear(norm(h, f"{p}.norm"), f"{p}.fc1")), f"{p}.fc2"))
+    eps = linear(silu(norm(h, "norm")), "out")
+    nodes.append(helper.make_node("Identity", [eps], ["eps"]))
+    enc = gen.encoding
+    inits.append(numpy_helper.from_array(enc.scores.astype(np.float32), "encoding/scores"))
+    inits.append(numpy_helper.from_array(enc.tables.astype(np.float32), "encoding/tables"))
+    d = enc.width
+    graph = helper.make_graph(
+        nodes,
+        "quietwire_generator",
+        [
+            helper.make_tensor_value_info("x_t", TensorProto.FLOAT, ["N", d]),
+            helper.make_tensor_value_info("t", TensorProto.FLOAT, ["N"]),
+        ],
+        [helper.make_tensor_value_info("eps", TensorProto.FLOAT, ["N", d])],
+        inits,
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 18)],
+        producer_name="quietwire",
+        producer_version=__version__,
+    )
+    model.ir_version = 8
+    meta = {
+        "quietwire_generator": "1",
+        "quietwire_version": __version__,
+        "schema_hash": SCHEMA_HASH,
+        "config": json.dumps(cfg.__dict__),
+        "layout": json.dumps(
+            {
+                "numeric": enc.numeric,
+                "categorical": enc.categorical,
+                "values": [v.tolist() for v in enc.values],
+            }
+        ),
+        "training": json.dumps({"seconds": round(gen.fit_seconds, 2), "loss": gen.final_loss}),
+    }
+    for key, value in meta.items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+    onnx.checker.check_model(model)
+    return model
+
+
+# ---- a flow table without a real address ---------------------------------------------------
+
+CLIENT_NET, SERVER_NET = "192.0.2.", "198.51.100."  # RFC 5737 documentation ranges
+PROTO_TEXT = ("TCP", "UDP", "ICMP", "")
+PORT_RANGES = ((1, 1024), (1024, 49152), (49152, 65536))
+
+
+def write_flow_table(path: str | Path, features: np.ndarray, seed: int = 0) -> int:
+    """Synthetic flows as a `quietwire flows` CSV table. The identity is placeholder: clients in
+    192.0.2.0/24, servers in 198.51.100.0/24 (RFC 5737 documentation ranges), ports drawn in
+    the flow's port class, no times; the features are the generated ones. Returns rows."""
+    from quietwire.agent.flowfile import ID_FIELDS
+
+    x = np.asarray(features, np.float32)
+    n = len(x)
+    rng = np.random.default_rng(seed)
+    col = {name: x[:, j] for name, j in _J.items()}
+    proto = np.full(n, 3)
+    for k, name in enumerate(("proto_tcp", "proto_udp", "proto_icmp")):
+        proto = np.where(col[name] == 1, k, proto)
+    klass = np.where(
+        col["dst_port_well_known"] == 1, 0, np.where(col["dst_port_registered"] == 1, 1, 2)
+    )
+    dport = np.zeros(n, np.int64)
+    for k, (lo, hi) in enumerate(PORT_RANGES):
+        dport = np.where(klass == k, rng.integers(lo, hi, n), dport)
+    sport = rng.integers(49152, 65536, n)
+    ported = proto <= 1
+    client = rng.integers(1, 255, n)
+    server = rng.integers(1, 255, n)
+    counts = [
+        np.nan_to_num(col[name]).astype(np.int64)
+        for name in ("src2dst_packets", "dst2src_packets", "src2dst_bytes", "dst2src_bytes")
+    ]
+    ident = {
+        "flow_id": np.arange(n).astype(str),
+        "community_id": np.full(n, ""),
+        "start": np.full(n, ""),
+        "end": np.full(n, ""),
+        "src_ip": np.char.add(CLIENT_NET, client.astype(str)),
+        "src_port": np.where(ported, sport.astype(str), ""),
+        "dest_ip": np.char.add(SERVER_NET, server.astype(str)),
+        "dest_port": np.where(ported, dport.astype(str), ""),
+        "proto": np.array(PROTO_TEXT)[proto],
+        "ip_version": np.full(n, "4"),
+        "pkts_toserver": counts[0].astype(str),
+        "pkts_toclient": counts[1].astype(str),
+        "bytes_toserver": counts[2].astype(str),
+        "bytes_toclient": counts[3].astype(str),
+        "end_reason": np.full(n, "synthetic"),
+        "schema_hash": np.full(n, SCHEMA_HASH),
+    }
+    prefix = [",".join(row) for row in zip(*(ident[k].tolist() for k in ID_FIELDS))]
+    fmt = ",".join(["%.9g"] * len(FEATURE_NAMES))
+    with Path(path).open("w") as out:
+        out.write(",".join((*ID_FIELDS, *FEATURE_NAMES)) + "\n")
+        out.writelines(
+            p + "," + (fmt % tuple(f)).replace("nan", "") + "\n" for p, f in zip(prefix, x.tolist())
+        )
+    return n
