@@ -125,6 +125,40 @@ def test_workers_meter_what_one_meter_does(ndpi, name):
     assert sorted(ours["seq"][ended].tolist()) == list(range(ended.sum()))
 
 
+def test_one_merge_across_a_clock_jump(ndpi):
+    """Everything a worker reported merged at once (its watermark held back to the end):
+    1kxun.pcap's flows from 2016 and 2022 get their features in one call, as one meter gives
+    them batch by batch (the host windows pack times in 40 bits: about 12.7 days)."""
+    from quietwire.agent.central import CentralMeter
+    from quietwire.agent.flowrecords import NEVER
+
+    path = ndpi / "pcap" / "1kxun.pcap"
+    table, central = WorkerTable(), CentralMeter()
+    central.add_source("w")
+    for batch in read_capture(path, chunk_bytes=1 << 16):
+        central.receive("w", _held(table.add(batch)))
+    while len(table.table):
+        central.receive("w", _held(table.flush(1 << 16)))
+    central.receive("w", table.idle(NEVER))
+    ours = central.merge()
+    assert np.ptp(ours.records["last_ns"]) > 365 * 86400 * 10**9
+    meter = FlowMeter()
+    parts = [meter.add(b) for b in read_capture(path, chunk_bytes=1 << 16)]
+    ours_r, ours_f = _sorted([ours])
+    ref_r, ref_f = _sorted(parts + list(meter.drain()))
+    assert np.array_equal(ours_r["packets"], ref_r["packets"])
+    assert np.array_equal(ours_f, ref_f, equal_nan=True)
+    assert ours_f[:, FEATURE_NAMES.index("src_host_flows")].max() > 1
+
+
+def _held(report: WorkerReport) -> WorkerReport:
+    from dataclasses import replace
+
+    from quietwire.agent.flowrecords import NEVER
+
+    return replace(report, watermark_ns=-NEVER + 1, prune_ns=-NEVER + 1)
+
+
 def test_capture_workers_config(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("capture: {interfaces: [eth0], workers: 3}\n")
