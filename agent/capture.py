@@ -18,6 +18,12 @@ CHUNK_BYTES = 8 << 20
 PAD = 16  # zero bytes after each buffer's data (see PacketBatch.data)
 # No real capture has a packet this large; a bigger length means the file is damaged.
 MAX_RECORD_BYTES = 1 << 18
+# The pcap record walk (_walk_records): lanes of about this many records step in parallel;
+# a lane's first header is searched for in 4 mean records' bytes after its guessed offset.
+LANE_RECORDS = 64
+MAX_SYNC_BYTES = 2048
+VECTOR_WALK = True  # False: the plain walk only (bench_meter compares the two)
+VECTOR_WALK_BYTES = 1 << 20
 
 PCAP_MAGIC = {
     b"\xd4\xc3\xb2\xa1": ("<", 1_000),  # little-endian, microseconds
@@ -142,20 +148,11 @@ def _read_pcap(path: Path, handle, magic: bytes, chunk_bytes: int, on_progress):
         raise CaptureError(f"{path}: truncated pcap file header ({len(header)} of 24 bytes)")
     linktype = struct.unpack(order + "I", header[20:24])[0] & 0x0FFFFFFF
     caplen_at = struct.Struct(order + "I").unpack_from
+    fraction_limit = 1_000_000_000 // frac_to_ns  # microseconds or nanoseconds in a second
     chunks = _Chunks(path, handle, chunk_bytes, on_progress, file_pos=24)
     while True:
         buf, end = chunks.next()
-        starts: list[int] = []
-        append = starts.append
-        off = 0
-        # The hot loop: one header read per record. Past `end` the padding reads as a zero
-        # length, so a partial header also stops it.
-        while True:
-            nxt = off + 16 + caplen_at(buf, off + 8)[0]
-            if nxt > end:
-                break
-            append(off)
-            off = nxt
+        starts, off = _walk_records(buf, end, order, fraction_limit)
         yield from _pcap_batch(buf, starts, order, frac_to_ns, linktype)
         if off + 16 <= end and caplen_at(buf, off + 8)[0] > MAX_RECORD_BYTES:
             raise CaptureError(
@@ -166,13 +163,125 @@ def _read_pcap(path: Path, handle, magic: bytes, chunk_bytes: int, on_progress):
             return
 
 
-def _pcap_batch(buf: bytes, starts: list, order: str, frac_to_ns: int, linktype: int):
-    if not starts:
+def _walk_python(buf, end: int, off: int, stop: int, caplen_at) -> tuple[list[int], int, bool]:
+    """Record starts from ``off`` (a record's start) until one at or past ``stop`` or one that
+    does not fit in ``buf[:end]``; the offset reached, and whether a record did not fit."""
+    starts: list[int] = []
+    append = starts.append
+    # One header read per record. Past `end` the padding reads as a zero length, so a
+    # partial header also stops it.
+    while off < stop:
+        nxt = off + 16 + caplen_at(buf, off + 8)[0]
+        if nxt > end:
+            return starts, off, True
+        append(off)
+        off = nxt
+    return starts, off, False
+
+
+def _words(buf, order: str) -> np.ndarray:
+    """The buffer's 32-bit words in the file's byte order at every byte offset (a stride-1
+    view: a header can start anywhere)."""
+    return np.ndarray((len(buf) - 3,), dtype=order + "u4", buffer=buf, offset=0, strides=(1,))
+
+
+def _walk_records(buf, end: int, order: str, fraction_limit: int) -> tuple[np.ndarray, int]:
+    """The start of every record that fits wholly in ``buf[:end]`` (records from offset 0), and
+    the offset after the last of them: what one walk from header to header finds.
+
+    Each record's offset follows from the previous one's length, so the walk is split into
+    lanes that step in parallel, one numpy operation per step for all lanes: a lane starts at
+    a guessed offset where a plausible header begins (a time near the chunk's first record's,
+    a valid fraction, a sane length, and the header it points to plausible too). A guess is
+    only trusted when the lane before it lands exactly on it, which a true record start is
+    always landed on and a false one never; where none does, the plain walk covers the gap.
+    So the result is the walk's whatever the bytes (damage included).
+    """
+    caplen_at = struct.Struct(order + "I").unpack_from
+    if not VECTOR_WALK or end < VECTOR_WALK_BYTES:  # a small buffer: the lanes cost more
+        starts, off, _ = _walk_python(buf, end, 0, end, caplen_at)
+        return np.asarray(starts, dtype=np.int64), off
+    head, off, cut = _walk_python(buf, end, 0, min(end, 1 << 14), caplen_at)
+    if cut or off >= end or len(head) < 16:  # done, or large records: few to walk
+        rest, off, _ = _walk_python(buf, end, off, end, caplen_at)
+        return np.asarray(head + rest, dtype=np.int64), off
+    words = _words(buf, order)
+    mean_record = off // len(head)
+    sync_bytes = min(max(4 * mean_record, 128), MAX_SYNC_BYTES)
+    lane_bytes = max(LANE_RECORDS * mean_record, 4 * sync_bytes)
+    guesses = np.arange(off + lane_bytes, end - sync_bytes - 32, lane_bytes, dtype=np.int64)
+    synced = _sync(words, guesses, lane_bytes, sync_bytes, end, int(words[0]), fraction_limit)
+    lane_start = np.concatenate([[off], synced])
+    lane_limit = np.concatenate([synced, [end]])
+    # Every lane steps at once until it reaches the next lane's start (or a record that does
+    # not fit: the chunk's last, or damage); a row of offsets per step, -1 where a lane is done.
+    pos = lane_start.copy()
+    found = []
+    while True:
+        nxt = pos + 16 + words[pos + 8]
+        go = (pos < lane_limit) & (nxt <= end)
+        if not go.any():
+            break
+        found.append(np.where(go, pos, -1))
+        np.copyto(pos, nxt, where=go)
+    cut = (pos < lane_limit) & (nxt > end)
+    # Chain the lanes: each accepted one ends where the next accepted one starts.
+    accepted = np.zeros(len(pos), dtype=bool)
+    walked = [np.asarray(head, dtype=np.int64)]
+    starts, ends, cuts = lane_start.tolist(), pos.tolist(), cut.tolist()
+    at, lane = off, 0
+    while at < end:
+        while lane < len(starts) and starts[lane] < at:
+            lane += 1
+        if lane < len(starts) and starts[lane] == at:
+            accepted[lane] = True
+            at = ends[lane]
+            if cuts[lane]:
+                break
+            continue
+        stop = starts[lane] if lane < len(starts) else end
+        gap, at, stopped = _walk_python(buf, end, at, stop, caplen_at)
+        walked.append(np.asarray(gap, dtype=np.int64))
+        if stopped:
+            break
+    found_at = np.stack(found)[:, accepted].ravel()
+    walked.append(found_at[found_at >= 0])
+    return np.sort(np.concatenate(walked)), at
+
+
+def _sync(words, guesses, lane_bytes: int, width: int, end: int, seconds: int, fraction_limit):
+    """For each guessed offset, the first offset within ``width`` bytes after it where a plausible
+    record header begins (one that points to another plausible header, or to the end); guesses
+    with none are dropped. Ascending."""
+    if not len(guesses):
+        return guesses
+    window = np.lib.stride_tricks.as_strided(
+        words[guesses[0] :], shape=(len(guesses), width), strides=(lane_bytes, 1)
+    )
+    # A time within a day of the chunk's first record's: rare in packet bytes.
+    near = (window - np.uint32(max(seconds - 86_400, 0))) <= np.uint32(2 * 86_400)
+    lane, shift = np.nonzero(near)
+    cand = guesses[lane] + shift
+    nxt = cand + 16 + words[cand + 8]
+    ok = (words[cand + 4] < fraction_limit) & (words[cand + 8] <= MAX_RECORD_BYTES) & (nxt <= end)
+    ahead = np.minimum(nxt, end - 16)
+    ok &= (nxt == end) | (
+        (words[ahead + 4] < fraction_limit)
+        & (words[ahead + 8] <= MAX_RECORD_BYTES)
+        & ((words[ahead] - np.uint32(max(seconds - 86_400, 0))) <= np.uint32(2 * 86_400))
+    )
+    lane, cand = lane[ok], cand[ok]
+    first = np.ones(len(lane), dtype=bool)  # nonzero lists each lane's offsets in order
+    first[1:] = lane[1:] != lane[:-1]
+    return cand[first]
+
+
+def _pcap_batch(buf: bytes, starts, order: str, frac_to_ns: int, linktype: int):
+    if not len(starts):
         return
     data = np.frombuffer(buf, dtype=np.uint8)
     rec = np.asarray(starts, dtype=np.int64)
-    # Header words in the file's byte order, read through an unaligned (stride 1) view.
-    words = np.ndarray((len(buf) - 3,), dtype=order + "u4", buffer=buf, offset=0, strides=(1,))
+    words = _words(buf, order)  # header words, read through an unaligned view
     caplen = words[rec + 8].astype(np.int64)
     seconds, fraction = words[rec].astype(np.int64), words[rec + 4].astype(np.int64)
     ts_ns = seconds * 1_000_000_000 + fraction * frac_to_ns

@@ -1,11 +1,19 @@
 """Write a synthetic Ethernet/IPv4 pcap of N packets quickly (numpy, no per-packet Python).
 
-Flows are TCP sessions (handshake, data both ways, FIN close from both sides) and UDP
-exchanges between random hosts, interleaved in time at about 5,000 packets/s, so a capture of
-a million packets spans 200 s: longer than the idle timeout, which lets the flow table reach
-its steady state. Seeded, so a size always gives the same file.
+Two shapes, both seeded (a size always gives the same file):
+
+- ``generate``: TCP sessions (handshake, data both ways, FIN close from both sides) and UDP
+  exchanges between random hosts, interleaved in time at about 5,000 packets/s, so a capture of
+  a million packets spans 200 s: longer than the idle timeout, which lets the flow table reach
+  its steady state.
+- ``generate_open``: exactly ``open_flows`` flows, every one open from the first second to the
+  last: N packets dealt round-robin (each round every flow sends one packet, in a shuffled
+  order), the whole capture inside ``span_s`` (100 s, under the 120 s idle timeout), TCP
+  sessions left open (SYN, SYN/ACK, ACK, data) and UDP exchanges. The flow table holds all of
+  them at the end; 1,000,000 packets with 20,000 open flows are 50 packets per flow.
 
     python bench/gen_capture.py OUT.pcap --packets 1000000
+    python bench/gen_capture.py OUT.pcap --packets 1000000 --open-flows 200000
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ import struct
 from pathlib import Path
 
 import numpy as np
+
+BASE_SECONDS = 1_700_000_000
 
 
 def generate(
@@ -34,46 +44,83 @@ def generate(
     pos = np.arange(n) - first[flow]  # index of the packet within its flow
     left = sizes[flow] - 1 - pos  # packets still to come in the flow
 
-    tcp_flow = rng.random(n_flows) < 0.8
-    client = (10 << 24) + rng.integers(1, 1 << 16, n_flows)
-    server = (172 << 24) + (16 << 16) + rng.integers(1, 1 << 12, n_flows)
-    cport = rng.integers(32768, 61000, n_flows)
-    sport = rng.choice(np.array([80, 443, 22, 25, 8080, 53, 123, 3306]), n_flows)
+    hosts = _hosts(rng, n_flows)
     start = np.sort(rng.uniform(0, n / rate_pps, n_flows))
     gaps = rng.exponential(0.02, n)
     gaps[first] = 0
     ts = start[flow] + np.cumsum(gaps) - np.repeat(np.cumsum(gaps)[first], sizes)
+    order = np.argsort(ts, kind="stable")
+    _write(path, rng, ts[order], flow[order], pos[order], left[order], hosts, True, order)
+    return n
 
-    is_tcp = tcp_flow[flow]
+
+def generate_open(
+    path: Path, packets: int, open_flows: int, seed: int = 7, span_s: float = 100.0
+) -> int:
+    """Write ``packets`` packets of ``open_flows`` flows that are all open at once (see the
+    module docstring); return the number of packets written."""
+    rng = np.random.default_rng(seed)
+    n_flows = min(open_flows, packets)
+    rounds = -(-packets // n_flows)
+    # Round r holds one packet of every flow that has more than r packets, shuffled.
+    per_flow = np.full(n_flows, packets // n_flows)
+    per_flow[: packets % n_flows] += 1
+    flow = np.concatenate(
+        [rng.permutation(np.flatnonzero(per_flow > r)) for r in range(rounds)]
+    ).astype(np.int64)
+    pos = np.repeat(np.arange(rounds), [int((per_flow > r).sum()) for r in range(rounds)])
+    left = per_flow[flow] - 1 - pos
+    ts = np.arange(packets) * (span_s / packets)
+    _write(path, rng, ts, flow, pos, left, _hosts(rng, n_flows), False, np.arange(packets))
+    return packets
+
+
+def _hosts(rng, n_flows: int) -> dict[str, np.ndarray]:
+    """Client and server address, ports and protocol of each flow."""
+    return {
+        "tcp": rng.random(n_flows) < 0.8,
+        "client": (10 << 24) + rng.integers(1, 1 << 16, n_flows),
+        "server": (172 << 24) + (16 << 16) + rng.integers(1, 1 << 12, n_flows),
+        "cport": rng.integers(32768, 61000, n_flows),
+        "sport": rng.choice(np.array([80, 443, 22, 25, 8080, 53, 123, 3306]), n_flows),
+    }
+
+
+def _write(path: Path, rng, ts, flow, pos, left, hosts, close: bool, drawn) -> None:
+    """Write packets in the given (time) order: ``pos`` is each packet's index within its
+    flow, ``left`` how many of the flow's packets follow it. With ``close``, a TCP flow's last
+    three packets are its FIN, the other side's FIN and the last ACK. Payload sizes are drawn
+    in the packets' order before sorting (``drawn`` maps to it: files stay as they were)."""
+    n = len(ts)
+    is_tcp = hosts["tcp"][flow]
     to_server = (pos % 2 == 0) | (pos == 2)
-    # TCP closes: FIN from the client, FIN from the server, the client's last ACK.
-    to_server = np.where(is_tcp & (left < 3), left != 1, to_server)
-    payload = np.where(to_server, rng.integers(0, 400, n), rng.integers(0, 1400, n))
     flags = np.full(n, 0x18, dtype=np.uint8)  # PSH|ACK
     flags[is_tcp & (pos == 0)] = 0x02  # SYN
     flags[is_tcp & (pos == 1)] = 0x12  # SYN|ACK
     flags[is_tcp & (pos == 2)] = 0x10  # ACK
-    flags[is_tcp & (left == 2)] = 0x11  # FIN|ACK
-    flags[is_tcp & (left == 1)] = 0x11
-    flags[is_tcp & (left == 0)] = 0x10
-    payload[is_tcp & ((pos < 3) | (left < 3))] = 0
+    no_payload = is_tcp & (pos < 3)
+    if close:
+        # TCP closes: FIN from the client, FIN from the server, the client's last ACK.
+        to_server = np.where(is_tcp & (left < 3), left != 1, to_server)
+        flags[is_tcp & (left == 2)] = 0x11  # FIN|ACK
+        flags[is_tcp & (left == 1)] = 0x11
+        flags[is_tcp & (left == 0)] = 0x10
+        no_payload |= is_tcp & (left < 3)
+    up, down = rng.integers(0, 400, n), rng.integers(0, 1400, n)  # client, server sizes
+    payload = np.where(to_server, up[drawn], down[drawn])
+    payload[no_payload] = 0
     l4 = np.where(is_tcp, 20, 8)
     ip_len = 20 + l4 + payload
     frame = 14 + ip_len
-
-    order = np.argsort(ts, kind="stable")
-    ts, flow, to_server, is_tcp = ts[order], flow[order], to_server[order], is_tcp[order]
-    flags, payload, ip_len, frame = flags[order], payload[order], ip_len[order], frame[order]
-    src = np.where(to_server, client[flow], server[flow])
-    dst = np.where(to_server, server[flow], client[flow])
-    sp = np.where(to_server, cport[flow], sport[flow])
-    dp = np.where(to_server, sport[flow], cport[flow])
+    src = np.where(to_server, hosts["client"][flow], hosts["server"][flow])
+    dst = np.where(to_server, hosts["server"][flow], hosts["client"][flow])
+    sp = np.where(to_server, hosts["cport"][flow], hosts["sport"][flow])
+    dp = np.where(to_server, hosts["sport"][flow], hosts["cport"][flow])
 
     rec = 16 + frame
     off = np.r_[0, np.cumsum(rec)[:-1]] + 24
     buf = np.zeros(int(off[-1] + rec[-1]), dtype=np.uint8)
     buf[:24] = np.frombuffer(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1), np.uint8)
-    base = 1_700_000_000
 
     def put(at, value, width, order_="<"):
         b = np.asarray(value, dtype=np.int64)
@@ -82,7 +129,7 @@ def generate(
             buf[at + i] = (b >> shift) & 0xFF
 
     sec = np.floor(ts).astype(np.int64)
-    put(off, base + sec, 4)
+    put(off, BASE_SECONDS + sec, 4)
     put(off + 4, ((ts - sec) * 1e6).astype(np.int64), 4)
     put(off + 8, frame, 4)
     put(off + 12, frame, 4)
@@ -105,7 +152,6 @@ def generate(
     udp = np.flatnonzero(~is_tcp)
     put(tp[udp] + 4, 8 + payload[udp], 2, ">")
     path.write_bytes(buf.tobytes())
-    return n
 
 
 def main() -> None:
@@ -114,8 +160,18 @@ def main() -> None:
     parser.add_argument("--packets", type=int, default=1_000_000)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--rate", type=float, default=5000, help="packets per second")
+    parser.add_argument(
+        "--open-flows",
+        type=int,
+        default=0,
+        metavar="K",
+        help="instead: K flows, all open at once for the whole capture (100 s)",
+    )
     args = parser.parse_args()
-    n = generate(args.out, args.packets, args.seed, rate_pps=args.rate)
+    if args.open_flows:
+        n = generate_open(args.out, args.packets, args.open_flows, args.seed)
+    else:
+        n = generate(args.out, args.packets, args.seed, rate_pps=args.rate)
     print(f"wrote {n} packets to {args.out} ({args.out.stat().st_size / 1e6:.0f} MB)")
 
 
