@@ -1,7 +1,15 @@
 """Flow-meter benchmark: quietwire vs nfstream vs scapy on one generated capture, one core.
 
     python bench/bench_meter.py                  # 1,000,000 packets, then 2,000,000 for memory
-    python bench/bench_meter.py --packets 200000 --no-second-size   # a quick run
+    python bench/bench_meter.py --packets 200000 --no-second-size --open-flows ""  # quick
+
+Then the whole `quietwire flows` command (CSV, and Parquet when the command can write it)
+against nfstream's to_csv on the same file, with where quietwire's time goes
+(bench/stage_times.py), the pcap record walk alone (lanes against the plain walk), and
+captures of the same packet count with --open-flows flows open at once (gen_capture.py
+generate_open), where quietwire's CPU time per packet is compared with its own at the first.
+Those rows are whole processes (start-up and import included): CPU seconds (user + system,
+with reaped children: nfstream's meter process) from wait4, each pinned to CPU 0.
 
 "no-payload" is quietwire's meter with payload statistics off (flow.payload: false), the meter
 as it was before them. Every tool runs in its own child process pinned to CPU 0 (nfstream's
@@ -34,12 +42,15 @@ def _peak_rss_mib() -> float:
     return float("nan")
 
 
-def run_quietwire(path: str, payload: bool = True) -> dict:
+def run_quietwire(path: str, payload: bool = True, max_flows: int = 0) -> dict:
     from quietwire.agent.capture import read_capture
     from quietwire.agent.flows import FlowConfig
     from quietwire.agent.meter import FlowMeter
 
-    meter = FlowMeter(FlowConfig(payload=payload))
+    config = FlowConfig(payload=payload)
+    if max_flows:
+        config = FlowConfig(payload=payload, max_flows=max_flows)
+    meter = FlowMeter(config)
     start = time.perf_counter()
     flows = 0
     for batch in read_capture(path):
@@ -62,6 +73,27 @@ def run_nfstream(path: str) -> dict:
     return {"packets": packets, "flows": flows, "seconds": seconds}
 
 
+def run_nfstream_csv(path: str, out: str) -> dict:
+    from nfstream import NFStreamer
+
+    start = time.perf_counter()
+    streamer = NFStreamer(source=path, statistical_analysis=True, n_meters=1, n_dissections=0)
+    flows = streamer.to_csv(path=out)
+    return {"packets": None, "flows": flows, "seconds": time.perf_counter() - start}
+
+
+def run_read(path: str, lanes: bool) -> dict:
+    """The capture reader alone: the pcap record walk in lanes, or the plain walk."""
+    from quietwire.agent import capture
+
+    capture.VECTOR_WALK = lanes
+    start = time.perf_counter()
+    cpu = time.process_time()
+    packets = sum(len(batch) for batch in capture.read_capture(path))
+    seconds = time.perf_counter() - start
+    return {"packets": packets, "flows": None, "seconds": seconds, "cpu": time.process_time() - cpu}
+
+
 def run_scapy(path: str, limit: int) -> dict:
     from scapy.utils import PcapReader
 
@@ -76,10 +108,14 @@ def run_scapy(path: str, limit: int) -> dict:
     return {"packets": packets, "flows": None, "seconds": seconds}
 
 
-def child(tool: str, path: str, limit: int) -> None:
+def child(tool: str, path: str, limit: int, max_flows: int = 0) -> None:
     os.sched_setaffinity(0, {0})
     if tool == "quietwire":
-        result = run_quietwire(path)
+        result = run_quietwire(path, max_flows=max_flows)
+    elif tool == "nfstream-csv":
+        result = run_nfstream_csv(path, path + ".nfstream.csv")
+    elif tool in ("read", "read-plain"):
+        result = run_read(path, lanes=tool == "read")
     elif tool == "no-payload":  # quietwire without payload statistics (flow.payload: false)
         result = run_quietwire(path, payload=False)
     elif tool == "nfstream":
@@ -103,6 +139,149 @@ def measure(tool: str, path: Path, *extra: str, script: str = __file__) -> dict:
     return result
 
 
+def run_process(cmd: list[str]) -> dict:
+    """Run a command pinned to CPU 0; wall and CPU seconds (user + system, its reaped
+    children's included) and peak RSS from wait4; its exit status and output."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(["taskset", "-c", "0", *cmd], stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)  # taskset execs the command: its pid
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return {
+            "wall": wall,
+            "cpu": usage.ru_utime + usage.ru_stime,
+            "rss": usage.ru_maxrss / 1024,
+            "rc": proc.returncode,
+            "stdout": out.read().decode(errors="replace"),
+            "stderr": err.read().decode(errors="replace").strip(),
+        }
+
+
+HERE = Path(__file__).resolve().parent
+QUIETWIRE = [sys.executable, "-m", "quietwire.cli"]
+OPEN_FLOWS_MAX = 2_000_000  # --max-flows of the open-flows rows: the table holds every flow
+
+
+def child_cmd(tool: str, path: Path, max_flows: int = 0) -> list[str]:
+    return [sys.executable, __file__, "--child", tool, str(path), "--max-flows", str(max_flows)]
+
+
+def flows_cmd(path: Path, suffix: str, max_flows: int = 0) -> list[str]:
+    extra = ["--max-flows", str(max_flows)] if max_flows else []
+    return [*QUIETWIRE, "flows", str(path), "-o", f"{path}.{suffix}", "-q", *extra]
+
+
+def fastest(tools: dict[str, list[str]], repeat: int) -> dict[str, dict]:
+    """Run each command ``repeat`` times, interleaved; the run with the least CPU counts."""
+    runs: dict[str, list] = {label: [] for label in tools}
+    for _ in range(repeat):
+        for label, cmd in tools.items():
+            runs[label].append(run_process(cmd))
+    return {label: min(r, key=lambda x: x["cpu"]) for label, r in runs.items()}
+
+
+def print_processes(results: dict[str, dict], packets: int, peers: dict[str, str]) -> None:
+    """A table of whole-process runs; ``peers`` names each row's nfstream row."""
+    print(
+        f"{'':<30} {'wall s':>7} {'cpu s':>7} {'packets/cpu-s':>14} {'peak RSS':>9}  "
+        "quietwire is (per CPU second)"
+    )
+    for label, r in results.items():
+        if r["rc"] != 0:
+            why = r["stderr"].splitlines()[-1:] or [f"exit {r['rc']}"]
+            print(f"{label:<30} skipped: the command failed ({why[0][:90]})")
+            continue
+        peer = results.get(peers.get(label, ""))
+        ratio = ""
+        if peer and peer["rc"] == 0:
+            ratio = f"{peer['cpu'] / r['cpu']:.2f}x {peers[label]}"
+        print(
+            f"{label:<30} {r['wall']:>7.2f} {r['cpu']:>7.2f} {packets / r['cpu']:>14,.0f} "
+            f"{r['rss']:>6,.0f} MiB  {ratio}"
+        )
+
+
+def print_stages(path: Path, max_flows: int = 0) -> None:
+    """Where `quietwire flows -o FILE.csv` spends its CPU time (bench/stage_times.py)."""
+    extra = ["--max-flows", str(max_flows)] if max_flows else []
+    cmd = [sys.executable, str(HERE / "stage_times.py"), str(path), "-o", f"{path}.csv", "-q"]
+    r = run_process([*cmd, *extra])
+    if r["rc"] != 0:
+        print(f"where the time goes: stage_times.py failed ({r['stderr'][-200:]})")
+        return
+    stages = json.loads(r["stdout"].strip().splitlines()[-1])
+    stages.pop("status")
+    total = sum(stages.values())
+    parts = ", ".join(
+        f"{name} {sec:.2f} s ({sec / total:.0%})"
+        for name, sec in sorted(stages.items(), key=lambda kv: -kv[1])
+        if sec >= 0.005 * total
+    )
+    print(f"where the CPU time of quietwire flows -o csv goes ({total:.2f} s): {parts}")
+
+
+def print_walk(path: Path, repeat: int) -> None:
+    """The capture reader alone, the pcap record walk in lanes against the plain walk."""
+    runs: dict[str, list] = {"read": [], "read-plain": []}
+    for _ in range(repeat):
+        for tool in runs:
+            runs[tool].append(measure(tool, path))
+    lanes, plain = (min(runs[t], key=lambda x: x["cpu"]) for t in ("read", "read-plain"))
+    print(
+        f"pcap record walk: read_capture alone {lanes['packets'] / lanes['cpu']:,.0f} packets "
+        f"per CPU second with lanes, {plain['packets'] / plain['cpu']:,.0f} with the plain walk "
+        f"({plain['cpu'] / lanes['cpu']:.2f}x)"
+    )
+
+
+def open_flows_section(workdir: Path, packets: int, counts: list[int], repeat: int) -> None:
+    """Captures of ``packets`` packets with each count of flows open at once."""
+    per_packet: dict[int, dict[str, float]] = {}
+    for k in counts:
+        path = workdir / f"open-{k}.pcap"
+        from gen_capture import generate_open
+
+        n = generate_open(path, packets, k)
+        print(
+            f"\ncapture: {n:,} packets, {k:,} flows open at once, "
+            f"{path.stat().st_size / 1e6:,.0f} MB (gen_capture.py --open-flows {k}); "
+            f"quietwire --max-flows {OPEN_FLOWS_MAX:,}"
+        )
+        tools = {
+            "quietwire flow meter (API)": child_cmd("quietwire", path, OPEN_FLOWS_MAX),
+            "quietwire flows -o csv": flows_cmd(path, "csv", OPEN_FLOWS_MAX),
+            "nfstream (meter)": child_cmd("nfstream", path),
+            "nfstream to_csv": child_cmd("nfstream-csv", path),
+        }
+        results = fastest(tools, repeat)
+        peers = {
+            "quietwire flow meter (API)": "nfstream (meter)",
+            "quietwire flows -o csv": "nfstream to_csv",
+        }
+        print_processes(results, n, peers)
+        per_packet[k] = {label: r["cpu"] / n for label, r in results.items() if r["rc"] == 0}
+        print_stages(path, OPEN_FLOWS_MAX)
+        print_walk(path, repeat)
+        for leftover in workdir.glob(f"open-{k}.pcap*"):
+            leftover.unlink()
+    base = counts[0]
+    print(
+        f"\nquietwire's CPU time per packet against its own at {base:,} open flows "
+        "(target <= 1.5x):"
+    )
+    for label in ("quietwire flow meter (API)", "quietwire flows -o csv"):
+        cells = [
+            f"{k:,} open {per_packet[k][label] / per_packet[base][label]:.2f}x "
+            f"({per_packet[k][label] * 1e6:.2f} us)"
+            for k in counts
+            if label in per_packet[k] and label in per_packet[base]
+        ]
+        print(f"  {label:<28} " + ", ".join(cells))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--packets", type=int, default=1_000_000)
@@ -116,10 +295,16 @@ def main() -> None:
         help="skip the memory check on a capture twice as large",
     )
     parser.add_argument("--dir", type=Path, default=None, help="where to write the captures")
+    parser.add_argument(
+        "--open-flows",
+        default="20000,200000,1000000",
+        help="flows open at once in the equal-packet-count captures (comma-separated; '' none)",
+    )
+    parser.add_argument("--max-flows", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--child", nargs=2, metavar=("TOOL", "PCAP"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child[0], args.child[1], args.scapy_packets)
+        child(args.child[0], args.child[1], args.scapy_packets, args.max_flows)
         return
 
     workdir = Path(tempfile.mkdtemp(prefix="qw-bench-", dir=args.dir))
@@ -162,7 +347,22 @@ def main() -> None:
                     f"ratio to nfstream {off / results['nfstream']['pps']:.2f}x without them, "
                     f"{qw / results['nfstream']['pps']:.2f}x with them"
                 )
-            path.unlink()
+            if i == 0:
+                print(f"\nthe whole command on the same capture (best of {args.repeat}):")
+                whole = {
+                    "quietwire flows -o csv": flows_cmd(path, "csv"),
+                    "quietwire flows -o parquet": flows_cmd(path, "parquet"),
+                    "nfstream to_csv": child_cmd("nfstream-csv", path),
+                }
+                peers = dict.fromkeys(list(whole)[:2], "nfstream to_csv")
+                print_processes(fastest(whole, args.repeat), n, peers)
+                print_stages(path)
+                print_walk(path, args.repeat)
+            for leftover in workdir.glob(f"{path.name}*"):
+                leftover.unlink()
+        counts = [int(k) for k in args.open_flows.split(",") if k.strip()]
+        if counts:
+            open_flows_section(workdir, args.packets, counts, args.repeat)
     finally:
         for leftover in workdir.glob("*"):
             leftover.unlink()
