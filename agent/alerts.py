@@ -202,9 +202,14 @@ class AlertSink:
     """Where alerts go: a JSON-lines file (appended), stdout, or both."""
 
     def __init__(
-        self, path: Path | None = None, stdout: bool = False, stream: IO[str] | None = None
+        self,
+        path: Path | None = None,
+        stdout: bool = False,
+        stream: IO[str] | None = None,
+        host: str | None = None,
     ) -> None:
         self.path = path
+        self.host = host  # the sensor's name in every line (EVE's "host"), the daemon's
         self._stdout = stream if stream is not None else (sys.stdout if stdout else None)
         self._file: IO[str] | None = None
         self.written = 0
@@ -222,6 +227,8 @@ class AlertSink:
     def write(self, records: list[dict]) -> None:
         if not records:
             return
+        if self.host is not None:
+            records = [{**r, "host": self.host} for r in records]
         text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
         for out in (self._file, self._stdout):
             if out is not None:

@@ -3,6 +3,7 @@ Unknown keys and wrong types are errors naming file:line and the key."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -31,6 +32,14 @@ class CaptureSettings:
     ring_block_kib: int = 1024
     ring_blocks: int = 64
     snaplen: int = 65535
+    # capture worker processes (workers.py); 1: this process reads the rings itself
+    workers: int = 1
+
+
+def default_workers() -> int:
+    """One capture worker per core this process may run on, less one for the central stage
+    (scoring, rules, alerts), at least one."""
+    return max(len(os.sched_getaffinity(0)) - 1, 1)
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,7 @@ class Settings:
     flow_log: FlowLogSettings | None = None
     learn: LearnSettings | None = None
     source: Path | None = None
+    sensor: str | None = None  # the name in EVE lines and metrics; None: the host name
 
 
 def load_config(path: str | Path) -> Settings:
@@ -86,13 +96,22 @@ def _settings(root: Node, path: Path) -> Settings:
             "alert_budget",
             "flow_log",
             "learn",
+            "sensor",
         },
     )
     if "capture" not in top:
         raise root.error("config: missing key 'capture' (at least: capture: {interfaces: [eth0]})")
     cap = top["capture"].mapping(
         "capture",
-        {"interfaces", "bpf_filter", "promiscuous", "ring_block_kib", "ring_blocks", "snaplen"},
+        {
+            "interfaces",
+            "bpf_filter",
+            "promiscuous",
+            "ring_block_kib",
+            "ring_blocks",
+            "snaplen",
+            "workers",
+        },
     )
     if "interfaces" not in cap:
         raise top["capture"].error("capture: missing key 'interfaces'")
@@ -110,6 +129,7 @@ def _settings(root: Node, path: Path) -> Settings:
         ring_block_kib=_positive(cap, "ring_block_kib", 1024, "capture"),
         ring_blocks=_positive(cap, "ring_blocks", 64, "capture"),
         snaplen=_positive(cap, "snaplen", 65535, "capture"),
+        workers=_positive(cap, "workers", default_workers(), "capture"),
     )
     flow = _section(top, "flow", FlowConfig)
     incidents = _section(top, "incidents", IncidentSettings)
@@ -191,7 +211,11 @@ def _settings(root: Node, path: Path) -> Settings:
             "learn: a learning period calibrates on the flow log's records, so it needs "
             "flow_log: {path: ...} (e.g. /var/log/quietwire/flows.json)"
         )
+    sensor = top["sensor"].scalar("sensor", str) if "sensor" in top else None
+    if sensor is not None and not sensor.strip():
+        raise top["sensor"].error("sensor: expected a name (default: the host name)")
     return Settings(
+        sensor=sensor,
         capture=capture,
         flow=flow,
         context=context,

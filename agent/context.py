@@ -128,8 +128,23 @@ class HostContext:
         )
         if len(flows) == 0 or len(self) == 0:
             return out
-        w = int(self.config.window_s * 1e6)
         t = flows["last_ns"] // _US
+        # Times are packed into _TIME_BITS bits after the earliest window start: flows further
+        # apart (a capture with a clock jump, flows merged from capture workers) go in parts.
+        part = np.int64(1 << (_TIME_BITS - 1))
+        if int(t.max()) - int(t.min()) >= part:
+            group = (t - t.min()) // part
+            for g in np.unique(group):
+                rows = np.flatnonzero(group == g)
+                out[rows, : len(WINDOW_FEATURES)] = self._windows(flows.take(rows), t[rows])
+        else:
+            out[:, : len(WINDOW_FEATURES)] = self._windows(flows, t)
+        return out
+
+    def _windows(self, flows: FlowRecords, t: np.ndarray) -> np.ndarray:
+        """The window features of flows whose last packets (``t``, us) are < 2**39 us apart."""
+        out = np.zeros((len(flows), len(WINDOW_FEATURES)), dtype=np.float32)
+        w = int(self.config.window_s * 1e6)
         # Only starts inside some query's window can count; later starts do not change the
         # "next start of the pair" of earlier ones as far as any query can see.
         lo, hi = int(t.min()) - w, int(t.max())

@@ -6,6 +6,7 @@ log; a learning period, learning.py, when configured)."""
 from __future__ import annotations
 
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ class ReplayOptions:
     incidents: IncidentSettings | None = None
     budget: BudgetSettings | None = None
     flow_log: FlowLogSettings | None = None
+    workers: int = 1  # > 1: files metered in that many processes (agent/filepool.py)
 
 
 def replay(opts: ReplayOptions) -> int:
@@ -71,7 +73,11 @@ def replay(opts: ReplayOptions) -> int:
     )
     failed = False
     started = time.perf_counter()
-    for path in opts.files:
+    if opts.workers > 1 and len(opts.files) > 1 and not opts.realtime:
+        from .filepool import replay_files
+
+        failed = replay_files(engine, opts, log)
+    for path in opts.files if opts.workers <= 1 or opts.realtime else ():
         chunk = (256 << 10) if opts.realtime else (8 << 20)
         pacer = _Pacer(opts.speed) if opts.realtime else None
         try:
@@ -151,8 +157,10 @@ def run(settings: Settings, config_path: Path) -> int:
         learner = Learner(settings.learn, settings.flow_log.path, model, time.time(), log, metrics)
         model = learner.model_for(model)
     server = MetricsServer(metrics, settings.metrics) if settings.metrics else None
-    sink = AlertSink(settings.alerts.file, stdout=settings.alerts.stdout)
-    flow_log = FlowLog(settings.flow_log, metrics, log) if settings.flow_log else None
+    sensor = settings.sensor or socket.gethostname()  # in every EVE line and the metrics
+    metrics.sensor.labels(sensor).set(1)
+    sink = AlertSink(settings.alerts.file, stdout=settings.alerts.stdout, host=sensor)
+    flow_log = FlowLog(settings.flow_log, metrics, log, host=sensor) if settings.flow_log else None
     engine = Engine(
         model,
         rules,
@@ -166,11 +174,16 @@ def run(settings: Settings, config_path: Path) -> int:
         flow_log=flow_log,
     )
     cap = settings.capture
+    pool = None  # capture workers (workers.py), or this process reads the rings itself
+    if cap.workers > 1:
+        from .workerpool import WorkerPool
+
+        pool = WorkerPool(cap.workers, engine, cap, settings.flow, settings.context, metrics, log)
     sources = [
         LiveCapture(
             i, cap.bpf_filter, cap.promiscuous, cap.ring_block_kib, cap.ring_blocks, cap.snaplen
         )
-        for i in cap.interfaces
+        for i in (cap.interfaces if pool is None else ())
     ]
     state = {"stop": False, "reload": False}
 
@@ -186,6 +199,7 @@ def run(settings: Settings, config_path: Path) -> int:
     if learner:
         learner.tick(time.time(), engine)  # holds back from the first packet on
     where = f", metrics on {settings.metrics.listen}:{server.port}" if server else ""
+    where += f", {cap.workers} capture workers" if pool else ""
     log(
         f"capturing on {', '.join(cap.interfaces)} (model {model.version}, "
         f"{len(rules)} rules{where})"
@@ -194,6 +208,8 @@ def run(settings: Settings, config_path: Path) -> int:
     try:
         while not state["stop"]:
             got = 0
+            if pool:
+                pool.pump(timeout_s=0.1)
             for src in sources:
                 batch = src.read(timeout_s=0.1 / len(sources))
                 if len(batch):
@@ -203,10 +219,12 @@ def run(settings: Settings, config_path: Path) -> int:
             if now - last_tick >= 1.0:
                 last_tick = now
                 engine.expire(time.time_ns())
+                if pool:
+                    pool.tick()
                 for src in sources:
                     _, drops = src.statistics()
                     if drops:
-                        metrics.kernel_drops.labels(src.interface).inc(drops)
+                        metrics.kernel_drops.labels(src.interface, "0").inc(drops)
                 sink.flush()
                 if flow_log:
                     flow_log.tick()  # rotation by age, the compressor's failures
@@ -219,7 +237,11 @@ def run(settings: Settings, config_path: Path) -> int:
                 )
                 if flow_log:
                     flow_log.reopen()
+                if pool:
+                    pool.reload()
         # Drain: whatever the kernel still holds, then every open flow.
+        if pool:
+            pool.drain()
         for src in sources:
             while True:
                 batch = src.read(timeout_s=0)
@@ -228,9 +250,11 @@ def run(settings: Settings, config_path: Path) -> int:
                 engine.process(batch, src.interface)
             _, drops = src.statistics()
             if drops:
-                metrics.kernel_drops.labels(src.interface).inc(drops)
+                metrics.kernel_drops.labels(src.interface, "0").inc(drops)
         engine.flush()
     finally:
+        if pool:
+            pool.close()
         for src in sources:
             src.close()
         sink.close()
@@ -239,11 +263,13 @@ def run(settings: Settings, config_path: Path) -> int:
         if server:
             server.close()
     s = engine.summary
-    drops = sum(src.kernel_drops for src in sources)
+    drops = sum(src.kernel_drops for src in sources) + (pool.kernel_drops if pool else 0)
     log(
         f"stopped: {s.packets} packets, {s.flows} flows, {sum(s.incidents.values())} "
         f"incidents, {sum(s.alerts.values())} alert lines ({s.held_back} held back), "
-        f"{drops} kernel drops" + (f"; {_flow_log_line(flow_log)}" if flow_log else "")
+        f"{drops} kernel drops"
+        + (f"; {_flow_log_line(flow_log)}" if flow_log else "")
+        + (f"; {pool.cpu_line()}" if pool else "")
     )
     return 0
 

@@ -112,19 +112,31 @@ class Engine:
 
     def _meter(self, interface: str) -> FlowMeter:
         if interface not in self.meters:
-            self.meters[interface] = FlowMeter(self.flow_config, self.context_config)
-            self._seen[interface] = {
-                "packets": 0,
-                "bytes": 0,
-                "errors": Counter(),
-                "evictions": Counter(),
-                "emergency": False,
-            }
+            self.attach(interface, FlowMeter(self.flow_config, self.context_config))
         return self.meters[interface]
+
+    def attach(self, interface: str, meter) -> None:
+        """Meter ``interface`` with ``meter``: a FlowMeter, or what stands in for one where
+        capture workers meter the packets (central.CentralMeter: its expire, drain, running
+        totals and table size); their flows come in through ``handle``."""
+        self.meters[interface] = meter
+        self._seen[interface] = {
+            "packets": 0,
+            "bytes": 0,
+            "errors": Counter(),
+            "evictions": Counter(),
+            "emergency": False,
+        }
 
     def process(self, batch: PacketBatch, interface: str = "file") -> None:
         meter = self._meter(interface)
         self._handle(meter.add(batch), interface)
+        self._account(interface)
+
+    def handle(self, flows: MeteredFlows, interface: str) -> None:
+        """Score, judge and log flows metered elsewhere (the capture workers' central stage,
+        workers.py), as ``process`` does those of its own meter; ``attach`` came first."""
+        self._handle(flows, interface)
         self._account(interface)
 
     def expire(self, now_ns: int) -> None:

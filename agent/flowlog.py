@@ -66,9 +66,10 @@ class FlowLogSettings:
 
 
 @functools.lru_cache(maxsize=16)
-def _template(model_version: str, interface: str | None) -> str:
+def _template(model_version: str, interface: str | None, host: str | None = None) -> str:
     """The %-format of one line: the identity fields, then the numbers (see flow_lines)."""
     iface = f'"in_iface":{json.dumps(interface)},' if interface else ""
+    iface += f'"host":{json.dumps(host)},' if host is not None else ""
     version = json.dumps(model_version)
     head = (
         '{"timestamp":"%s","flow_id":%d,"community_id":"%s","event_type":"flow",'
@@ -88,7 +89,11 @@ def _template(model_version: str, interface: str | None) -> str:
 
 
 def flow_lines(
-    flows: MeteredFlows, scores: Scores, model_version: str, interface: str | None = None
+    flows: MeteredFlows,
+    scores: Scores,
+    model_version: str,
+    interface: str | None = None,
+    host: str | None = None,
 ) -> str:
     """The flow log lines of a batch, as one string. Each line is one C-level %-format of
     its values (no dict, no json.dumps per line): identity columns come from flowfile, the
@@ -103,7 +108,7 @@ def flow_lines(
     numbers[:, 0] = scores.score
     numbers[:, 1] = scores.tail_probability
     numbers[:, 2:] = flows.features
-    template = _template(model_version, interface)
+    template = _template(model_version, interface, host)
     rows = zip(
         ident["end"],
         ident["flow_id"],
@@ -136,8 +141,11 @@ class FlowLog:
     """The Engine's ``flow_log``: ``write`` each scored batch, ``flush`` at the end; the daemon
     calls ``tick`` every second (age rotation) and ``reopen`` on SIGHUP."""
 
-    def __init__(self, settings: FlowLogSettings, metrics=None, log=None, clock=time.time):
+    def __init__(
+        self, settings: FlowLogSettings, metrics=None, log=None, clock=time.time, host=None
+    ):
         self.settings = settings
+        self.host = host  # the sensor's name in every line (EVE's "host"), the daemon's
         self.metrics = metrics
         self.log = log or (lambda message: None)
         self.file = RotatingFile(
@@ -160,7 +168,7 @@ class FlowLog:
         """Append one line per record; on failure the lines are dropped and counted."""
         if len(flows) == 0:
             return
-        data = flow_lines(flows, scores, model_version, interface).encode()
+        data = flow_lines(flows, scores, model_version, interface, self.host).encode()
         operation = "open"
         try:
             if not self.file.is_open:

@@ -109,6 +109,11 @@ class FlowMeter:
         while len(self.table):
             yield self.flush(limit=chunk)
 
+    def finish(self, ended: FlowRecords) -> MeteredFlows:
+        """Features of flows that ended in another flow table (a capture worker's; see
+        central.py): their starts and first answers must be in ``self.context`` already."""
+        return self._finish(ended)
+
     def _prune(self, now_ns: int) -> None:
         # Flows the table left overdue for a later call still need the starts of their window.
         overdue = self.table.overdue_last_ns

@@ -79,8 +79,19 @@ class Metrics:
         )
         self.kernel_drops = Counter(
             "quietwire_kernel_drops",
-            "Packets the kernel dropped before capture",
-            ["interface"],
+            "Packets the kernel dropped before capture, by interface and capture worker",
+            ["interface", "worker"],
+            registry=r,
+        )
+        self.sensor = Gauge(
+            "quietwire_sensor_info",
+            'The sensor\'s name (config "sensor", default the host name), as in its EVE lines',
+            ["sensor"],
+            registry=r,
+        )
+        self.worker_restarts = Counter(
+            "quietwire_capture_worker_restarts",
+            "Capture workers that died and were started again (their open flows were lost)",
             registry=r,
         )
         self.alerts = Counter(

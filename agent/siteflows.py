@@ -27,7 +27,7 @@ from .meter import FlowMeter
 from .rotation import rotated_pattern
 
 CAPTURE_SUFFIXES = (".pcap", ".pcapng", ".cap")
-TABLE_SUFFIXES = (".csv", ".jsonl")
+TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
 LOG_SUFFIXES = (".json", ".log", ".gz")  # and a .jsonl whose lines are flow events
 KNOWN = ", ".join((*CAPTURE_SUFFIXES, *TABLE_SUFFIXES, *LOG_SUFFIXES))
 

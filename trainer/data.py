@@ -28,7 +28,7 @@ from .detector import TrainingError
 
 LABELS = DATA / "ndpi_labels.yaml"
 CAPTURE_SUFFIXES = {".pcap", ".pcapng", ".cap"}
-TABLE_SUFFIXES = {".csv"}  # a .jsonl table is read by the flow log reader (it takes both)
+TABLE_SUFFIXES = {".csv", ".parquet"}  # a .jsonl table: the flow log reader takes both
 MAX_FLOWS = 1_000_000  # the default reservoir: 312 MB of features
 HOST_BUCKETS = 1 << 20  # hosts are counted in this many hash buckets (8 MiB)
 

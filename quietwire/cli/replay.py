@@ -45,6 +45,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     except ValueError as exc:
         error(str(exc))
         return 2
+    if args.workers < 1 or (args.workers > 1 and (args.realtime or args.speed is not None)):
+        error("--workers: expected at least 1, and 1 with --realtime or --speed")
+        return 2
     opts = ReplayOptions(
         files=args.files,
         model=args.model,
@@ -58,6 +61,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         incidents=incidents,
         budget=budget,
         flow_log=flow_log,
+        workers=args.workers,
     )
     try:
         return replay(opts)
@@ -155,6 +159,17 @@ def register(sub) -> None:
         help="alert file (JSON lines); '-' for stdout (the default)",
     )
     rp.add_argument("--realtime", action="store_true", help="honour the capture's timing")
+    rp.add_argument(
+        "-w",
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="meter up to N files at once in worker processes (1). Each file stays an "
+        "independent capture, as with 1: its flows are scored, judged and correlated centrally "
+        "in input order, and its incidents close at its end; alerts, incidents, the flow log "
+        "and the summary are the same as with 1 (not with --realtime)",
+    )
     rp.add_argument("--speed", type=float, help="real time times X (implies --realtime)")
     rp.add_argument(
         "--serve-metrics",
