@@ -30,7 +30,7 @@ def initializers(path) -> dict[str, np.ndarray]:
 
 def weight_distance(a: dict, b: dict, prefix: str) -> float:
     """Relative L2 distance between two models' weights under ``prefix``."""
-    names = [n for n in a if n.startswith(prefix) and "embedding" not in n]
+    names = [n for n in a if n.startswith(prefix) and n.endswith(("weight_t", "weight", "bias"))]
     diff = sum(float(np.sum((a[n] - b[n]) ** 2)) for n in names)
     return (diff / sum(float(np.sum(a[n] ** 2)) for n in names)) ** 0.5
 
@@ -57,7 +57,8 @@ def test_fine_tuning_keeps_the_models_preprocessing_and_starts_from_it(site_log,
     assert main([*common, "--init", str(DEFAULT_MODEL), "-o", str(tuned)]) == 0
     out = capsys.readouterr().out
     assert f"fine-tuned from: {DEFAULT_MODEL}" in out
-    assert main([*common, "-o", str(scratch)]) == 0
+    score = ScoringModel(DEFAULT_MODEL).score_kind
+    assert main([*common, "--score", score, "-o", str(scratch)]) == 0
 
     base, new, fresh = (initializers(p) for p in (DEFAULT_MODEL, tuned, scratch))
     for name in PREPROCESSING:
