@@ -30,9 +30,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gen_capture import generate  # noqa: E402
-
 
 def _peak_rss_mib() -> float:
     with open("/proc/self/status") as status:
@@ -165,6 +162,16 @@ QUIETWIRE = [sys.executable, "-m", "quietwire.cli"]
 OPEN_FLOWS_MAX = 2_000_000  # --max-flows of the open-flows rows: the table holds every flow
 
 
+def generate_file(path: Path, packets: int, open_flows: int = 0) -> int:
+    """Write a capture with gen_capture.py in its own process (so that the processes this
+    one starts do not inherit its peak RSS: Linux carries it over fork and exec)."""
+    cmd = [sys.executable, str(HERE / "gen_capture.py"), str(path), "--packets", str(packets)]
+    if open_flows:
+        cmd += ["--open-flows", str(open_flows)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return int(out.split()[1])
+
+
 def child_cmd(tool: str, path: Path, max_flows: int = 0) -> list[str]:
     return [sys.executable, __file__, "--child", tool, str(path), "--max-flows", str(max_flows)]
 
@@ -242,9 +249,7 @@ def open_flows_section(workdir: Path, packets: int, counts: list[int], repeat: i
     per_packet: dict[int, dict[str, float]] = {}
     for k in counts:
         path = workdir / f"open-{k}.pcap"
-        from gen_capture import generate_open
-
-        n = generate_open(path, packets, k)
+        n = generate_file(path, packets, k)
         print(
             f"\ncapture: {n:,} packets, {k:,} flows open at once, "
             f"{path.stat().st_size / 1e6:,.0f} MB (gen_capture.py --open-flows {k}); "
@@ -316,7 +321,7 @@ def main() -> None:
     try:
         for i, size in enumerate(sizes):
             path = workdir / f"gen-{size}.pcap"
-            n = generate(path, size)
+            n = generate_file(path, size)
             size_mb = path.stat().st_size / 1e6
             print(f"\ncapture: {n:,} packets, {size_mb:,.0f} MB (bench/gen_capture.py)")
             tools = ["quietwire", "no-payload", "nfstream", "scapy"] if i == 0 else ["quietwire"]
