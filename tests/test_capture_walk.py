@@ -48,6 +48,7 @@ def _lanes(buf, end):
 def lanes_on_any_buffer(monkeypatch):
     """The lanes on buffers of any size (read_capture walks small ones plainly)."""
     monkeypatch.setattr(capture, "VECTOR_WALK_BYTES", 0)
+    monkeypatch.setattr(capture, "VECTOR_WALK", True)
 
 
 def _buffer(body):
