@@ -23,6 +23,7 @@ import ipaddress
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -88,6 +89,8 @@ def site_figures(
     from quietwire.trainer.trafficgen import generate, read_labels
 
     work.mkdir(parents=True, exist_ok=True)
+    bundled = work / "bundled.onnx"  # a copy: every step uses the same model
+    shutil.copy(DEFAULT_MODEL, bundled)
     first, second = work / "first.pcap", work / "second.pcap"
     info = [
         generate(first, work / "first.labels.csv", seed, scale, 0.0, duration),
@@ -101,26 +104,27 @@ def site_figures(
     site_log, test_log = work / "site" / "flows.json", work / "test" / "flows.json"
     for pcap, flow_log in ((first, site_log), (second, test_log)):
         out = quietwire(
-            "replay", str(pcap), "--alerts", str(flow_log.parent / "alerts.json"),
-            "--flow-log", str(flow_log),
+            "replay", str(pcap), "--model", str(bundled),
+            "--alerts", str(flow_log.parent / "alerts.json"), "--flow-log", str(flow_log),
         )  # fmt: skip
         log(next(line for line in out.splitlines() if "flow log" in line))
 
-    paths = {"bundled": DEFAULT_MODEL}
+    paths = {"bundled": bundled}
     paths["calibrated"] = work / "calibrated.onnx"
     few = ["--allow-few-flows"] if allow_few_flows else []
     out = quietwire(
-        "calibrate", "--model", str(DEFAULT_MODEL), str(site_log), "-o",
+        "calibrate", "--model", str(bundled), str(site_log), "-o",
         str(paths["calibrated"]), *few,
     )  # fmt: skip
     log(next(line for line in out.splitlines() if line.startswith("records:")))
     seconds = {}
     # From scratch with the bundled model's score, so the two learnt models differ only in
     # where they start (--init keeps the model's score).
-    score = ScoringModel(DEFAULT_MODEL).score_kind
+    score = ScoringModel(bundled).score_kind
+    log(f"bundled model: {DEFAULT_MODEL.name} (model {ScoringModel(bundled).version}, {score})")
     for name, extra, steps in (
         ("trained", ["--score", score], train_steps),
-        ("fine-tuned", ["--init", str(DEFAULT_MODEL)], init_steps),
+        ("fine-tuned", ["--init", str(bundled)], init_steps),
     ):
         paths[name] = work / f"{name}.onnx"
         started = time.perf_counter()
