@@ -50,11 +50,11 @@ _TIME_BITS = 40  # about 12.7 days of microseconds after the log's base time
 
 @dataclass(frozen=True)
 class ContextConfig:
-    """Host window and series settings. Memory: 48 bytes per logged start (at most
-    ``max_records``: 48 MB), 40 per service pair (at most ``max_series``: 40 MB) and 20 per
-    open flow (its series values until it ends): under a flood of new sources both caps fill,
-    so the context holds about 90 MB whatever the table size, plus a copy while a batch is
-    appended."""
+    """Host window and series settings. Memory: 64 bytes per logged start and up to 48 more
+    for the latest start of its pairs (at most ``max_records``: 112 MB), 40 per service pair
+    (at most ``max_series``: 40 MB) and 20 per open flow (its series values until it ends):
+    under a flood of new sources both caps fill, so the context holds about 150 MB whatever
+    the table size, plus a copy while a batch is appended."""
 
     window_s: float = 60.0
     max_records: int = 1_000_000
@@ -75,7 +75,16 @@ class HostContext:
             "port": np.zeros(0, np.uint64),
             "start": np.zeros(0, np.int64),
             "answered": np.zeros(0, np.int64),
+            # the start of the next logged start of the same (client, server) and of the same
+            # (client, server port): linked as starts are logged, so a query need not sort
+            "next_pair": np.zeros(0, np.int64),
+            "next_port": np.zeros(0, np.int64),
         }
+        self._last_pair = _LastStart()
+        self._last_port = _LastStart()
+        # the latest logged start linked to an earlier start (the capture's clock stepped
+        # back): while it is logged, its link may skip a later start; queries sort instead
+        self._misordered_seq = -1
         self._series = _Series(self.config)
 
     def __len__(self) -> int:
@@ -98,8 +107,18 @@ class HostContext:
                 | (started["proto"].astype(np.uint64) << np.uint64(16)),
                 "start": started["first_ns"] // _US,
                 "answered": _to_us(started["answered_ns"]),
+                "next_pair": np.full(len(started), NEVER // 2, np.int64),
+                "next_port": np.full(len(started), NEVER // 2, np.int64),
             }
             self._cols = {k: np.concatenate([v, new[k]]) for k, v in self._cols.items()}
+            for last, column, other in (
+                (self._last_pair, "next_pair", new["dst"]),
+                (self._last_port, "next_port", new["port"]),
+            ):
+                seq, start, then = last.link(host_hash(new["src"], other), new["seq"], new["start"])
+                self._set(column, seq, then)
+                if (then < start).any():
+                    self._misordered_seq = max(self._misordered_seq, int(seq[then < start].max()))
         for seq, when in (
             (update.answered_seq, update.answered_ns),
             (update.ended["seq"], update.ended["answered_ns"]),
@@ -111,12 +130,35 @@ class HostContext:
                 ans = self._cols["answered"]
                 ans[pos[hit]] = np.minimum(ans[pos[hit]], _to_us(when[hit]))
 
+    def _links_hold(self) -> bool:
+        """Whether each logged start's linked next start of its pair is the next in start
+        order: when the log is in start order (starts are logged as flows start, but a
+        capture's clock can step back) and no start still logged was linked to an earlier
+        one (whose pruning may have hidden a later start). Else queries sort for them."""
+        c = self._cols
+        return self._misordered_seq < c["seq"][0] and bool(
+            (c["start"][1:] >= c["start"][:-1]).all()
+        )
+
+    def _set(self, column: str, seq: np.ndarray, value: np.ndarray) -> None:
+        """Set ``column`` of the logged starts ``seq`` (those still logged) to ``value``."""
+        if len(seq) == 0 or len(self) == 0:
+            return
+        logged = self._cols["seq"]
+        pos = np.minimum(np.searchsorted(logged, seq), len(logged) - 1)  # seq increases
+        hit = logged[pos] == seq
+        self._cols[column][pos[hit]] = value[hit]
+
     def prune(self, now_ns: int) -> None:
         """Forget starts no future query can reach, and keep at most max_records."""
-        keep = self._cols["start"] > now_ns // _US - self._retain_us
+        cutoff = now_ns // _US - self._retain_us
+        keep = self._cols["start"] > cutoff
         keep[: max(len(keep) - self.config.max_records, 0)] = False  # oldest-logged first
         if not keep.all():
             self._cols = {k: v[keep] for k, v in self._cols.items()}
+        first_seq = int(self._cols["seq"][0]) if len(self) else None
+        self._last_pair.prune(cutoff, first_seq)
+        self._last_port.prune(cutoff, first_seq)
         self._series.prune(now_ns)
 
     def features(self, flows: FlowRecords) -> np.ndarray:
@@ -155,28 +197,34 @@ class HostContext:
 
         # Per client host: only its own records matter (all of a (client, peer) pair's
         # records share the client, so "next start of the pair" is exact within the subset).
-        keep = in_time & np.isin(c["src"], q_src)
-        src, start = c["src"][keep], c["start"][keep]
+        linked = self._links_hold()
+
+        def next_start(rows: np.ndarray, column: str, peer: np.ndarray) -> np.ndarray:
+            if linked:
+                return c[column][rows]
+            return _next_start(host_hash(c["src"][rows], peer), c["start"][rows])
+
+        rows, group, q_group = _groups(c["src"], in_time, q_src)
+        start = c["start"][rows]
         window_end = start + w
-        pair_end = np.minimum(_next_start(host_hash(src, c["dst"][keep]), start), window_end)
-        port_end = np.minimum(_next_start(host_hash(src, c["port"][keep]), start), window_end)
-        answered_from = np.minimum(np.maximum(start, c["answered"][keep]), window_end)
-        by_src = _Windows(src, q_src, t, lo)
-        src_flows = by_src.count(start, window_end)
+        pair_end = np.minimum(next_start(rows, "next_pair", c["dst"][rows]), window_end)
+        port_end = np.minimum(next_start(rows, "next_port", c["port"][rows]), window_end)
+        answered_from = np.minimum(np.maximum(start, c["answered"][rows]), window_end)
+        by_src = _Windows(group, start, w, q_group, t, lo)
+        src_flows = by_src.window()
         out[:, 0] = src_flows
-        out[:, 1] = by_src.count(start, pair_end)
-        out[:, 2] = by_src.count(start, port_end)
-        answered = by_src.count(answered_from, window_end)
+        out[:, 1] = by_src.until(pair_end)
+        out[:, 2] = by_src.until(port_end)
+        answered = by_src.since(answered_from)
         out[:, 3] = np.where(src_flows > 0, 1.0 - answered / np.maximum(src_flows, 1), 0.0)
 
         # Per server host, likewise.
-        keep = in_time & np.isin(c["dst"], q_dst)
-        dst, start = c["dst"][keep], c["start"][keep]
-        window_end = start + w
-        pair_end = np.minimum(_next_start(host_hash(c["src"][keep], dst), start), window_end)
-        by_dst = _Windows(dst, q_dst, t, lo)
-        out[:, 4] = by_dst.count(start, window_end)
-        out[:, 5] = by_dst.count(start, pair_end)
+        rows, group, q_group = _groups(c["dst"], in_time, q_dst)
+        start = c["start"][rows]
+        pair_end = np.minimum(next_start(rows, "next_pair", c["dst"][rows]), start + w)
+        by_dst = _Windows(group, start, w, q_group, t, lo)
+        out[:, 4] = by_dst.window()
+        out[:, 5] = by_dst.until(pair_end)
         return out
 
 
@@ -301,26 +349,108 @@ def _next_start(key: np.ndarray, start: np.ndarray) -> np.ndarray:
     return out
 
 
-class _Windows:
-    """Counts, per query (host, time t), the intervals [s, e) of the same host containing t.
+class _LastStart:
+    """Per key (a hash of client and peer), the latest logged start: where a newly logged
+    start of the key is linked from. Sorted by key; at most one entry per logged start."""
 
-    Host and time are packed into one sortable int64 (dense host id, then microseconds since
-    ``base``), so each count is two sorts and two binary searches.
+    def __init__(self) -> None:
+        self._key = np.zeros(0, np.uint64)
+        self._seq = np.zeros(0, np.int64)
+        self._start = np.zeros(0, np.int64)
+
+    def link(self, key: np.ndarray, seq: np.ndarray, start: np.ndarray) -> tuple:
+        """Log starts (in seq order); (seq, start, next start): each earlier start of one of
+        their keys, this batch's or the table's, and the start logged next with its key."""
+        order = np.argsort(key, kind="stable")  # within a key: seq order
+        k, q, s = key[order], seq[order], start[order]
+        same = k[1:] == k[:-1]
+        first = np.r_[True, ~same]
+        last = np.r_[~same, True]
+        at = np.searchsorted(self._key, k[first])
+        there = at < len(self._key)
+        there[there] = self._key[at[there]] == k[first][there]
+        linked_seq = np.concatenate([q[:-1][same], self._seq[at[there]]])
+        linked_start = np.concatenate([s[:-1][same], self._start[at[there]]])
+        linked_to = np.concatenate([s[1:][same], s[first][there]])
+        # each key's latest start replaces the table's or joins it
+        at = np.searchsorted(self._key, k[last])
+        there = at < len(self._key)
+        there[there] = self._key[at[there]] == k[last][there]
+        self._seq[at[there]] = q[last][there]
+        self._start[at[there]] = s[last][there]
+        new = ~there
+        self._key = np.insert(self._key, at[new], k[last][new])
+        self._seq = np.insert(self._seq, at[new], q[last][new])
+        self._start = np.insert(self._start, at[new], s[last][new])
+        return linked_seq, linked_start, linked_to
+
+    def prune(self, cutoff_us: int, first_seq: int | None) -> None:
+        """Forget keys whose latest start the log no longer holds (pruned by time or, being
+        logged before ``first_seq``, by count)."""
+        keep = self._start > cutoff_us
+        if first_seq is not None:
+            keep &= self._seq >= first_seq
+        else:
+            keep[:] = False
+        if not keep.all():
+            self._key, self._seq, self._start = self._key[keep], self._seq[keep], self._start[keep]
+
+
+def _groups(hosts: np.ndarray, candidates: np.ndarray, queried: np.ndarray) -> tuple:
+    """(rows, group, q_group): the rows of ``hosts`` among ``candidates`` (a mask) whose host
+    is queried, and a dense id per host, the same for rows and queries: a flood's victim has
+    a million logged starts and one id, never a sort of the million."""
+    distinct = np.unique(queried)
+    rows = np.flatnonzero(candidates & np.isin(hosts, distinct, assume_unique=False))
+    return rows, np.searchsorted(distinct, hosts[rows]), np.searchsorted(distinct, queried)
+
+
+class _Windows:
+    """Counts, per query (host, time t), the intervals of the same host containing t, where
+    every record's intervals lie inside its window [s, s + window).
+
+    Host and time are packed into one sortable int64 (the dense host id of ``_groups``, then
+    microseconds since ``base``); a count is the number of the host's interval starts at or
+    before t minus the number of its ends at or before t: a sort and a binary search for
+    each side that is neither the records' starts nor their window ends (those two sort in
+    one order: one sort).
     """
 
-    def __init__(self, host: np.ndarray, q_host: np.ndarray, q_t: np.ndarray, base: int) -> None:
-        _, inverse = np.unique(np.concatenate([host, q_host]), return_inverse=True)
-        self._g = inverse[: len(host)].astype(np.int64) << _TIME_BITS
+    def __init__(
+        self,
+        group: np.ndarray,
+        start: np.ndarray,
+        window: int,
+        q_group: np.ndarray,
+        q_t: np.ndarray,
+        base: int,
+    ) -> None:
+        self._g = group.astype(np.int64) << _TIME_BITS
         self._base = base
-        self._q = self._key(inverse[len(host) :].astype(np.int64) << _TIME_BITS, q_t)
+        self._start = start
+        self._q = self._key(q_group.astype(np.int64) << _TIME_BITS, q_t)
+        starts = np.sort(self._key(self._g, start))
+        self._starts = np.searchsorted(starts, self._q, side="right")
+        if len(start) and int(start.max()) + window - base < 1 << _TIME_BITS:
+            window_ends = starts + window  # s + window keeps the order of s (no clip here)
+        else:
+            window_ends = np.sort(self._key(self._g, start + window))
+        self._window_ends = np.searchsorted(window_ends, self._q, side="right")
 
     def _key(self, g: np.ndarray, time: np.ndarray) -> np.ndarray:
         return g | np.clip(time - self._base, 0, (1 << _TIME_BITS) - 1)
 
-    def count(self, s: np.ndarray, e: np.ndarray) -> np.ndarray:
-        e = np.maximum(e, s)  # an empty interval counts nowhere
-        starts = np.sort(self._key(self._g, s))
-        ends = np.sort(self._key(self._g, e))
-        return np.searchsorted(starts, self._q, side="right") - np.searchsorted(
-            ends, self._q, side="right"
-        )
+    def _at_or_before(self, time: np.ndarray) -> np.ndarray:
+        return np.searchsorted(np.sort(self._key(self._g, time)), self._q, side="right")
+
+    def window(self) -> np.ndarray:
+        """Counts of the windows [s, s + window)."""
+        return self._starts - self._window_ends
+
+    def until(self, end: np.ndarray) -> np.ndarray:
+        """Counts of [s, end) (end clipped to at least s: an empty interval counts nowhere)."""
+        return self._starts - self._at_or_before(np.maximum(end, self._start))
+
+    def since(self, begin: np.ndarray) -> np.ndarray:
+        """Counts of [begin, s + window), for s <= begin <= s + window."""
+        return self._at_or_before(begin) - self._window_ends

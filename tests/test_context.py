@@ -191,3 +191,92 @@ def test_time_passing_between_batches_changes_nothing(ndpi, name):
     reference = meter_file(path)
     assert len(features) == len(reference.features)
     np.testing.assert_array_equal(features, reference.features)
+
+
+def _brute_force_windows(records, window_s=60.0):
+    """The six window features by their definition, one flow at a time: over the flows whose
+    start lies in (t - window, t], t the flow's last packet (nothing pruned: small captures)."""
+    from quietwire.agent.flows import host_hash
+
+    src = host_hash(records["src_hi"], records["src_lo"])
+    dst = host_hash(records["dst_hi"], records["dst_lo"])
+    port = records["dst_port"].astype(np.int64) | records["proto"].astype(np.int64) << 16
+    start = records["first_ns"] // 1000
+    answered = records["answered_ns"] // 1000
+    out = np.zeros((len(records), 6), np.float32)
+    w = int(window_s * 1e6)
+    for i in range(len(records)):
+        t = records["last_ns"][i] // 1000
+        inw = (start > t - w) & (start <= t)
+        mine = inw & (src == src[i])
+        n = int(mine.sum())
+        unanswered = int((mine & ~((answered <= t) & (answered >= 0))).sum())
+        theirs = inw & (dst == dst[i])
+        out[i] = (
+            n,
+            len(set(dst[mine])),
+            len(set(port[mine])),
+            unanswered / n if n else 0.0,
+            int(theirs.sum()),
+            len(set(src[theirs])),
+        )
+    return out
+
+
+def _meter_probes(path, monkeypatch=None):
+    from quietwire.agent.capture import read_capture
+    from quietwire.agent.context import HostContext
+    from quietwire.agent.flowrecords import INTERIM, FlowRecords
+    from quietwire.agent.meter import FlowMeter
+
+    if monkeypatch:  # the reference: every query sorts for the next starts
+        monkeypatch.setattr(HostContext, "_links_hold", lambda self: False)
+    meter = FlowMeter(seed=1)
+    parts = [meter.add(b) for b in read_capture(path, chunk_bytes=1 << 10)]
+    parts.append(meter.flush())
+    records = FlowRecords.concat([p.records for p in parts])
+    features = np.concatenate([p.features for p in parts])
+    ended = records["end_reason"] != INTERIM
+    return records.take(np.flatnonzero(ended)), features[ended]
+
+
+WINDOW_COLUMNS = [
+    FEATURE_NAMES.index(n)
+    for n in (
+        "src_host_flows",
+        "src_host_distinct_dst_hosts",
+        "src_host_distinct_dst_ports",
+        "src_host_unanswered_share",
+        "dst_host_flows",
+        "dst_host_distinct_src_hosts",
+    )
+]
+
+
+@pytest.mark.parametrize("step_back", [False, True])
+def test_window_counts_across_batches(tmp_path, monkeypatch, step_back):
+    """Probes of two scanners to a few hosts and ports, pairs repeated, metered in many small
+    batches. In time order the window counts are those of the definition, and the "next
+    start of the pair" linked as starts are logged gives what sorting the log gives. When the
+    capture's clock steps back (probes 60-89 stamped 200 s early: starts linked to earlier
+    ones, which are pruned while the later ones still count, so the log is in start order
+    again), the counts are still those of sorting."""
+    rng = np.random.default_rng(7)
+    pkts, times = [], []
+    for i in range(120):
+        t = 250 + 0.5 * i - (200 if step_back and 60 <= i < 90 else 0)
+        dst = f"10.0.0.{rng.integers(1, 5)}"
+        dport = int(rng.choice([22, 80, 443, 8080]))
+        src, sport = (SCANNER if i % 3 else OTHER), 40000 + i
+        pkts.append(syn(src, dst, sport, dport))
+        times.append(t)
+        if i % 4 == 0:
+            pkts.append(rst(dst, src, dport, sport))
+            times.append(t + 0.01)
+    path = write_pcap(tmp_path / "probes.pcap", pkts, times)
+    records, features = _meter_probes(path)
+    _, sorted_features = _meter_probes(path, monkeypatch)
+    np.testing.assert_array_equal(features, sorted_features)
+    if not step_back:
+        expected = _brute_force_windows(records)
+        np.testing.assert_allclose(features[:, WINDOW_COLUMNS], expected, rtol=1e-6)
