@@ -144,6 +144,14 @@ class FlowTable:
         self._expired_at_ns: int | None = None  # the latest time expire() was given
         self.overdue_last_ns: int | None = None  # the last packet of the longest idle of them
         self.now_ns: int | None = None
+        # No flow can be past its idle or active timeout before _quiet_until_ns, nor reach its
+        # next interim age before _interim_at_ns (lower bounds, kept as flows start and after
+        # each scan), so most batches skip the scans of every open flow. Closed TCP flows
+        # (their linger is short) are tracked apart: _closed per slot, _closing their slots.
+        self._quiet_until_ns = -NEVER
+        self._interim_at_ns = -NEVER
+        self._closed = np.zeros(0, dtype=bool)
+        self._closing = np.zeros(0, dtype=np.int64)
         # A per-table random seed keeps crafted traffic from choosing hash collisions.
         self._seed = np.uint64(int.from_bytes(os.urandom(8), "little") if seed is None else seed)
         self._grow(min(1024, self.config.max_flows))
@@ -169,6 +177,7 @@ class FlowTable:
         key_hash = np.zeros(new_cap, dtype=np.uint64)
         key_hash[: self._capacity] = self._key_hash
         self._key_hash = key_hash
+        self._closed = np.r_[self._closed, np.zeros(new_cap - self._capacity, dtype=bool)]
         free = np.empty(new_cap, dtype=np.int32)
         free[: self._n_free] = self._free[: self._n_free]
         added = new_cap - self._capacity
@@ -211,6 +220,7 @@ class FlowTable:
             self._index.remove(self._key_hash[by_slot])
         for name, (_, init, _) in COLUMNS.items():
             self._cols[name][by_slot] = init
+        self._closed[by_slot] = False
         self._free[self._n_free : self._n_free + len(slots)] = slots
         self._n_free += len(slots)
         return out
@@ -228,11 +238,12 @@ class FlowTable:
         oldest first; the rest come with the next call. Ages passed without a record (a flow
         quiet through one) are skipped, so a flow gets at most one record per doubling."""
         cfg = self.config
-        if not cfg.interim or not len(self):
+        if not cfg.interim or not len(self) or now_ns < self._interim_at_ns:
             return empty_records()
         c = self._cols
         slots = self._open_slots()
         first = c["first_ns"][slots]
+        scanned = slots, first
         k = c["interims"][slots].astype(np.int64)
         step = INTERIM_FIRST_S * NS
         age = now_ns - first
@@ -241,6 +252,7 @@ class FlowTable:
             due[due] = ~self._due(now_ns, slots[due], count=False)[0]
         slots, first, k, age = slots[due], first[due], k[due], age[due]
         if not len(slots):
+            self._interim_at_ns = self._next_interim_ns(*scanned)
             return empty_records()
         limit = self._expire_limit() if limit is None else limit
         if len(slots) > limit:
@@ -252,11 +264,20 @@ class FlowTable:
         # age // step (frexp's exponent, exact for integers below 2**53).
         passed = np.frexp((age // step).astype(np.float64))[1]
         c["interims"][slots] = np.minimum(passed, 255)
+        self._interim_at_ns = self._next_interim_ns(*scanned)
         slots = slots[news]
         slots = slots[np.argsort(c["seq"][slots], kind="stable")]
         out = FlowRecords({name: col[slots] for name, col in c.items()})
         out.columns["end_reason"][:] = INTERIM
         return out
+
+    def _next_interim_ns(self, slots: np.ndarray, first: np.ndarray) -> int:
+        """The earliest time one of these flows reaches its next interim age (NEVER if none
+        will under the active timeout)."""
+        k = self._cols["interims"][slots].astype(np.int64)
+        next_age = (INTERIM_FIRST_S * NS) << np.minimum(k, 27)
+        pending = next_age < int(self.config.active_timeout_s * NS)
+        return int((first[pending] + next_age[pending]).min()) if pending.any() else NEVER
 
     # ---- expiry and room ---------------------------------------------------------------
     def _update_emergency(self, open_flows: int) -> None:
@@ -323,16 +344,23 @@ class FlowTable:
         self._update_emergency(len(self))
         self._expired_at_ns = max(now_ns, self._expired_at_ns or now_ns)
         t = self._timeouts_ns()
-        soonest = min(t["idle"], t["linger"])
-        if self.emergency:
-            soonest = min(soonest, t["emergency_idle"], t["emergency_unanswered"])
         c = self._cols
-        slots = self._open_slots()
-        # Only flows quiet for the shortest timeout, or past the active timeout, can be due.
-        maybe = (now_ns - c["last_ns"][slots] >= soonest) | (
-            now_ns - c["first_ns"][slots] >= t["active"]
-        )
-        slots = slots[maybe]
+        self._closing = np.unique(self._closing[self._closed[self._closing]])
+        scanned = None
+        if self.emergency or now_ns >= self._quiet_until_ns:
+            soonest = t["idle"]
+            if self.emergency:
+                soonest = min(soonest, t["emergency_idle"], t["emergency_unanswered"])
+            slots = self._open_slots()
+            scanned = slots, c["last_ns"][slots], c["first_ns"][slots]
+            _, last, first = scanned
+            # Only flows quiet for the shortest timeout (the linger time if closed), or past
+            # the active timeout, can be due.
+            maybe = (now_ns - last >= soonest) | (now_ns - first >= t["active"])
+            maybe |= self._closed[slots] & (now_ns - last >= t["linger"])
+            slots = slots[maybe]
+        else:  # no timeout has passed (see _quiet_until_ns): only closed flows can be due
+            slots = self._closing[now_ns - c["last_ns"][self._closing] >= t["linger"]]
         last = c["last_ns"][slots]
         if limit is None:
             limit = self._expire_limit()
@@ -344,6 +372,12 @@ class FlowTable:
         if self.expiry_backlog:
             is_due[ending] = False
             self.overdue_last_ns = int(last[is_due].min())
+        if scanned is not None:  # the bound for the flows that stay
+            stay = np.ones(len(scanned[0]), dtype=bool)
+            stay[np.flatnonzero(maybe)[ending]] = False
+            _, all_last, all_first = scanned
+            bound = np.minimum(all_last[stay] + t["idle"], all_first[stay] + t["active"])
+            self._quiet_until_ns = int(bound.min()) if len(bound) else NEVER
         slots = slots[ending]
         _, reason = self._due(now_ns, slots)
         ended = self._release(slots, reason)
@@ -489,6 +523,16 @@ class FlowTable:
         # payload statistics (a window of bytes per new flow) wait until it ends.
         payload = self.config.payload and not self.emergency
         fold_runs(self._cols, p, order, ts, sw, flags, run_start, run_of, run_slot, payload)
+        c = self._cols
+        closed = _closed(c["rst_packets"][run_slot].sum(1), c["fin_packets"][run_slot])
+        self._closing = np.r_[self._closing, run_slot[closed & ~self._closed[run_slot]]]
+        self._closed[run_slot] = closed
+        # Flows this batch touched or started: none is due before its earliest packet's time
+        # plus a timeout (packets out of time order can move a flow's last time back).
+        t = self._timeouts_ns()
+        ts_min = int(ts.min())
+        self._quiet_until_ns = min(self._quiet_until_ns, ts_min + min(t["idle"], t["active"]))
+        self._interim_at_ns = min(self._interim_at_ns, ts_min + INTERIM_FIRST_S * NS)
         # Snapshot new flows before any of them that also ended here is released.
         by_seq = new_slots[np.argsort(self._cols["seq"][new_slots])]
         started = FlowRecords({k: self._cols[k][by_seq] for k in START_COLUMNS})
