@@ -39,6 +39,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=4000, help="generator training steps")
     ap.add_argument("--utility-steps", type=int, default=500)
     ap.add_argument("--augment", type=int, default=1000)
+    ap.add_argument("--augment-steps", type=int, default=2000, help="its generator's steps")
     ap.add_argument("--before", action="store_true", help="also the detector's own sampler")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -81,7 +82,8 @@ def main() -> int:
         )
         rng = np.random.default_rng(2)
         few = s.train[rng.permutation(len(s.train))[:200]]
-        small_gen = FlowGenerator(GeneratorConfig(train_steps=args.steps, seed=args.seed)).fit(few)
+        small_cfg = GeneratorConfig(train_steps=args.augment_steps, seed=args.seed)
+        small_gen = FlowGenerator(small_cfg).fit(few)
         fake = small_gen.sample(args.augment, seed=3)
         out = {}
         for label, x in (

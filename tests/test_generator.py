@@ -127,11 +127,11 @@ def test_export_and_load(fitted, tmp_path):
     torch_x = fitted.sample(200, seed=4)
     onnx_x = loaded.sample(200, seed=4)
     assert violation_share(onnx_x)[0] == 0.0
-    # float16 weights in the file: the same draws, nearly the same flows
-    same = np.isclose(torch_x, onnx_x, rtol=0.05, atol=1e-3) | (
+    # the file's graph is the torch network's arithmetic: the same draws, the same flows
+    same = np.isclose(torch_x, onnx_x, rtol=1e-3, atol=1e-4) | (
         np.isnan(torch_x) & np.isnan(onnx_x)
     )
-    assert same.mean() > 0.8
+    assert same.mean() > 0.99
     (tmp_path / "bad.gen.onnx").write_bytes(b"nope")
     with pytest.raises(GeneratorError, match="bad.gen.onnx"):
         FlowGenerator.load(tmp_path / "bad.gen.onnx")

@@ -49,6 +49,9 @@ INTEGER_UNITS = {"packets", "bytes", "count", "hops", "flows", "hosts", "ports"}
 _J = {name: j for j, name in enumerate(FEATURE_NAMES)}
 _UNIT = {f.name: f.unit for f in SCHEMA}
 
+SPREADS = tuple((f"{d}_pkt_len", "") for d in DIRECTIONS) + tuple(
+    (f"{d}_iat", "_s") for d in (*DIRECTIONS, "bidirectional")
+)
 # Features the schema defines from others: computed, never modelled.
 DERIVED = frozenset(
     [f"{d}_{s}" for d in DIRECTIONS for s in ("pkt_len_mean", "bytes", "header_bytes")]
@@ -58,9 +61,24 @@ DERIVED = frozenset(
     + ["dst2src_src2dst_bytes_ratio", "packets_per_s", "bytes_per_s"]
     + ["proto_tcp", "proto_udp", "proto_icmp", "dst_port_well_known", "dst_port_registered"]
     + ["tcp_answered", "tcp_reset"]
+    + [f"{d}_{flag}_packets" for d in DIRECTIONS for flag in ("ack", "psh")]
+    + [f"{p}_{s}{suffix}" for p, suffix in SPREADS for s in ("min", "std", "max")]
+    + [f"{d}_iat_mean_s" for d in (*DIRECTIONS, "bidirectional")]
 )
-# Modelled in place of some derived ones.
-EXTRA = ("proto", "port_class", "src2dst_header_per_packet", "dst2src_header_per_packet")
+# Modelled in place of some derived ones: min, std and max of lengths and gaps over their
+# mean, a direction's mean gap as the share of the duration its packets span (the flow's is
+# duration / gaps), ACK and PSH counts as the packets without them
+# (nearly always 0 or 1: every TCP packet but the SYN carries an ACK, most payload packets a
+# PSH), header bytes per packet.
+EXTRA = (
+    "proto",
+    "port_class",
+    *(f"{d}_header_per_packet" for d in DIRECTIONS),
+    *(f"{d}_packets_without_ack" for d in DIRECTIONS),
+    *(f"{d}_payload_packets_without_psh" for d in DIRECTIONS),
+    *(f"{p}_{s}_to_mean" for p, _ in SPREADS for s in ("min", "std", "max")),
+    *(f"{d}_iat_span_share" for d in DIRECTIONS),
+)
 
 
 class GeneratorError(TrainingError):
@@ -69,10 +87,10 @@ class GeneratorError(TrainingError):
 
 @dataclass(frozen=True)
 class GeneratorConfig:
-    width: int = 256
+    width: int = 192  # 1.3 MB in float32 (float16 weights: the samples got worse)
     depth: int = 3
     time_dim: int = 64
-    steps: int = 200  # diffusion steps (cosine schedule)
+    steps: int = 100  # diffusion steps (cosine schedule)
     train_steps: int = 4000
     batch_size: int = 256
     lr: float = 2e-3
@@ -101,6 +119,21 @@ def free_columns(x: np.ndarray) -> dict[str, np.ndarray]:
         p = x[:, _J[f"{d}_packets"]]
         with np.errstate(invalid="ignore", divide="ignore"):
             c[f"{d}_header_per_packet"] = np.where(p > 0, x[:, _J[f"{d}_header_bytes"]] / p, np.nan)
+        c[f"{d}_packets_without_ack"] = p - x[:, _J[f"{d}_ack_packets"]]
+        c[f"{d}_payload_packets_without_psh"] = (
+            x[:, _J[f"{d}_payload_packets"]] - x[:, _J[f"{d}_psh_packets"]]
+        )
+    dur = x[:, _J["duration_s"]]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for prefix, suffix in SPREADS:
+            mean = x[:, _J[f"{prefix}_mean{suffix}"]]
+            for s in ("min", "std", "max"):
+                v = x[:, _J[f"{prefix}_{s}{suffix}"]] / mean
+                c[f"{prefix}_{s}_to_mean"] = np.where(mean > 0, v, np.nan)
+        for d in DIRECTIONS:
+            gaps = x[:, _J[f"{d}_packets"]] - 1
+            span = x[:, _J[f"{d}_iat_mean_s"]] * gaps / dur
+            c[f"{d}_iat_span_share"] = np.where((gaps > 0) & (dur > 0), span, np.nan)
     return c
 
 
@@ -233,17 +266,29 @@ def assemble(free: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, int]]:
         with np.errstate(invalid="ignore", divide="ignore"):
             mean = np.where(p > 0, bytes_ / np.maximum(p, 1), np.nan)
         c[f"{d}_pkt_len_mean"] = mean
+        for s in ("min", "std", "max"):
+            c[f"{d}_pkt_len_{s}"] = np.maximum(c[f"{d}_pkt_len_{s}_to_mean"], 0) * mean
         _order_stats(c, f"{d}_pkt_len", p, mean, fix, integer=True, total=bytes_)
+        without = np.round(c[f"{d}_packets_without_ack"])
+        c[f"{d}_ack_packets"] = np.clip(p - without, 0, p)
+        without = np.round(c[f"{d}_payload_packets_without_psh"])
+        c[f"{d}_psh_packets"] = np.clip(pp - without, 0, p)
         for flag in FLAGS:
             name = f"{d}_{flag}_packets"
             fix("flag counts <= packets", tcp & (c[name] > p), name, np.minimum(c[name], p))
     total = c["src2dst_packets"] + c["dst2src_packets"]
     fix("one packet, no duration", (total == 1) & (c["duration_s"] != 0), "duration_s", 0.0)
     c["duration_s"] = np.maximum(c["duration_s"], 0)
-    for d in DIRECTIONS:
-        p = c[f"{d}_packets"]
-        _order_stats(c, f"{d}_iat", p - 1, c[f"{d}_iat_mean_s"], fix, suffix="_s")
-    _order_stats(c, "bidirectional_iat", total - 1, c["bidirectional_iat_mean_s"], fix, suffix="_s")
+    dur = c["duration_s"]
+    for d in (*DIRECTIONS, "bidirectional"):
+        gaps = (total if d == "bidirectional" else c[f"{d}_packets"]) - 1
+        share = 1.0 if d == "bidirectional" else np.clip(c[f"{d}_iat_span_share"], 0, 1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(gaps > 0, share * dur / np.maximum(gaps, 1), np.nan)
+        c[f"{d}_iat_mean_s"] = mean
+        for s in ("min", "std", "max"):
+            c[f"{d}_iat_{s}_s"] = np.maximum(c[f"{d}_iat_{s}_to_mean"], 0) * mean
+        _order_stats(c, f"{d}_iat", gaps, mean, fix, suffix="_s")
     c["bidirectional_packets"] = total
     c["bidirectional_bytes"] = c["src2dst_bytes"] + c["dst2src_bytes"]
     _combined_lengths(c, total)
@@ -466,7 +511,7 @@ class FlowGenerator:
 
     # ---- ONNX ------------------------------------------------------------------------------
     def export(self, path: str | Path) -> Path:
-        """Write the denoiser graph (x_t, t -> eps; weights in float16) with the encoding's
+        """Write the denoiser graph (x_t, t -> eps) with the encoding's
         tables as initializers and the column layout as metadata."""
         import onnx
 
@@ -532,11 +577,8 @@ def _graph(gen: FlowGenerator):
     sd = {k: v.detach().numpy().astype(np.float32) for k, v in net.state_dict().items()}
     nodes, inits, counter = [], [], [0]
 
-    def const(name, value, half=False):
+    def const(name, value):
         arr = np.asarray(value)
-        if half:
-            inits.append(numpy_helper.from_array(arr.astype(np.float16), name + "_f16"))
-            return op("Cast", name + "_f16", to=TensorProto.FLOAT)
         inits.append(numpy_helper.from_array(arr, name))
         return name
 
@@ -547,7 +589,7 @@ def _graph(gen: FlowGenerator):
         return out
 
     def linear(x, name):
-        w = const(f"gen/{name}.weight_t", sd[f"{name}.weight"].T.copy(), half=True)
+        w = const(f"gen/{name}.weight_t", sd[f"{name}.weight"].T.copy())
         return op("Add", op("MatMul", x, w), const(f"gen/{name}.bias", sd[f"{name}.bias"]))
 
     def norm(x, name):
