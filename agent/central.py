@@ -118,6 +118,10 @@ class CentralMeter:
     def emergency(self) -> bool:
         return any(s.totals.get("emergency", False) for s in self.sources.values())
 
+    def flood_flows(self, flows) -> np.ndarray:
+        """Flows to score in bulk: all while a worker's table is in emergency mode."""
+        return np.full(len(flows), self.emergency)
+
     @property
     def evictions(self) -> Counter:
         out = Counter(dict.fromkeys(EVICTION_REASONS, 0))

@@ -177,8 +177,12 @@ class Engine:
         if len(flows) == 0:
             return
         started = time.perf_counter()
-        if self.meters[interface].emergency:  # a flood: score each distinct shape once
+        meter = self.meters[interface]
+        if meter.emergency:  # a flood: score each distinct shape once
             scores = self.model.score_bulk(flows.features)
+        elif (flood := meter.flood_flows(flows.records)).any():
+            # a flood's flows still open when emergency mode ended: in bulk too
+            scores = self.model.score_mixed(flows.features, flood)
         else:
             scores = self.model.score(flows.features)
         elapsed = time.perf_counter() - started

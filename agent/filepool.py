@@ -20,6 +20,8 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .capture import CaptureError, read_capture
 from .context import ContextConfig
 from .flows import FlowConfig
@@ -63,6 +65,7 @@ class Step:
     evictions: Counter
     emergency: bool
     open_flows: int
+    flood: np.ndarray  # which of the flows started in emergency mode (FlowMeter.flood_flows)
 
 
 @dataclass
@@ -91,6 +94,7 @@ def meter_steps(job: tuple[Path, Path, FlowConfig | None, ContextConfig | None])
                 Counter(meter.evictions),
                 meter.emergency,
                 len(meter.table),
+                meter.flood_flows(flows.records),
             )
             pickle.dump(step, handle, protocol=pickle.HIGHEST_PROTOCOL)
 
@@ -134,6 +138,7 @@ class PlaybackMeter:
         self.evictions: Counter = Counter()
         self.emergency = False
         self.table = _Table(flow_config)
+        self._flood = np.zeros(0, dtype=bool)
 
     def add(self, step: Step) -> MeteredFlows:
         d = self.stats.decode
@@ -141,7 +146,11 @@ class PlaybackMeter:
         self.evictions = step.evictions
         self.emergency = step.emergency
         self.table.open = step.open_flows
+        self._flood = step.flood
         return step.flows
+
+    def flood_flows(self, flows) -> np.ndarray:
+        return self._flood  # of the flows the last add returned, as the worker's meter said
 
     def drain(self) -> Iterator[MeteredFlows]:
         return iter(())  # the worker drained its meter; those parts came as steps

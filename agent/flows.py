@@ -139,6 +139,9 @@ class FlowTable:
         self.key_collisions = 0
         self.emergency = False
         self.emergency_started = 0
+        # the flows (by seq) that started while emergency mode was on, its latest episode:
+        # a flood's, still to be scored in bulk after the mode ends (flood_flows)
+        self._flood_seq = (0, 0)
         self.evictions: Counter[str] = Counter(dict.fromkeys(EVICTION_REASONS, 0))
         self.expiry_backlog = 0  # flows past a timeout left for the next expiry
         self._expired_at_ns: int | None = None  # the latest time expire() was given
@@ -279,6 +282,14 @@ class FlowTable:
         pending = next_age < int(self.config.active_timeout_s * NS)
         return int((first[pending] + next_age[pending]).min()) if pending.any() else NEVER
 
+    def flood_flows(self, seq: np.ndarray) -> np.ndarray:
+        """Which of these flows (by seq) started while emergency mode was on (its latest
+        episode): all of them while it is on."""
+        if self.emergency:
+            return np.ones(len(seq), dtype=bool)
+        lo, hi = self._flood_seq
+        return (seq >= lo) & (seq < hi)
+
     # ---- expiry and room ---------------------------------------------------------------
     def _update_emergency(self, open_flows: int) -> None:
         """Start emergency mode at the enter fill; end it below the leave fill."""
@@ -288,8 +299,10 @@ class FlowTable:
         if not self.emergency and open_flows >= cfg.emergency_enter_fill * cfg.max_flows:
             self.emergency = True
             self.emergency_started += 1
+            self._flood_seq = (self._next_seq, NEVER)
         elif self.emergency and open_flows < cfg.emergency_leave_fill * cfg.max_flows:
             self.emergency = False
+            self._flood_seq = (self._flood_seq[0], self._next_seq)
 
     def _expire_limit(self) -> int:
         """Flows one expiry may end: a sixteenth of the table (not under 4,096)."""

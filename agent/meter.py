@@ -66,6 +66,11 @@ class FlowMeter:
         """The flow table is in emergency mode now (see flows.FlowConfig)."""
         return self.table.emergency
 
+    def flood_flows(self, flows: FlowRecords) -> np.ndarray:
+        """Which flows started while the flow table was in emergency mode (a flood's: scored
+        in bulk, see model.score_bulk, also when they end after the mode did)."""
+        return self.table.flood_flows(flows["seq"])
+
     @property
     def emergency_started(self) -> int:
         """How many times the flow table's emergency mode started."""

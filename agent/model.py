@@ -132,6 +132,22 @@ class ScoringModel:
         inverse = inverse.reshape(-1)
         return Scores(s.score[inverse], s.tail_probability[inverse], s.contributions[inverse])
 
+    def score_mixed(self, features: np.ndarray, bulk: np.ndarray) -> Scores:
+        """Score the rows where ``bulk`` is set as score_bulk does, the others exactly."""
+        if bulk.all():
+            return self.score_bulk(features)
+        parts = [(bulk, self.score_bulk(features[bulk])), (~bulk, self.score(features[~bulk]))]
+        n = len(features)
+        out = Scores(
+            np.empty(n, np.float32),
+            np.empty(n, np.float32),
+            np.empty((n, features.shape[1]), np.float32),
+        )
+        for rows, s in parts:
+            out.score[rows], out.tail_probability[rows] = s.score, s.tail_probability
+            out.contributions[rows] = s.contributions
+        return out
+
     def threshold(self, fpr: float) -> float:
         """The score threshold calibrated for a false-positive rate (nearest stored level)."""
         return nearest_threshold(self.thresholds, fpr)

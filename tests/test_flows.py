@@ -410,6 +410,21 @@ def test_emergency_mode_starts_and_ends_at_the_fill_thresholds():
     assert fed.table.emergency_started == 1
 
 
+def test_flood_flows_are_those_started_in_emergency_mode():
+    """The flows that started while emergency mode was on (a flood's) stay marked after the
+    mode ends, so the agent scores the rest of the flood in bulk too; later flows are not."""
+    fed = Fed(max_flows=20)
+    fed.add(syns([0.01 * i for i in range(18)]))  # seq 0-17
+    fed.add(syns([1.0], first_client=18))  # seq 18 fills the table: emergency mode on
+    assert fed.table.flood_flows(np.arange(19)).all()  # while it is on: every flow
+    fed.add(syns([2.1], first_client=19))  # seq 19 starts, then expiry ends the mode
+    fed.add(syns([10.0], first_client=20))  # seq 20: after it
+    assert not fed.table.emergency
+    expected = np.zeros(21, dtype=bool)
+    expected[[18, 19]] = True
+    np.testing.assert_array_equal(fed.table.flood_flows(np.arange(21)), expected)
+
+
 def test_emergency_idle_timeout_for_answered_flows():
     """Answered flows end after 10 s idle in emergency mode, not 120 s; the same traffic with
     emergency mode off keeps them."""

@@ -67,6 +67,23 @@ def test_bulk_scores_a_flood_by_its_distinct_shapes(tmp_path):
         assert not (flips & ~near).any(), fpr
 
 
+def test_mixed_scoring_is_bulk_where_asked_and_exact_elsewhere(tmp_path):
+    """The rest of a flood after emergency mode ended: its flows scored as in bulk, the
+    others exactly, each row where it was."""
+    from quietwire.agent.model import ScoringModel
+
+    x = flood_features(tmp_path)[:500]
+    model = ScoringModel()
+    bulk = np.zeros(len(x), dtype=bool)
+    bulk[::3] = True
+    mixed = model.score_mixed(x, bulk)
+    exact, in_bulk = model.score(x[~bulk]), model.score_bulk(x[bulk])
+    np.testing.assert_array_equal(mixed.score[~bulk], exact.score)
+    np.testing.assert_array_equal(mixed.contributions[~bulk], exact.contributions)
+    np.testing.assert_array_equal(mixed.score[bulk], in_bulk.score)
+    np.testing.assert_array_equal(mixed.tail_probability[bulk], in_bulk.tail_probability)
+
+
 def test_a_model_of_the_previous_schema_is_refused_with_how_to_retrain(tmp_path):
     """A schema-v3 model (before payload statistics) is refused, naming both schemas and the
     command that makes a matching one."""
