@@ -69,7 +69,7 @@ def main() -> int:
         synthetic = gen.sample(len(s.train), seed=args.seed + 1)
         rate = gen.last_rate
         print(compare(s.benign, synthetic[: len(s.benign)], seed=args.seed).table(12))
-        print(f"repair step (rows changed of {len(synthetic)}): {gen.last_repairs}")
+        print(f"repair step (values moved, {len(synthetic)} rows): {gen.last_repairs}")
         line = f"sampling: generator {rate:,.0f} flows/s"
         if args.before:
             det = DiffusionDetector(TrainConfig(seed=args.seed)).fit(s.train)

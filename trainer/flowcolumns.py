@@ -6,7 +6,7 @@ makes the schema's relations hold by construction (spreads as ratios to their me
 direction's mean gap as the share of the duration it spans, ACK and PSH counts as the packets
 without them, header bytes per packet); ``assemble`` computes every derived feature and every
 NaN from the schema's rules and moves what a decoder still gets wrong (a flag count above the
-packets) to the nearest valid value, counting the rows it changed.
+packets) to the nearest valid value, counting the values it moved per rule.
 """
 
 from __future__ import annotations
@@ -90,8 +90,8 @@ def free_columns(x: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def assemble(free: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, int]]:
-    """Raw features (n, F) float32 from decoded free columns, and the rows each repair step
-    changed. Every row of the result satisfies fidelity.constraint_violations' rules."""
+    """Raw features (n, F) float32 from decoded free columns, and the values each repair rule
+    moved. Every row of the result satisfies fidelity.constraint_violations' rules."""
     n = len(free["proto"])
     c = {k: np.asarray(v, np.float64).copy() for k, v in free.items()}
     repairs: dict[str, int] = {}

@@ -20,7 +20,7 @@ values as continuous indicators); as a generator it is told apart from real flow
   NaN exactly where agent/features.py says a feature does not apply, from the generated
   protocol and counts. A decoded value that breaks a rule the model has no column for (a
   minimum above the mean, a flag count above the packets) is moved to the nearest valid value
-  by ``assemble``; the rows it changes are counted (``last_repairs``).
+  by ``assemble``; the values it moves are counted per rule (``last_repairs``).
 
 The denoiser's graph takes x_t [N, D] and t [N] (float steps) and returns the predicted noise;
 the DDPM ancestral sampler runs in numpy around it (onnxruntime, no torch).
@@ -250,7 +250,7 @@ class FlowGenerator:
 
     def sample(self, n: int, seed: int = 0, batch: int = 4096) -> np.ndarray:
         """n synthetic benign flows, (n, F) float32 raw features; ``last_repairs`` counts the
-        rows each repair step changed, ``last_rate`` the flows per second."""
+        values each repair rule moved, ``last_rate`` the flows per second."""
         if self.encoding is None:
             raise GeneratorError("the generator is not fitted")
         started = time.perf_counter()
