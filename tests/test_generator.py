@@ -9,7 +9,9 @@ import csv
 import ipaddress
 
 import numpy as np
+import onnx
 import pytest
+from onnx import numpy_helper
 
 pytest.importorskip("torch")
 
@@ -198,10 +200,20 @@ def test_train_augment_and_sample_commands(tmp_path, capsys, benign):
     assert "classifier AUC synthetic vs real" in printed.out
     assert "rows breaking a schema rule: 0.0000" in printed.out
     assert read_flow_table(synth).shape == (60, len(FEATURE_NAMES))
+    # the generator is its own network: the scorer trained beside it is the same
+    with_gen = tmp_path / "g.onnx"
+    assert main([*args[:3], "-o", str(with_gen), "--train-steps", "30"]) == 0
     no_gen = tmp_path / "n.onnx"
     assert (
         main([*args[:3], "-o", str(no_gen), "--train-steps", "30", "--generator-steps", "0"]) == 0
     )
     capsys.readouterr()
+    assert generator_path(with_gen).exists() and not generator_path(no_gen).exists()
+    weights = [
+        {t.name: numpy_helper.to_array(t) for t in onnx.load(str(m)).graph.initializer}
+        for m in (with_gen, no_gen)
+    ]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(np.array_equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert main(["sample", "--model", str(no_gen)]) == 2
     assert "n.gen.onnx: no generator beside the model" in capsys.readouterr().err
