@@ -68,7 +68,8 @@ def main() -> int:
         print(f"generator fit: {gen.fit_seconds:.1f} s, final loss {gen.final_loss:.3f}")
         synthetic = gen.sample(len(s.train), seed=args.seed + 1)
         rate = gen.last_rate
-        print(compare(s.benign, synthetic[: len(s.benign)], seed=args.seed).table(12))
+        held = "held out: never seen by the generator"
+        print(compare(s.benign, synthetic[: len(s.benign)], args.seed, held).table(12))
         print(f"repair step (values moved, {len(synthetic)} rows): {gen.last_repairs}")
         line = f"sampling: generator {rate:,.0f} flows/s"
         if args.before:

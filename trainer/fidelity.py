@@ -309,12 +309,14 @@ class FidelityReport:
     violations_by_rule: dict[str, float] = field(default_factory=dict)
     real_rows: int = 0
     synthetic_rows: int = 0
+    real_note: str = ""  # what the caller knows of the real rows, e.g. that they are held out
 
     def table(self, worst: int = 10) -> str:
         broken = ", ".join(f"{k} {v:.3f}" for k, v in self.violations_by_rule.items() if v)
         lines = [
-            f"real rows {self.real_rows} (held out: never seen by the generator), synthetic rows "
-            f"{self.synthetic_rows}",
+            f"real rows {self.real_rows}"
+            + (f" ({self.real_note})" if self.real_note else "")
+            + f", synthetic rows {self.synthetic_rows}",
             f"classifier AUC synthetic vs real: {self.classifier_auc:.3f} logistic regression, "
             f"{self.trees_auc:.3f} gradient-boosted trees (0.5 = indistinguishable)",
             f"mean KS {np.nanmean(self.ks):.3f}, median KS {np.nanmedian(self.ks):.3f}, "
@@ -333,9 +335,12 @@ class FidelityReport:
         return "\n".join(lines)
 
 
-def compare(real: np.ndarray, synthetic: np.ndarray, seed: int = 0) -> FidelityReport:
-    """Fidelity of synthetic raw features against real raw features the generator never saw
-    (distances in the units of a preprocessing fitted on the real rows)."""
+def compare(
+    real: np.ndarray, synthetic: np.ndarray, seed: int = 0, real_note: str = ""
+) -> FidelityReport:
+    """Fidelity of synthetic raw features against real raw features, which should be flows
+    the generator never saw (distances in the units of a preprocessing fitted on the real
+    rows)."""
     real = np.asarray(real, np.float32)
     synthetic = np.asarray(synthetic, np.float32)
     prep = Preprocessor.fit(real)
@@ -361,6 +366,7 @@ def compare(real: np.ndarray, synthetic: np.ndarray, seed: int = 0) -> FidelityR
         by_rule,
         len(real),
         len(synthetic),
+        real_note,
     )
 
 
