@@ -86,7 +86,7 @@ def main() -> None:
         f"{'flows/s b=1':>12} {'flows/s b=4096':>15} {'fit s':>6}"
     )
     tmp = Path(tempfile.mkdtemp(prefix="qw-model-"))
-    for score in ("dte", "noise", "dte_noise"):
+    for score in ("dte_clean", "dte", "noise", "dte_noise"):
         det = DiffusionDetector(TrainConfig(score=score, train_steps=args.train_steps)).fit(train)
         model = ScoringModel(export(det, tmp / f"{score}.onnx"))
         s_test = model.score(test).score

@@ -82,7 +82,10 @@ def quality(path, corpus) -> dict[str, float]:
 # synscan AUROC 0.17-0.69; columns shuffled or trained on noise, benign over the threshold
 # 0.063-1.0. Every broken run fails at least one bound. The share of synscan probes over the
 # threshold is no bound: the probes are near-identical, so it jumps between 0 and 0.97 from
-# one seed to the next while their rank barely moves.
+# one seed to the next while their rank barely moves. The dte_clean score (issue 13), seeds
+# 0-4 on one contended x86 machine: AUROC 0.986-0.991, unseen benign over the threshold
+# 0.007-0.037, synscan AUROC 0.993-0.998 (dte on the same weights: 0.969-0.991,
+# 0.003-0.010, 0.975-0.995).
 BOUNDS = {"auroc": 0.9, "benign_over_1e-2": 0.05, "synscan_auroc": 0.9}
 
 
@@ -135,7 +138,7 @@ def test_same_data_and_seed_give_the_same_model(corpus):
     assert not np.array_equal(a.score(corpus[1])[0], c.score(corpus[1])[0])
 
 
-@pytest.mark.parametrize("score", ["noise", "dte_noise"])
+@pytest.mark.parametrize("score", ["noise", "dte_noise", "dte_clean"])
 def test_other_scores_export_too(corpus, tmp_path, score):
     det = DiffusionDetector(TrainConfig(score=score, train_steps=100)).fit(corpus[0][:600])
     path = export(det, tmp_path / "n.onnx")

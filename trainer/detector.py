@@ -12,6 +12,12 @@ Scores (all deterministic, so they export):
   it was trained on gets the top step, so the most anomalous flows tie with the few most
   unusual benign ones; the denoiser's error, already computed for the contributions, ranks
   them. Same scale as DTE for typical flows, no extra network pass.
+- ``dte_clean``: how surely the DTE classifier says the input is not clean, in nats:
+  -log P(step < ``dte_clean_step`` | x), plus ``dte_clean_noise_weight`` times the log of the
+  denoiser's error at ``contribution_steps`` over its training median when above it. Unlike the
+  expected step it has no ceiling and tells a confidently mid-noise flow (a scanner's probe)
+  from a flow whose noise level the classifier is unsure of (an odd benign application); no
+  extra network pass.
 Per-feature contributions always come from the denoiser's error at ``contribution_steps``.
 """
 
@@ -30,7 +36,8 @@ from .diffusion import Denoiser, NoiseSchedule, noise_loss, time_loss
 from .preprocess import CLIP, Preprocessor
 
 FPR_LEVELS = (1e-2, 1e-3, 1e-4)
-SCORES = ("dte", "noise", "dte_noise")
+SCORES = ("dte", "noise", "dte_noise", "dte_clean")
+DTE_SCORES = ("dte", "dte_noise", "dte_clean")  # the scores that use the time estimator
 MAX_CALIBRATION_POINTS = 4096
 
 
@@ -49,6 +56,8 @@ class TrainConfig:
     steps: int = 1000
     dte_max_step: int = 300
     dte_bins: int = 30
+    dte_clean_step: int = 30  # dte_clean: the steps below it count as a clean input
+    dte_clean_noise_weight: float = 2.0  # dte_clean: weight of the denoiser's log error ratio
     noise_steps: tuple[int, ...] = (25, 50, 100, 200)
     contribution_steps: tuple[int, ...] = (50,)
     train_steps: int = 2000  # optimiser steps per network (at least one epoch)
@@ -72,6 +81,16 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
+        width = self.dte_max_step / self.dte_bins
+        if not (0 < self.dte_clean_step < self.dte_max_step and self.dte_clean_step % width == 0):
+            raise ValueError(
+                f"dte_clean_step must be a multiple of dte_max_step / dte_bins ({width:g}) "
+                f"in (0, {self.dte_max_step}), got {self.dte_clean_step!r}"
+            )
+        if self.dte_clean_noise_weight < 0:
+            raise ValueError(
+                f"dte_clean_noise_weight must be >= 0, got {self.dte_clean_noise_weight!r}"
+            )
         if not 0.0 <= self.trim < 0.5:
             raise ValueError(f"trim must be in [0, 0.5), got {self.trim!r}")
         if self.host_balance < 0 or self.server_balance < 0:
@@ -98,6 +117,7 @@ class FitSummary:
     final_time_loss: float
     config: dict = field(default_factory=dict)
     refit_removed: int = 0
+    fine_tuned_from: dict = field(default_factory=dict)  # the init model (quietwire train --init)
 
 
 class DiffusionDetector:
@@ -118,19 +138,28 @@ class DiffusionDetector:
         self._noise_gen = g
 
     # ---- fitting -----------------------------------------------------------------------
-    def fit(self, x: np.ndarray, progress: Callable[[str, int, int], None] | None = None):
-        """Fit on benign raw features (n, F); hold out part of them to calibrate."""
+    def fit(
+        self,
+        x: np.ndarray,
+        progress: Callable[[str, int, int], None] | None = None,
+        init: DiffusionDetector | None = None,
+    ):
+        """Fit on benign raw features (n, F); hold out part of them to calibrate. With
+        ``init`` (a fitted detector of the same architecture and score): fine-tune, starting
+        from its networks, with its preprocessing and fixed noise kept."""
         cfg = self.config
         x = np.asarray(x, dtype=np.float32)
         if x.ndim != 2 or len(x) < 50:
             raise TrainingError(f"need at least 50 benign flows to train, got {len(x)}")
+        if init is not None:
+            _check_init(init, cfg, x.shape[1])
         started = time.perf_counter()
         torch.manual_seed(cfg.seed)
         rng = np.random.default_rng(cfg.seed)
         order = rng.permutation(len(x))
         n_cal = max(int(len(x) * cfg.holdout), 20)
         cal, train = x[order[:n_cal]], x[order[n_cal:]]
-        epochs, loss_n, loss_t = self._fit_networks(train, progress)
+        epochs, loss_n, loss_t = self._fit_networks(train, progress, init)
         removed = 0
         if cfg.refit:
             # Robust training: the flows the first model finds least benign are likelier
@@ -139,7 +168,7 @@ class DiffusionDetector:
             keep = scores <= np.quantile(scores, 1.0 - cfg.refit, method="lower")
             removed = int((~keep).sum())
             train = train[keep]
-            more, loss_n, loss_t = self._fit_networks(train, progress)
+            more, loss_n, loss_t = self._fit_networks(train, progress, init)
             epochs += more
         seconds = time.perf_counter() - started
         self.calibrate(cal)
@@ -158,19 +187,28 @@ class DiffusionDetector:
         )
         return self
 
-    def _fit_networks(self, train: np.ndarray, progress) -> tuple[float, float, float]:
-        """Preprocessing and both networks on ``train``; (epochs of both networks together,
-        final losses)."""
+    def _fit_networks(self, train: np.ndarray, progress, init=None) -> tuple[float, float, float]:
+        """Preprocessing and both networks on ``train`` (from ``init``'s when given); (epochs
+        of both networks together, final losses)."""
         cfg = self.config
-        self.preprocessor = Preprocessor.fit(train)
+        # Fine-tuning keeps the preprocessing: the networks' weights are functions of inputs
+        # on its scale (a refit would move every input under them).
+        self.preprocessor = Preprocessor.fit(train) if init is None else init.preprocessor
         inputs = torch.from_numpy(self.preprocessor.transform(train))
         d = inputs.shape[1]
-        self.noise_vectors = torch.randn(
-            (len(cfg.noise_steps) + len(cfg.contribution_steps), d), generator=self._noise_gen
-        )
+        if init is None:
+            self.noise_vectors = torch.randn(
+                (len(cfg.noise_steps) + len(cfg.contribution_steps), d), generator=self._noise_gen
+            )
+        else:
+            self.noise_vectors = init.noise_vectors.clone()
         gen = torch.Generator().manual_seed(cfg.seed)
         self.denoiser = Denoiser(d, d, cfg.width, cfg.depth, cfg.time_dim, cfg.steps)
         self.dte = Denoiser(d, cfg.dte_bins, cfg.width, cfg.depth, cfg.time_dim, cfg.steps)
+        if init is not None:
+            self.denoiser.load_state_dict(init.denoiser.state_dict())
+            if init.dte is not None:  # a "noise" model's file has none (its score needs none)
+                self.dte.load_state_dict(init.dte.state_dict())
 
         def denoise_loss(batch):
             return noise_loss(self.denoiser, self.schedule, batch, gen)
@@ -253,6 +291,8 @@ class DiffusionDetector:
             score = self.expected_step(inputs)
         elif cfg.score == "dte_noise":
             score = self.expected_step(inputs) * contrib.mean(1) / self.noise_reference_
+        elif cfg.score == "dte_clean":
+            score = self.clean_surprise(inputs, contrib.mean(1))
         else:
             score = self._noise_error(inputs, cfg.noise_steps, self.noise_vectors[:k]).mean(1)
         n_features = len(self.preprocessor.center)
@@ -275,12 +315,50 @@ class DiffusionDetector:
         )
         return torch.softmax(logits, dim=1) @ centers
 
+    def clean_bins(self) -> int:
+        """dte_clean: how many of the DTE classifier's first bins are the clean steps."""
+        cfg = self.config
+        return round(cfg.dte_clean_step * cfg.dte_bins / cfg.dte_max_step)
+
+    def clean_surprise(self, inputs: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
+        """dte_clean: -log P(clean | x) + weight * log(max(error / its training median, 1)),
+        with ``error`` the mean denoiser error at contribution_steps (n,)."""
+        logits = self.dte(inputs, torch.zeros(len(inputs), dtype=torch.long))
+        k = self.clean_bins()
+        # -log P(clean) = softplus(log-odds of not clean): no cancellation for clean inputs
+        odds = torch.logsumexp(logits[:, k:], 1) - torch.logsumexp(logits[:, :k], 1)
+        surprise = torch.nn.functional.softplus(odds)
+        ratio = torch.clamp(error / self.noise_reference_, min=1.0).log()
+        return surprise + self.config.dte_clean_noise_weight * ratio
+
     # ---- generation --------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, n: int, seed: int = 0) -> np.ndarray:
         """n synthetic benign flows (raw features) by DDPM ancestral sampling."""
         self._check_fitted()
         return sample_flows(self.denoiser, self.schedule, self.preprocessor, n, seed)
+
+
+# What a fine-tuned model keeps of the one it starts from: its networks' shapes and its score.
+INIT_FIELDS = ("score", "width", "depth", "time_dim", "steps", "dte_max_step", "dte_bins")
+INIT_FIELDS += ("noise_steps", "contribution_steps")
+
+
+def _check_init(init: DiffusionDetector, config: TrainConfig, n_features: int) -> None:
+    """A model to fine-tune must be fitted, read the same features and have the networks and
+    score ``config`` describes."""
+    init._check_fitted()
+    if len(init.preprocessor.center) != n_features:
+        raise TrainingError(
+            f"the initial model reads {len(init.preprocessor.center)} features, the data has "
+            f"{n_features}"
+        )
+    for name in INIT_FIELDS:
+        if getattr(init.config, name) != getattr(config, name):
+            raise TrainingError(
+                f"fine-tuning keeps the initial model's {name} ({getattr(init.config, name)!r}),"
+                f" the configuration asks for {getattr(config, name)!r}"
+            )
 
 
 def host_weights(x: np.ndarray, client: int, server: int = 0) -> torch.Tensor | None:

@@ -10,6 +10,7 @@ agent is exactly this file's arithmetic:
       -> denoiser at fixed steps with fixed noise: squared error (score, if score == "noise";
                                                                   contributions [N, F])
       -> DTE step x mean contribution error / its training median (score, if "dte_noise")
+      -> -log P(clean | x) + weight x log(error / median, at least 1) (score, if "dte_clean")
       -> tail probability against the held-out benign scores     (tail_probability [N])
 
 Weights are stored as initializers named after the torch parameters (``denoiser/...``,
@@ -29,7 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 from quietwire import __version__
 from quietwire.agent.features import FEATURE_NAMES, SCHEMA_HASH, SCHEMA_NAME, SCHEMA_VERSION
 
-from .detector import DiffusionDetector, TrainConfig
+from .detector import DTE_SCORES, DiffusionDetector, TrainConfig
 from .diffusion import Denoiser, timestep_embedding
 from .preprocess import CLIP, Preprocessor
 
@@ -160,7 +161,32 @@ def build_model(det: DiffusionDetector) -> onnx.ModelProto:
         g.const("out/end", np.array([n_features], np.int64)),
         g.const("out/axis", np.array([1], np.int64)),
     )
-    if cfg.score in ("dte", "dte_noise"):
+    if cfg.score == "dte_clean":
+        # -log P(clean | x) = softplus(log-odds of not clean), + weight * log(max(error /
+        # training median, 1)); ReduceLogSumExp subtracts the maximum, so confident logits
+        # neither overflow nor underflow.
+        logits = _mlp(g, "dte", det.dte, inputs, [0], "clean")
+        axes1 = g.const("score/axes1", np.array([1], np.int64))
+        k = g.const("score/clean_bins", np.array([det.clean_bins()], np.int64))
+        begin = g.const("score/begin", np.array([0], np.int64))
+        end = g.const("score/end", np.array([cfg.dte_bins], np.int64))
+        clean = g.op("Slice", logits, begin, k, axes1)
+        noisy = g.op("Slice", logits, k, end, axes1)
+        odds = g.op(
+            "Sub",
+            g.op("ReduceLogSumExp", noisy, axes1, keepdims=0),
+            g.op("ReduceLogSumExp", clean, axes1, keepdims=0),
+        )
+        surprise = g.op("Softplus", odds)
+        ratio = g.op(
+            "Div",
+            g.op("ReduceMean", err, axes1, keepdims=0),
+            g.const("score/noise_reference", np.float32(det.noise_reference_)),
+        )
+        ratio = g.op("Log", g.op("Max", ratio, g.const("score/one", np.float32(1.0))))
+        weight = g.const("score/noise_weight", np.float32(cfg.dte_clean_noise_weight))
+        score = g.op("Add", surprise, g.op("Mul", weight, ratio))
+    elif cfg.score in ("dte", "dte_noise"):
         logits = _mlp(g, "dte", det.dte, inputs, [0], "clean")
         centers = (np.arange(cfg.dte_bins, dtype=np.float32) + 0.5) * (
             cfg.dte_max_step / cfg.dte_bins
@@ -265,7 +291,7 @@ def load_detector(path: str | Path) -> DiffusionDetector:
     det.denoiser = Denoiser(d, d, cfg.width, cfg.depth, cfg.time_dim, cfg.steps)
     det.denoiser.load_state_dict(_state_dict(inits, "denoiser", det.denoiser))
     det.denoiser.eval()
-    if cfg.score in ("dte", "dte_noise"):
+    if cfg.score in DTE_SCORES:
         det.dte = Denoiser(d, cfg.dte_bins, cfg.width, cfg.depth, cfg.time_dim, cfg.steps)
         det.dte.load_state_dict(_state_dict(inits, "dte", det.dte))
         det.dte.eval()

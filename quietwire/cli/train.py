@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from quietwire.agent.features import FEATURE_NAMES, SCHEMA_HASH
+from quietwire.agent.features import FEATURE_NAMES
 
 from .common import Reading, Steps, error, trainer_or_error
 
@@ -18,10 +20,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from quietwire.trainer.detector import DiffusionDetector, TrainConfig, TrainingError
     from quietwire.trainer.export import export
 
+    init = None
+    if args.init:
+        init = _init_model(args.init, args.score)
+        if init is None:
+            return 2
     try:
-        config = TrainConfig(
-            score=args.score,
-            train_steps=args.train_steps,
+        # Fine-tuning keeps the initial model's networks' shapes and score (its config).
+        config = replace(
+            init[0].config if init else TrainConfig(score=args.score or TrainConfig.score),
+            train_steps=args.train_steps or (INIT_TRAIN_STEPS if init else TRAIN_STEPS),
             trim=args.trim,
             host_balance=args.host_balance,
             server_balance=args.server_balance,
@@ -60,8 +68,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{interim} interim records of open flows) from {len(data.sources)} files",
             file=sys.stderr,
         )
-        det = DiffusionDetector(config).fit(data.features, progress=Steps(sys.stderr.isatty()))
+        gen, features = _generator(args, data.features, config.train_steps)
+        det = DiffusionDetector(config).fit(
+            features, progress=Steps(sys.stderr.isatty()), init=init[0] if init else None
+        )
+        if init:
+            det.summary_.fine_tuned_from = init[1]
         export(det, args.out)
+        _write_generator(gen, args.out)
     except TrainingError as exc:
         error(str(exc))
         return 2
@@ -76,7 +90,93 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"final losses: noise {s.final_noise_loss:.3f}, time {s.final_time_loss:.3f}\n"
         "thresholds: " + ", ".join(f"FPR {k:g} -> {v:.4g}" for k, v in det.threshold_.items())
     )
+    if init:
+        f = init[1]
+        print(
+            f"fine-tuned from: {args.init} (model {f['version']}, score {config.score}, trained "
+            f"on {f['trained_flows']:,} flows) in {config.train_steps} steps per network; its "
+            "preprocessing kept, thresholds from the new data's held-out flows"
+        )
     return 0
+
+
+TRAIN_STEPS = 2000  # optimiser steps per network, from scratch
+INIT_TRAIN_STEPS = TRAIN_STEPS // 4  # ... and from a model (--init): it adapts, not learns
+
+
+def _init_model(path: Path, score: str | None):
+    """(the torch detector, its lineage record) of a model to fine-tune, or None after an error
+    line (a model of another schema is refused as the agent refuses it)."""
+    from datetime import UTC, datetime
+
+    from quietwire.agent.model import ModelError, ScoringModel
+    from quietwire.trainer.export import load_detector
+
+    try:
+        model = ScoringModel(path)
+        det = load_detector(path)
+    except ModelError as exc:
+        error(f"--init {exc}")
+        return None
+    except Exception as exc:  # onnx raises several types for a damaged file
+        error(f"--init {path}: cannot load model ({str(exc).splitlines()[0][:200]})")
+        return None
+    if score and score != det.config.score:
+        error(
+            f"--score {score}: {path} scores {det.config.score}; fine-tuning keeps the model's "
+            "score (train from scratch, without --init, for another)"
+        )
+        return None
+    calibration = json.loads(model.metadata.get("calibration", "{}") or "{}")
+    lineage = {
+        "model": str(path),
+        "version": model.version,
+        "quietwire_version": model.metadata.get("quietwire_version", "?"),
+        "trained_flows": int(model.training.get("flows", 0)),
+        "calibrated": {k: calibration[k] for k in ("date", "records") if k in calibration},
+        "fine_tuned_from": model.training.get("fine_tuned_from", {}),  # its own lineage
+        "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),  # of the fine-tuning
+    }
+    return det, lineage
+
+
+def _generator(args: argparse.Namespace, benign, detector_steps: int):
+    """(the generator fitted on the benign flows or None, the detector's training flows: the
+    benign ones plus --augment synthetic ones)."""
+    import numpy as np
+
+    from quietwire.trainer.generator import FlowGenerator, GeneratorConfig, GeneratorError
+
+    steps = 5 * detector_steps if args.generator_steps is None else args.generator_steps
+    if args.augment < 0 or steps < 0:
+        raise GeneratorError("--augment and --generator-steps: expected 0 or more")
+    if steps == 0:
+        if args.augment:
+            raise GeneratorError("--augment needs a generator (--generator-steps above 0)")
+        return None, benign
+    config = GeneratorConfig(train_steps=steps, seed=args.seed)
+    gen = FlowGenerator(config).fit(benign, progress=Steps(sys.stderr.isatty()))
+    if not args.augment:
+        return gen, benign
+    synthetic = gen.sample(args.augment, seed=args.seed)
+    print(
+        f"augmented: {args.augment} synthetic flows from the generator added to "
+        f"{len(benign)} benign ones",
+        file=sys.stderr,
+    )
+    return gen, np.concatenate([benign, synthetic])
+
+
+def _write_generator(gen, model: Path) -> None:
+    from quietwire.trainer.generator import generator_path
+
+    if gen is not None:
+        path = gen.export(generator_path(model))
+        print(
+            f"generator: {path} ({gen.config.train_steps} steps, {gen.fit_seconds:.1f} s, "
+            f"final loss {gen.final_loss:.3f}; quietwire sample draws from it)",
+            file=sys.stderr,
+        )
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -87,46 +187,77 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from quietwire.agent.flowfile import FlowFileError
     from quietwire.trainer.data import load_benign
     from quietwire.trainer.detector import TrainingError
-    from quietwire.trainer.export import load_detector
-    from quietwire.trainer.fidelity import compare
+    from quietwire.trainer.fidelity import compare, utility
+    from quietwire.trainer.generator import (
+        FlowGenerator,
+        GeneratorError,
+        generator_path,
+        write_flow_table,
+    )
 
+    if args.n < 1:
+        error(f"-n: expected at least 1 flow, got {args.n}")
+        return 2
     try:
-        det = load_detector(args.model)
+        import onnx
+
+        onnx.load(str(args.model), load_external_data=False)
     except Exception as exc:  # onnx raises several types for a bad file
         error(f"{args.model}: cannot load model ({str(exc).splitlines()[0][:200]})")
         return 2
-    synthetic = det.sample(args.n, seed=args.seed)
+    path = args.generator or generator_path(args.model)
+    if not path.exists():
+        error(
+            f"{path}: no generator beside the model (quietwire train writes one unless "
+            "--generator-steps 0; or give --generator FILE)"
+        )
+        return 2
+    try:
+        gen = FlowGenerator.load(path)
+    except GeneratorError as exc:
+        error(str(exc))
+        return 2
+    synthetic = gen.sample(args.n, seed=args.seed)
+    repaired = ", ".join(f"{k} {v}" for k, v in gen.last_repairs.items()) or "none"
+    print(
+        f"sampled {args.n} flows from {path} at {gen.last_rate:,.0f} flows/s (one thread); "
+        f"values the repair step moved: {repaired}",
+        file=sys.stderr,
+    )
     if args.out:
-        _write_synthetic(args.out, synthetic)
+        write_flow_table(args.out, synthetic, seed=args.seed)
         print(f"wrote {args.n} synthetic flows to {args.out}", file=sys.stderr)
-    if args.compare:
+    if args.compare or args.attacks:
+        if not args.compare:
+            error("--attacks needs --compare (real benign flows to score and to train on)")
+            return 2
         try:
             real = load_benign(list(args.compare), known_malicious={}).features
+            attacks = (
+                load_benign(list(args.attacks), known_malicious={}).features
+                if args.attacks
+                else None
+            )
         except (TrainingError, FlowFileError) as exc:
             error(str(exc))
             return 2
         rng = np.random.default_rng(args.seed)
-        real = real[rng.permutation(len(real))[: max(args.n, 1)]]
-        print(compare(real, synthetic, det.preprocessor).table())
-    return 0
-
-
-def _write_synthetic(path: Path, features) -> None:
-    """Synthetic flows as a flow table: features, no identity (end_reason 'synthetic')."""
-    import math
-
-    from quietwire.agent.flowfile import ID_FIELDS
-
-    with path.open("w") as out:
-        out.write(",".join((*ID_FIELDS, *FEATURE_NAMES)) + "\n")
-        blank = ["" for _ in ID_FIELDS]
-        blank[ID_FIELDS.index("end_reason")] = "synthetic"
-        blank[ID_FIELDS.index("schema_hash")] = SCHEMA_HASH
-        prefix = ",".join(blank)
-        for row in features.tolist():
-            out.write(
-                prefix + "," + ",".join("" if math.isnan(v) else f"{v:.9g}" for v in row) + "\n"
+        real = real[rng.permutation(len(real))[: args.n]]
+        print(compare(real, synthetic[: max(len(real), 1)], seed=args.seed).table())
+        if attacks is not None:
+            # the real-trained detector learns from one half of the real flows; both are
+            # scored on the other half and the attacks
+            half = len(real) // 2
+            if half < 50:
+                error(f"--attacks: need at least 100 real benign flows, got {len(real)}")
+                return 2
+            u = utility(synthetic[:half], real[:half], real[half:], attacks, args.utility_steps)
+            print(
+                f"utility: detector AUROC trained on {half} synthetic flows {u['synthetic']:.3f}, "
+                f"on {half} real flows {u['real']:.3f} (ratio {u['ratio']:.3f}); scored on "
+                f"{len(real) - half} real benign flows and {len(attacks)} attack flows"
             )
+    return 0
 
 
 def register(sub) -> None:
@@ -155,18 +286,26 @@ def register(sub) -> None:
     )
     train.add_argument("-o", "--out", type=Path, required=True, help="the ONNX file to write")
     train.add_argument(
+        "--init",
+        type=Path,
+        metavar="MODEL",
+        help="fine-tune MODEL (an ONNX file of this feature schema) on the benign data instead "
+        "of training from scratch: its networks, preprocessing and score are kept, its "
+        "thresholds recomputed on the new data's held-out flows",
+    )
+    train.add_argument(
         "--score",
-        choices=("dte", "noise", "dte_noise"),
-        default="dte",
-        help="anomaly score: diffusion time estimation (dte), noise error (noise), or DTE "
-        "with ties broken by the denoiser's error (dte_noise); default %(default)s",
+        choices=("dte_clean", "dte", "noise", "dte_noise"),
+        help="anomaly score: how surely the diffusion time estimator says a flow is not clean, "
+        "plus the denoiser's error (dte_clean), the expected diffusion step (dte), noise "
+        "error (noise), or the expected step times the denoiser's error (dte_noise); default "
+        "dte_clean (with --init: the model's)",
     )
     train.add_argument(
         "--train-steps",
         type=int,
-        default=2000,
         metavar="N",
-        help="optimiser steps per network (2000)",
+        help=f"optimiser steps per network ({TRAIN_STEPS}; {INIT_TRAIN_STEPS} with --init)",
     )
     train.add_argument(
         "--trim",
@@ -216,17 +355,39 @@ def register(sub) -> None:
         help="train on at most N flows: a seeded sample balanced across client hosts, in "
         "bounded memory however many flows the inputs hold (%(default)d; 0 = all)",
     )
+    train.add_argument(
+        "--generator-steps",
+        type=int,
+        metavar="N",
+        help="training steps of the generator written beside the model (MODEL.gen.onnx, "
+        "what quietwire sample draws from; default: 5 x --train-steps; 0 = none)",
+    )
+    train.add_argument(
+        "--augment",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add N synthetic flows from the generator (fitted on the benign flows first) to "
+        "the detector's training flows, for scarce benign data (0)",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(func=cmd_train)
 
     sample = sub.add_parser(
         "sample",
-        help="draw synthetic benign flows from a model; report their fidelity",
-        description="Run the model's diffusion process backwards from noise to new flows. "
-        "With --compare, print how close they are to real flows (KS and W1 per feature, and "
-        "how well a classifier tells them apart).",
+        help="draw synthetic benign flows from a model's generator; report their fidelity",
+        description="Draw flows from the generator written beside the model (model.gen.onnx: "
+        "a mixed-type diffusion model of the benign flows). -o writes them as a flow table "
+        "with placeholder documentation addresses. --compare prints how close they are to "
+        "real flows the generator never saw: two-sample classifier AUC, KS and W1 per feature, "
+        "a correlation distance and the share of rows breaking a schema rule; --attacks adds "
+        "a utility test (a detector trained on synthetic flows only against one trained on "
+        "real ones).",
     )
     sample.add_argument("--model", type=Path, required=True)
+    sample.add_argument(
+        "--generator", type=Path, help="the generator file (default: MODEL.gen.onnx beside it)"
+    )
     sample.add_argument("-n", type=int, default=1000, help="how many flows (1000)")
     sample.add_argument("-o", "--out", type=Path, help="write them as a flow table (CSV)")
     sample.add_argument(
@@ -234,7 +395,22 @@ def register(sub) -> None:
         nargs="*",
         type=Path,
         metavar="PATH",
-        help="real benign captures or flow tables to compare with",
+        help="real benign captures or flow tables to compare with (held out: not the flows "
+        "the generator was trained on)",
+    )
+    sample.add_argument(
+        "--attacks",
+        nargs="*",
+        type=Path,
+        metavar="PATH",
+        help="attack captures or flow tables for the utility test",
+    )
+    sample.add_argument(
+        "--utility-steps",
+        type=int,
+        default=500,
+        metavar="N",
+        help="training steps of the utility test's detectors (500)",
     )
     sample.add_argument("--seed", type=int, default=0)
     sample.set_defaults(func=cmd_sample)
