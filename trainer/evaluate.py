@@ -24,7 +24,7 @@ from quietwire.agent.capture import read_capture
 from quietwire.agent.meter import FlowMeter
 
 from .data import load_labels
-from .detector import DiffusionDetector, TrainConfig
+from .detector import DTE_SCORES, DiffusionDetector, TrainConfig
 from .fidelity import auroc
 from .preprocess import Preprocessor
 from .trafficgen import ATTACKS, WEB_ATTACKS, flow_kinds, generate, read_labels
@@ -311,12 +311,12 @@ def generated_set(workdir: Path, seed: int = 0, scale: float = 1.0) -> EvalSet:
 
 def detectors(train_steps: int) -> list:
     """The default diffusion model first (the one the hard cases use), the other DTE-based
-    score next, then the baselines."""
+    scores next, then the baselines."""
     default = TrainConfig(train_steps=train_steps)
-    other = "dte_noise" if default.score == "dte" else "dte"
+    others = [s for s in DTE_SCORES if s != default.score]
     return [
         DiffusionBaseline(default),
-        DiffusionBaseline(replace(default, score=other)),
+        *(DiffusionBaseline(replace(default, score=s)) for s in others),
         IsolationForestBaseline(),
         LOFBaseline(),
         AutoencoderBaseline(),
