@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scapy.all import IP, TCP, Ether
 
+from quietwire.agent.context import WINDOW_FEATURES
 from quietwire.agent.features import FEATURE_NAMES
 
 from .conftest import meter_file, write_pcap
@@ -240,17 +241,8 @@ def _meter_probes(path, monkeypatch=None):
     return records.take(np.flatnonzero(ended)), features[ended]
 
 
-WINDOW_COLUMNS = [
-    FEATURE_NAMES.index(n)
-    for n in (
-        "src_host_flows",
-        "src_host_distinct_dst_hosts",
-        "src_host_distinct_dst_ports",
-        "src_host_unanswered_share",
-        "dst_host_flows",
-        "dst_host_distinct_src_hosts",
-    )
-]
+# the order _brute_force_windows computes them in
+WINDOW_COLUMNS = [FEATURE_NAMES.index(n) for n in WINDOW_FEATURES]
 
 
 @pytest.mark.parametrize("step_back", [False, True])
