@@ -209,6 +209,19 @@ def start_daemon(ns, config, log):
     return proc
 
 
+def send_at_top_speed(ns, capture) -> str:
+    """tcpreplay ``capture`` into the veth pair as fast as it can, then let the daemon read
+    what is queued; tcpreplay's output (its rate line)."""
+    sent = subprocess.run(
+        [*ns, "tcpreplay", "-i", "qwa", "--topspeed", str(capture)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    time.sleep(1.0)
+    return sent.stdout
+
+
 # tcpreplay --topspeed squeezes the capture's 21 s into milliseconds, which changes every
 # timing feature and so the model's scores; these rules depend only on what timing cannot
 # change (flags, the order of flow starts inside the host window), so live and replay must
@@ -230,13 +243,7 @@ def test_live_capture_matches_replay(ndpi, netns, tmp_path, capsys):
     )
     log = tmp_path / "daemon.log"
     proc = start_daemon(netns, config, log)
-    sent = subprocess.run(
-        [*netns, "tcpreplay", "-i", "qwa", "--topspeed", str(capture)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    time.sleep(1.0)
+    sent = send_at_top_speed(netns, capture)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0, log.read_text()
     m = re.search(
@@ -261,7 +268,7 @@ def test_live_capture_matches_replay(ndpi, netns, tmp_path, capsys):
         == 0
     )
     r = re.search(r"replay: (\d+) packets, (\d+) flows, (\d+) incidents", capsys.readouterr().err)
-    assert "Actual: 2011 packets" in sent.stdout
+    assert "Actual: 2011 packets" in sent
     assert drops == 0
     assert (live_packets, live_flows) == (int(r.group(1)), int(r.group(2)))
 
@@ -307,13 +314,7 @@ def test_live_flood_stays_within_budget_and_memory(netns, tmp_path):
     log = tmp_path / "daemon.log"
     proc = start_daemon(netns, config, log)
     started = time.monotonic()
-    sent = subprocess.run(
-        [*netns, "tcpreplay", "-i", "qwa", "--topspeed", str(flood)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    time.sleep(1.0)
+    sent = send_at_top_speed(netns, flood)
     peak_kib = int(re.search(r"VmHWM:\s+(\d+)", Path(f"/proc/{proc.pid}/status").read_text())[1])
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0, log.read_text()
@@ -331,9 +332,9 @@ def test_live_flood_stays_within_budget_and_memory(netns, tmp_path):
         f"live flood: {packets} packets captured ({drops} dropped by the kernel), {flows} "
         f"flows, {incidents} incidents, {lines} lines written, {held} held back, "
         f"peak RSS {peak_kib / 1024:.0f} MiB, {seconds:.1f} s; tcpreplay: "
-        + sent.stdout.strip().splitlines()[0]
+        + sent.strip().splitlines()[0]
     )
-    assert "Actual: 100000 packets" in sent.stdout
+    assert "Actual: 100000 packets" in sent
     assert packets + drops == 100000 and flows == packets
     assert lines == len(written) <= 20 + 2 * seconds  # the burst, then 2 lines/s
     assert held > 90000  # one per-flow line per flood flow, almost all held back

@@ -27,7 +27,7 @@ from quietwire.agent.workerpool import WorkerPool
 from quietwire.agent.workers import WorkerTable, recv_report, send_report
 from quietwire.cli import main
 
-from .test_daemon import netns, start_daemon  # noqa: F401  (the fixture)
+from .test_daemon import netns, send_at_top_speed, start_daemon  # noqa: F401  (the fixture)
 
 
 def _report_of(path: Path) -> WorkerReport:
@@ -224,13 +224,7 @@ def test_two_workers_live_match_replay(ndpi, netns, tmp_path, capsys):  # noqa: 
     try:
         proc.send_signal(signal.SIGHUP)  # reaches the workers; they keep capturing
         _wait_for(log, "reloaded:")
-        sent = subprocess.run(
-            [*netns, "tcpreplay", "-i", "qwa", "--topspeed", str(capture)],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        time.sleep(1.0)
+        sent = send_at_top_speed(netns, capture)
         assert set(_children(proc.pid)) >= set(workers)  # the same processes, none restarted
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -243,7 +237,7 @@ def test_two_workers_live_match_replay(ndpi, netns, tmp_path, capsys):  # noqa: 
     assert "0 worker restarts" in text
     assert main(["replay", str(capture), "--flow-log", str(tmp_path / "replay.json")]) == 0
     r = re.search(r"replay: (\d+) packets, (\d+) flows", capsys.readouterr().err)
-    sent_packets = int(re.search(r"Actual: (\d+) packets", sent.stdout).group(1))
+    sent_packets = int(re.search(r"Actual: (\d+) packets", sent).group(1))
     assert drops == 0
     assert packets == sent_packets == int(r.group(1))
     assert len(shares) == 2 and sum(shares) == packets and min(shares) > 0
@@ -267,12 +261,7 @@ def test_a_killed_worker_is_started_again(ndpi, netns, tmp_path):  # noqa: F811
         while len(_children(proc.pid)) < 2:
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.1)
-        subprocess.run(
-            [*netns, "tcpreplay", "-i", "qwa", "--topspeed", str(ndpi / "pcap" / "synscan.pcap")],
-            capture_output=True,
-            check=True,
-        )
-        time.sleep(1.0)
+        send_at_top_speed(netns, ndpi / "pcap" / "synscan.pcap")
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, log.read_text()
