@@ -66,6 +66,20 @@ def child(tool: str, path: str) -> None:
     print(json.dumps(result))
 
 
+def start_daemon(exec_ns: list[str], config: Path, log: Path) -> subprocess.Popen:
+    """``quietwire run --config`` in the namespace, once it says it is capturing (its log,
+    on stderr, goes to ``log``; the benchmark stops with that log if the daemon exits)."""
+    proc = subprocess.Popen(
+        [*exec_ns, sys.executable, "-m", "quietwire.cli", "run", "--config", str(config)],
+        stderr=log.open("w"),
+    )
+    while "capturing on" not in log.read_text():
+        if proc.poll() is not None:
+            raise SystemExit(log.read_text())
+        time.sleep(0.05)
+    return proc
+
+
 def live(path: Path, n_packets: int) -> None:
     if os.geteuid() != 0 or not shutil.which("tcpreplay") or not shutil.which("ip"):
         print("\nlive capture: skipped (needs root, ip and tcpreplay)")
@@ -93,14 +107,7 @@ def live(path: Path, n_packets: int) -> None:
         best = None
         for rate in (None, 800_000, 400_000, 200_000, 100_000):
             log = work / "daemon.log"
-            proc = subprocess.Popen(
-                [*exec_ns, sys.executable, "-m", "quietwire.cli", "run", "--config", str(config)],
-                stderr=log.open("w"),
-            )
-            while "capturing on" not in log.read_text():
-                if proc.poll() is not None:
-                    raise SystemExit(log.read_text())
-                time.sleep(0.05)
+            proc = start_daemon(exec_ns, config, log)
             speed = ["--topspeed"] if rate is None else [f"--pps={rate}"]
             sent = sh(*exec_ns, "tcpreplay", "-i", "qwa", *speed, str(path)).stdout
             actual = re.search(r"Rated: [\d.]+ Bps, [\d.]+ Mbps, ([\d.]+) pps", sent)

@@ -30,6 +30,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
+sys.path.insert(0, str(HERE))
+
+from bench_agent import start_daemon  # noqa: E402
 
 from quietwire.agent.context import CONTEXT_FEATURES  # noqa: E402
 from quietwire.agent.features import FEATURE_NAMES, SCHEMA  # noqa: E402
@@ -74,14 +77,7 @@ def run_daemon(exec_ns, work: Path, capture: Path, workers: int, ring_blocks: in
         "metrics: false\n"
     )
     log = work / f"daemon{workers}.log"
-    proc = subprocess.Popen(
-        [*exec_ns, sys.executable, "-m", "quietwire.cli", "run", "--config", str(config)],
-        stderr=log.open("w"),
-    )
-    while "capturing on" not in log.read_text():
-        if proc.poll() is not None:
-            raise SystemExit(log.read_text())
-        time.sleep(0.05)
+    proc = start_daemon(exec_ns, config, log)
     time.sleep(1.0)  # the workers' start-up is not what is measured: CPU before sending is not
     pids = [proc.pid, *_children(proc.pid)]
     before = {pid: _cpu_s(pid) for pid in pids}
