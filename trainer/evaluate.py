@@ -26,6 +26,7 @@ from quietwire.agent.meter import FlowMeter
 from .data import load_labels
 from .detector import DTE_SCORES, DiffusionDetector, TrainConfig
 from .fidelity import auroc
+from .generator import FlowGenerator, GeneratorConfig
 from .preprocess import Preprocessor
 from .trafficgen import ATTACKS, WEB_ATTACKS, flow_kinds, generate, read_labels
 
@@ -433,12 +434,14 @@ def imbalance(benign: np.ndarray, attack: np.ndarray, rates=(0.01, 0.001), draws
 
 
 def augmentation(s: EvalSet, train_steps: int, small: int = 200, synthetic: int = 1000) -> dict:
-    """With little benign data: AUROC trained on it alone, and with synthetic flows added
-    (sampled from a model fitted on the same small set)."""
+    """With little benign data: AUROC trained on it alone, and with synthetic flows added,
+    sampled from a FlowGenerator fitted on the same small set (what ``quietwire train
+    --augment`` does, with its default of five generator steps per detector step)."""
     rng = np.random.default_rng(2)
     few = s.train[rng.permutation(len(s.train))[:small]]
     base = DiffusionDetector(TrainConfig(train_steps=train_steps)).fit(few)
-    fake = base.sample(synthetic, seed=3)
+    gen = FlowGenerator(GeneratorConfig(train_steps=5 * train_steps)).fit(few)
+    fake = gen.sample(synthetic, seed=3)
     aug = DiffusionDetector(TrainConfig(train_steps=train_steps)).fit(np.concatenate([few, fake]))
     out = {}
     for name, det in (("small", base), ("small + synthetic", aug)):
