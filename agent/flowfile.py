@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import tableformat as tf
-from .communityid import flow_community_ids
+from .communityid import ID_CHARS, community_id_chars, flow_community_ids
 from .features import FEATURE_NAMES, SCHEMA_HASH
 from .flowrecords import END_REASONS, FlowRecords
 from .meter import MeteredFlows
@@ -182,7 +182,7 @@ def identity_text(flows: FlowRecords, null: bytes) -> dict[str, tf.Text]:
     ver = flows["ip_version"]
     return {
         "flow_id": tf.integers(flows["seq"]),
-        "community_id": tf.fixed_width(flow_community_ids(flows), 30),
+        "community_id": (community_id_chars(flows), np.full(n, ID_CHARS, dtype=np.int64)),
         "start": iso_text(flows["first_ns"]),
         "end": iso_text(flows["last_ns"]),
         "src_ip": tf.strings(*ip_codes(ver, flows["src_hi"], flows["src_lo"])),

@@ -146,7 +146,7 @@ class ParquetFlowWriter:
         self._pending, self._rows = [], 0
 
     def _batch(self, flows: FlowRecords, features: np.ndarray, scores: Scores | None):
-        from .communityid import flow_community_ids
+        from .communityid import ID_CHARS, community_id_chars
 
         pa = self._pa
         no_ports = ~np.isin(flows["proto"], (6, 17, 132))
@@ -158,7 +158,11 @@ class ParquetFlowWriter:
 
         cols = {
             "flow_id": flows["seq"].astype(np.uint64),
-            "community_id": pa.array(flow_community_ids(flows), pa.string()),
+            "community_id": pa.StringArray.from_buffers(  # fixed-width ASCII: offsets by step
+                len(flows),
+                pa.py_buffer(np.arange(len(flows) + 1, dtype=np.int32) * ID_CHARS),
+                pa.py_buffer(community_id_chars(flows)),
+            ),
             "start": pa.array(flows["first_ns"] // 1000, pa.timestamp("us", tz="UTC")),
             "end": pa.array(flows["last_ns"] // 1000, pa.timestamp("us", tz="UTC")),
             "src_ip": coded(*ip_codes(ver, flows["src_hi"], flows["src_lo"])),

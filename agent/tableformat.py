@@ -204,13 +204,6 @@ def strings(texts: list[str] | tuple[str, ...], codes: np.ndarray | None = None)
     return table[codes], lens[codes]
 
 
-def fixed_width(texts: list[str], width: int) -> Text:
-    """Texts that all have ``width`` characters (timestamps, Community IDs): one join."""
-    chars = np.frombuffer("".join(texts).encode("ascii"), dtype=np.uint8)
-    chars = chars.reshape(len(texts), width)
-    return chars, np.full(len(texts), width, dtype=np.int64)
-
-
 def replace(text: Text, where: np.ndarray, value: bytes) -> Text:
     """The column with ``value`` in the rows ``where`` (e.g. a null)."""
     chars, lens = text

@@ -91,6 +91,27 @@ def run_read(path: str, lanes: bool) -> dict:
     return {"packets": packets, "flows": None, "seconds": seconds, "cpu": time.process_time() - cpu}
 
 
+def run_community_id(path: str) -> dict:
+    """Community IDs of the capture's flows, in the writer's chunks: the batch (SHA-1 and
+    base64 on arrays) and the reference one flow at a time (what the writer did before)."""
+    from quietwire.agent.capture import read_capture
+    from quietwire.agent.communityid import community_id_chars, flow_community_ids_scalar
+    from quietwire.agent.flowfile import ROW_CHUNK
+    from quietwire.agent.flowrecords import FlowRecords
+    from quietwire.agent.meter import FlowMeter
+
+    meter = FlowMeter()
+    parts = [meter.add(batch).records for batch in read_capture(path)]
+    flows = FlowRecords.concat([*parts, meter.flush().records])
+    out: dict = {"packets": None, "flows": len(flows), "seconds": 0.0}
+    for name, fn in (("batch", community_id_chars), ("scalar", flow_community_ids_scalar)):
+        cpu = time.process_time()
+        for lo in range(0, len(flows), ROW_CHUNK):
+            fn(flows.take(slice(lo, lo + ROW_CHUNK)))
+        out[name] = time.process_time() - cpu
+    return out
+
+
 def run_scapy(path: str, limit: int) -> dict:
     from scapy.utils import PcapReader
 
@@ -117,6 +138,8 @@ def child(tool: str, path: str, limit: int, max_flows: int = 0) -> None:
         result = run_quietwire(path, payload=False)
     elif tool == "nfstream":
         result = run_nfstream(path)
+    elif tool == "community-id":
+        result = run_community_id(path)
     else:
         result = run_scapy(path, limit)
     result["peak_rss_mib"] = _peak_rss_mib()
@@ -132,7 +155,8 @@ def measure(tool: str, path: Path, *extra: str, script: str = __file__) -> dict:
         check=True,
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    result["pps"] = result["packets"] / result["seconds"]
+    if result["packets"] is not None:
+        result["pps"] = result["packets"] / result["seconds"]
     return result
 
 
@@ -241,6 +265,16 @@ def print_walk(path: Path, repeat: int) -> None:
         f"pcap record walk: read_capture alone {lanes['packets'] / lanes['cpu']:,.0f} packets "
         f"per CPU second with lanes, {plain['packets'] / plain['cpu']:,.0f} with the plain walk "
         f"({plain['cpu'] / lanes['cpu']:.2f}x)"
+    )
+
+
+def print_community_id(path: Path) -> None:
+    """Community ID per flow: the batch against the scalar reference, the capture's flows."""
+    r = measure("community-id", path)
+    print(
+        f"community ID of {r['flows']:,} flows: {r['batch'] / r['flows'] * 1e6:.2f} us per flow "
+        f"in batches (numpy SHA-1), {r['scalar'] / r['flows'] * 1e6:.2f} us one flow at a time "
+        f"(hashlib; {r['scalar'] / r['batch']:.1f}x)"
     )
 
 
@@ -362,6 +396,7 @@ def main() -> None:
                 peers = dict.fromkeys(list(whole)[:2], "nfstream to_csv")
                 print_processes(fastest(whole, args.repeat), n, peers)
                 print_stages(path)
+                print_community_id(path)
                 print_walk(path, args.repeat)
             for leftover in workdir.glob(f"{path.name}*"):
                 leftover.unlink()

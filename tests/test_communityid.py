@@ -4,11 +4,18 @@ port-equivalents)."""
 
 import ipaddress
 
+import numpy as np
 import pytest
 from scapy.all import ICMP, IP, TCP, UDP, Ether, ICMPv6EchoRequest, IPv6
 
-from quietwire.agent.communityid import community_id, icmp_ports
+from quietwire.agent.communityid import (
+    community_id,
+    flow_community_ids,
+    flow_community_ids_scalar,
+    icmp_ports,
+)
 from quietwire.agent.flowfile import identity_columns
+from quietwire.agent.flowrecords import FlowRecords
 
 from .conftest import meter_file, write_pcap
 
@@ -125,3 +132,79 @@ def test_flows_get_the_spec_ids(tmp_path):
         "1:X0snYXpgwiv9TZtqg64sgzUn6Dk=",
         "1:+TW+HtLHvV1xnGhV1lv7XoJrqQg=",
     ]
+
+
+def _random_flows(n: int, rng: np.random.Generator) -> FlowRecords:
+    """Flows of every kind the spec treats apart: IPv4 and IPv6; TCP, UDP, SCTP; ICMP and
+    ICMPv6 with counterpart types, one-way types and no type; portless protocols; equal
+    addresses and equal ports (where the ports decide the order)."""
+    ver = rng.choice([4, 6], n).astype(np.uint8)
+    proto = rng.choice([6, 17, 132, 1, 58, 0, 46, 47, 50, 255], n).astype(np.uint8)
+    addr = {k: rng.integers(0, 2**64, n, dtype=np.uint64) for k in ("sh", "sl", "dh", "dl")}
+    same = rng.random(n) < 0.2
+    addr["dh"][same], addr["dl"][same] = addr["sh"][same], addr["sl"][same]
+    v4 = ver == 4
+    for k in ("sh", "dh"):
+        addr[k][v4] = 0
+    for k in ("sl", "dl"):
+        addr[k][v4] &= np.uint64(0xFFFFFFFF)
+    sport = rng.integers(0, 65536, n).astype(np.int32)
+    dport = rng.integers(0, 65536, n).astype(np.int32)
+    equal = rng.random(n) < 0.1
+    dport[equal] = sport[equal]
+    itype = rng.integers(-1, 256, n).astype(np.int16)
+    known = rng.random(n) < 0.5
+    itype[known] = rng.choice([0, 8, 13, 14, 128, 129, 133, 134, 135, 136, 3, 11], known.sum())
+    icode = rng.integers(0, 256, n).astype(np.int16)
+    return FlowRecords(
+        {
+            "seq": np.arange(n),
+            "ip_version": ver,
+            "src_hi": addr["sh"],
+            "src_lo": addr["sl"],
+            "dst_hi": addr["dh"],
+            "dst_lo": addr["dl"],
+            "proto": proto,
+            "src_port": sport,
+            "dst_port": dport,
+            "icmp_type": itype,
+            "icmp_code": icode,
+        }
+    )
+
+
+def _packed(version: int, hi: int, lo: int) -> bytes:
+    if version == 4:
+        return ipaddress.IPv4Address(lo).packed
+    return ipaddress.IPv6Address(hi << 64 | lo).packed
+
+
+@pytest.mark.parametrize("seed", [0, 1, 0xBEEF])
+def test_batch_equals_the_scalar_function(seed):
+    """flow_community_ids (SHA-1 and base64 on arrays) against community_id per flow."""
+    flows = _random_flows(5000, np.random.default_rng(seed))
+    expected = []
+    for r in range(len(flows)):
+        ver, proto = int(flows["ip_version"][r]), int(flows["proto"][r])
+        ports: tuple = (None, None)
+        one_way = False
+        if proto in (6, 17, 132):
+            ports = (int(flows["src_port"][r]), int(flows["dst_port"][r]))
+        elif proto in (1, 58) and flows["icmp_type"][r] >= 0:
+            *ports, one_way = icmp_ports(
+                proto, int(flows["icmp_type"][r]), int(flows["icmp_code"][r])
+            )
+        src = _packed(ver, int(flows["src_hi"][r]), int(flows["src_lo"][r]))
+        dst = _packed(ver, int(flows["dst_hi"][r]), int(flows["dst_lo"][r]))
+        expected.append(community_id(src, dst, proto, *ports, seed=seed, one_way=one_way))
+    got = flow_community_ids(flows, seed)
+    assert got == expected
+    assert got == flow_community_ids_scalar(flows, seed)
+    # Every kind of flow was drawn.
+    icmp = np.isin(flows["proto"], (1, 58)) & (flows["icmp_type"] >= 0)
+    assert len(set(zip(flows["ip_version"][icmp].tolist(), flows["proto"][icmp].tolist()))) == 4
+    assert (~np.isin(flows["proto"], (1, 6, 17, 58, 132))).sum() > 100
+
+
+def test_empty_batch():
+    assert flow_community_ids(_random_flows(0, np.random.default_rng(0))) == []
