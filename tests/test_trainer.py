@@ -311,3 +311,39 @@ def test_host_balanced_reservoir():
     small.add(x[:300], hosts[:300])
     small.add(x[300:600], hosts[300:600])
     np.testing.assert_array_equal(small.sample(), x[:600])
+
+
+def test_as_missing_encodes_a_feature_as_transform_encodes_nan():
+    """Mask augmentation's inputs are exactly what the scorer sees for a missing feature."""
+    rng = np.random.default_rng(1)
+    x = rng.lognormal(3, 1, (200, len(FEATURE_NAMES))).astype(np.float32)
+    x[::5, FEATURE_NAMES.index("src2dst_iat_mean_s")] = np.nan
+    prep = Preprocessor.fit(x)
+    missing = rng.random(x.shape) < 0.3
+    expected = prep.transform(np.where(missing, np.nan, x))
+    got = prep.as_missing(torch.from_numpy(prep.transform(x)), torch.from_numpy(missing))
+    assert np.array_equal(got.numpy(), expected)
+    assert missing[:, prep.indicator_index].any()  # the draw covers features with indicators
+
+
+MASKED_AUROC = 0.82  # 30% of features masked; measured 0.905-0.906 with, 0.703-0.718 without
+
+
+def masked_auroc(det, corpus, share=0.3):
+    _, unseen, malicious = corpus
+    bad = np.concatenate(list(malicious.values()))
+    rng = np.random.default_rng(7)
+    masked = [np.where(rng.random(x.shape) < share, np.nan, x) for x in (unseen, bad)]
+    return auroc(det.score(masked[1])[0], det.score(masked[0])[0])
+
+
+def test_features_missing_at_random_do_not_make_benign_flows_anomalous(trained, corpus):
+    """Mask augmentation (the default): with 30% of every test flow's features missing,
+    malicious flows still rank above unseen benign ones; the same model trained without it
+    fails the same bound."""
+    with_mask = masked_auroc(trained[0], corpus)
+    plain = DiffusionDetector(TrainConfig(train_steps=1000, mask_augment=0.0)).fit(corpus[0])
+    without = masked_auroc(plain, corpus)
+    print(f"AUROC with 30% of features masked: {with_mask:.3f}, without augmentation {without:.3f}")
+    assert trained[0].config.mask_augment > 0
+    assert with_mask >= MASKED_AUROC > without

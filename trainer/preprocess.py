@@ -11,6 +11,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from quietwire.agent.features import SCHEMA
 
@@ -61,6 +62,17 @@ class Preprocessor:
         z = (_log(x, self.log_mask) - self.center) / self.scale
         z = np.clip(np.where(missing, 0.0, z), -CLIP, CLIP)
         return np.concatenate([z, missing[:, self.indicator_index]], axis=1).astype(np.float32)
+
+    def as_missing(self, inputs: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
+        """Model inputs with the features where ``missing`` (n, F) is true encoded as
+        ``transform`` encodes a NaN: value at the center, indicator (where it has one) set."""
+        f = len(self.center)
+        out = inputs.clone()
+        out[:, :f] = inputs[:, :f].masked_fill(missing, 0.0)
+        if len(self.indicator_index):
+            index = torch.from_numpy(self.indicator_index)
+            out[:, f:] = inputs[:, f:].masked_fill(missing[:, index], 1.0)
+        return out
 
     def inverse(self, inputs: np.ndarray) -> np.ndarray:
         """Model inputs (e.g. sampled ones) back to raw features; indicators > 0.5 are NaN."""
