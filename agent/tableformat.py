@@ -4,9 +4,10 @@ rows are put together with one boolean mask, so no Python runs per cell.
 A text column is ``(chars, lens)``: an (n, w) uint8 matrix of left-aligned ASCII and the (n,)
 length of each text. ``assemble`` joins columns, blocks of columns and constant bytes into
 rows. ``g9`` writes a float32 the way Python's ``'%.9g' % float(x)`` does, byte for byte (9
-significant digits round-trip every float32); the rare value whose rounding float64
-arithmetic cannot decide (a tie in the tenth digit, or beyond 1e-14..1e30) is formatted by
-Python itself.
+significant digits round-trip every float32): whole numbers below 1000 (most features are
+counts, flags and small sizes) by table lookup, the others by arithmetic on their digits;
+the rare value whose rounding float64 arithmetic cannot decide (a tie in the tenth digit, or
+beyond 1e-14..1e30) is formatted by Python itself.
 """
 
 from __future__ import annotations
@@ -59,6 +60,14 @@ def _template(code: int) -> list[int]:
 
 _TEMPLATES = [np.array(_template(c), dtype=np.intp) for c in range(2 * _CODES)]
 
+# The text of each whole number below _SMALL in magnitude ('%.9g' of 12.0 is '12'), the
+# negative ones after the positive: most features are counts, flags or small sizes.
+_SMALL = 1000
+_SMALL_TEXT = [b"%d" % i for i in range(_SMALL)] + [b"-%d" % i for i in range(_SMALL)]
+_SMALL_CHARS = np.frombuffer(b"".join(t.ljust(SLOT, b"\0") for t in _SMALL_TEXT), np.uint8)
+_SMALL_CHARS = _SMALL_CHARS.reshape(2 * _SMALL, SLOT)
+_SMALL_LENS = np.array([len(t) for t in _SMALL_TEXT], dtype=np.int64)
+
 
 def _rows16(matrix: np.ndarray) -> np.ndarray:
     """An (n, 16) uint8 matrix as n 16-byte items (fast to gather and scatter whole)."""
@@ -74,8 +83,15 @@ def g9(values: np.ndarray, nan: bytes = b"nan", inf: bytes = b"inf") -> Text:
     chars = np.zeros((n, SLOT), dtype=np.uint8)
     lens = np.zeros(n, dtype=np.int64)
     a = np.abs(v)
+    finite = np.isfinite(v)
     with np.errstate(invalid="ignore"):
-        regular = np.isfinite(v) & (a != 0)
+        small = finite & (a < _SMALL) & (a == np.floor(a))  # zero and -0 too
+    regular = finite & ~small
+    if small.any():
+        where = np.flatnonzero(small)
+        code = a[where].astype(np.intp) + np.signbit(v[where]) * _SMALL
+        _rows16(chars)[where] = _rows16(_SMALL_CHARS)[code]
+        lens[where] = _SMALL_LENS[code]
     idx = np.flatnonzero(regular)
     a = a[idx]
     exp = np.floor(np.log10(a)).astype(np.int64)
@@ -129,21 +145,14 @@ def g9(values: np.ndarray, nan: bytes = b"nan", inf: bytes = b"inf") -> Text:
     _rows16(chars)[where] = _rows16(out)
     lens[where] = out_lens
 
-    special = np.flatnonzero(~regular)
+    special = np.flatnonzero(~finite)
     if len(special):
         sv = v[special]
-        with np.errstate(invalid="ignore"):
-            kinds = (
-                (np.isnan(sv), nan),
-                ((sv == np.inf), inf),
-                ((sv == -np.inf), b"-" + inf),
-                ((sv == 0) & ~np.signbit(sv), b"0"),
-                ((sv == 0) & np.signbit(sv), b"-0"),
-            )
-        for mask, text in kinds:
+        for mask, text in ((np.isnan(sv), nan), (sv > 0, inf), (sv < 0, b"-" + inf)):
             where = special[mask]
-            chars[where, : len(text)] = np.frombuffer(text, dtype=np.uint8)
-            lens[where] = len(text)
+            if text and len(where):
+                chars[where, : len(text)] = np.frombuffer(text, dtype=np.uint8)
+                lens[where] = len(text)
     for i in fallback.tolist():
         text = (f"{v[i]:.9g}").encode()
         chars[i, : len(text)] = np.frombuffer(text, dtype=np.uint8)
@@ -160,32 +169,42 @@ def _scale(a: np.ndarray, exp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.where(k >= 0, a * power, a / power), ok
 
 
+_POW10 = 10 ** np.arange(20, dtype=np.uint64)  # 1 .. 10^19
+_PAIRS = np.array([[48 + i // 10, 48 + i % 10] for i in range(100)], dtype=np.uint8)  # '00'..'99'
+
+
 def integers(values: np.ndarray) -> Text:
     """Decimal text of integers (signed or unsigned, up to 64 bits)."""
     values = np.asarray(values)
+    n = len(values)
     if values.dtype.kind == "i":
         neg = values < 0
         mag = np.abs(values.astype(np.int64)).astype(np.uint64)  # -2^63 stays 2^63 as uint64
     else:
-        neg = np.zeros(len(values), dtype=bool)
+        neg = np.zeros(n, dtype=bool)
         mag = values.astype(np.uint64)
-    width = max(1, len(str(int(mag.max())))) if len(mag) else 1
-    digits = np.empty((len(mag), width), dtype=np.uint8)
-    rest = mag.copy()
-    for col in range(width - 1, -1, -1):
-        rest, digit = np.divmod(rest, np.uint64(10))
-        digits[:, col] = digit
-    digits += 48
-    ndigits = np.ones(len(mag), dtype=np.int64)
-    for p in range(1, width):
-        ndigits += mag >= np.uint64(10**p)
+    ndigits = np.maximum(np.searchsorted(_POW10, mag, side="right"), 1)
     lens = ndigits + neg
-    # Left-align: row i starts at width - ndigits[i] (after the sign).
-    shift = width - ndigits
-    cols = (np.arange(width + 1)[None, :] - neg[:, None] + shift[:, None]).clip(0, width - 1)
-    chars = np.take_along_axis(digits, cols, axis=1)
-    chars[neg, 0] = ord("-")
-    return chars, lens
+    width = int(lens.max()) if n else 1
+    # Right-aligned in (n, width) two digits at a time, then each row read from its start
+    # (a flat gather; the padding row keeps the last row's reads in bounds).
+    buf = np.zeros((n + 1, width), dtype=np.uint8)
+    rest = mag
+    col = width
+    hundred = np.uint64(100)
+    while col > 0:
+        rest, pair = np.divmod(rest, hundred)
+        if col >= 2:
+            buf[:n, col - 2 : col] = _PAIRS[pair]
+        else:
+            buf[:n, 0] = _PAIRS[pair, 1]
+        col -= 2
+    if neg.any():
+        rows = np.flatnonzero(neg)
+        buf[rows, width - lens[rows]] = ord("-")
+    start = np.arange(n) * width + (width - lens)
+    chars = buf.reshape(-1)[start[:, None] + np.arange(width)]
+    return chars, lens.astype(np.int64)
 
 
 def strings(texts: list[str] | tuple[str, ...], codes: np.ndarray | None = None) -> Text:
@@ -202,6 +221,18 @@ def strings(texts: list[str] | tuple[str, ...], codes: np.ndarray | None = None)
     if codes is None:
         return table, lens
     return table[codes], lens[codes]
+
+
+_OCTETS = strings([str(i) for i in range(256)])
+
+
+def ipv4_block(addresses: np.ndarray) -> Block:
+    """Dotted quads of IPv4 addresses (the low 32 bits of each value) as a block of four
+    octet columns; the first column's prefix is empty, so a row gets its separator before."""
+    a = np.asarray(addresses).astype(np.uint32)
+    octets = np.stack([(a >> np.uint32(s)) & np.uint32(255) for s in (24, 16, 8, 0)], axis=1)
+    chars, lens = _OCTETS
+    return Block([b"", b".", b".", b"."], chars[octets], lens[octets])
 
 
 def replace(text: Text, where: np.ndarray, value: bytes) -> Text:
@@ -228,37 +259,59 @@ class Block:
     lens: np.ndarray
 
 
+def _ranges(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For ranges of these lengths one after the other: each element's range and its index
+    within it."""
+    group = np.repeat(np.arange(len(lengths)), lengths)
+    return group, np.arange(len(group)) - (np.cumsum(lengths) - lengths)[group]
+
+
+def _block_layout(p: Block) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Where a block's bytes go when each column is only as wide as its prefix and its longest
+    value in these rows: the row of prefix bytes (zeros where values go), and per value byte
+    its position in the row, its column, and its index in the column's value."""
+    k = p.chars.shape[1]
+    plens = np.array([len(x) for x in p.prefixes], dtype=np.int64)
+    longest = p.lens.max(axis=0) if len(p.lens) else np.zeros(k, dtype=np.int64)
+    widths = plens + longest
+    starts = np.cumsum(widths) - widths
+    row = np.zeros(int(widths.sum()), dtype=np.uint8)
+    column, index = _ranges(plens)
+    row[starts[column] + index] = np.frombuffer(b"".join(p.prefixes), dtype=np.uint8)
+    column, index = _ranges(longest)
+    return row, starts[column] + plens[column] + index, column, index
+
+
 def assemble(n: int, parts: list[bytes | Text | Block]) -> bytes:
-    """The n rows of ``parts`` (constants, text columns, blocks), one after the other."""
+    """The n rows of ``parts`` (constants, text columns, blocks), one after the other.
+
+    Every part is laid out in a padded (n, width) byte matrix with a mask of the bytes that
+    are text; the rows are the masked bytes in order. A block's columns are each only as wide
+    as their prefix and their longest text in these rows (most features are a few characters
+    of the 16 a float32 can take)."""
+    layouts = [_block_layout(p) if isinstance(p, Block) else None for p in parts]
     widths = []
-    for p in parts:
+    for p, layout in zip(parts, layouts):
         if isinstance(p, bytes):
             widths.append(len(p))
-        elif isinstance(p, Block):
-            wp = max(len(x) for x in p.prefixes)
-            widths.append(p.chars.shape[1] * (wp + p.chars.shape[2]))
+        elif layout is not None:
+            widths.append(len(layout[0]))
         else:
             widths.append(p[0].shape[1])
     mat = np.empty((n, sum(widths)), dtype=np.uint8)
     mask = np.empty((n, sum(widths)), dtype=bool)
     off = 0
-    for p, w in zip(parts, widths):
+    for p, w, layout in zip(parts, widths, layouts):
         if isinstance(p, bytes):
             mat[:, off : off + w] = np.frombuffer(p, dtype=np.uint8)
             mask[:, off : off + w] = True
-        elif isinstance(p, Block):
+        elif layout is not None:
+            row, at, column, index = layout
             k, wv = p.chars.shape[1:]
-            wp = w // k - wv
-            region = mat[:, off : off + w].reshape(n, k, wp + wv)
-            region_mask = mask[:, off : off + w].reshape(n, k, wp + wv)
-            prefix = np.zeros((k, wp), dtype=np.uint8)
-            for i, x in enumerate(p.prefixes):
-                prefix[i, : len(x)] = np.frombuffer(x, dtype=np.uint8)
-            plens = np.array([len(x) for x in p.prefixes])
-            region[:, :, :wp] = prefix
-            region_mask[:, :, :wp] = np.arange(wp) < plens[:, None]
-            region[:, :, wp:] = p.chars
-            region_mask[:, :, wp:] = np.arange(wv) < p.lens[:, :, None]
+            mat[:, off : off + w] = row
+            mask[:, off : off + w] = True
+            mat[:, off + at] = p.chars.reshape(n, k * wv)[:, column * wv + index]
+            mask[:, off + at] = index.astype(np.uint8) < p.lens.astype(np.uint8)[:, column]
         else:
             chars, lens = p
             mat[:, off : off + w] = chars

@@ -9,7 +9,9 @@ import pytest
 from scapy.all import ICMP, IP, TCP, UDP, Ether, ICMPv6EchoRequest, IPv6
 
 from quietwire.agent.communityid import (
+    BATCH_MIN,
     community_id,
+    community_id_chars,
     flow_community_ids,
     flow_community_ids_scalar,
     icmp_ports,
@@ -200,6 +202,11 @@ def test_batch_equals_the_scalar_function(seed):
     got = flow_community_ids(flows, seed)
     assert got == expected
     assert got == flow_community_ids_scalar(flows, seed)
+    # Batches under BATCH_MIN flows are hashed one flow at a time, larger ones on arrays.
+    for lo, hi in ((0, 1), (1, 40), (40, 40 + BATCH_MIN)):
+        part = flows.take(slice(lo, hi))
+        assert flow_community_ids(part, seed) == expected[lo:hi]
+        assert community_id_chars(part, seed).tobytes() == "".join(expected[lo:hi]).encode()
     # Every kind of flow was drawn.
     icmp = np.isin(flows["proto"], (1, 58)) & (flows["icmp_type"] >= 0)
     assert len(set(zip(flows["ip_version"][icmp].tolist(), flows["proto"][icmp].tolist()))) == 4

@@ -47,6 +47,7 @@ def test_g9_is_pythons_percent_9g():
             np.array(edge + [math.inf, -math.inf, math.nan], dtype=np.float32),
             rng.integers(0, 2**24, 50_000).astype(np.float32),
             (rng.integers(0, 10**6, 50_000) / rng.integers(1, 1000, 50_000)).astype(np.float32),
+            np.arange(-1500, 1500, 0.25, dtype=np.float32),  # whole numbers by table, and not
         ]
     )
     got = _texts(*g9(values))
@@ -65,6 +66,13 @@ def test_integers():
     assert _texts(*integers(signed)) == [str(v) for v in signed.tolist()]
     unsigned = np.array([0, 2**64 - 1, 10**19, 5], dtype=np.uint64)
     assert _texts(*integers(unsigned)) == [str(v) for v in unsigned.tolist()]
+    rng = np.random.default_rng(3)  # every width, both signs, in one column
+    mixed = rng.integers(-(2**63), 2**63 - 1, 5000) >> rng.integers(0, 64, 5000)
+    assert _texts(*integers(mixed)) == [str(v) for v in mixed.tolist()]
+    for dtype in (np.uint8, np.int16, np.uint32):
+        small = rng.integers(0, 200, 300).astype(dtype)
+        assert _texts(*integers(small)) == [str(v) for v in small.tolist()]
+    assert _texts(*integers(np.zeros(0, dtype=np.int64))) == []
 
 
 def _reference_csv(parts, scores=None) -> str:
