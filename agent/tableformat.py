@@ -61,11 +61,12 @@ def _template(code: int) -> list[int]:
 _TEMPLATES = [np.array(_template(c), dtype=np.intp) for c in range(2 * _CODES)]
 
 # The text of each whole number below _SMALL in magnitude ('%.9g' of 12.0 is '12'), the
-# negative ones after the positive: most features are counts, flags or small sizes.
+# negative ones after the positive, then an empty text: most features are counts, flags or
+# small sizes.
 _SMALL = 1000
-_SMALL_TEXT = [b"%d" % i for i in range(_SMALL)] + [b"-%d" % i for i in range(_SMALL)]
+_SMALL_TEXT = [b"%d" % i for i in range(_SMALL)] + [b"-%d" % i for i in range(_SMALL)] + [b""]
 _SMALL_CHARS = np.frombuffer(b"".join(t.ljust(SLOT, b"\0") for t in _SMALL_TEXT), np.uint8)
-_SMALL_CHARS = _SMALL_CHARS.reshape(2 * _SMALL, SLOT)
+_SMALL_CHARS = _SMALL_CHARS.reshape(len(_SMALL_TEXT), SLOT)
 _SMALL_LENS = np.array([len(t) for t in _SMALL_TEXT], dtype=np.int64)
 
 
@@ -79,19 +80,15 @@ def g9(values: np.ndarray, nan: bytes = b"nan", inf: bytes = b"inf") -> Text:
     ``inf`` with its sign; (chars (n, SLOT), lens)."""
     with np.errstate(invalid="ignore"):  # signalling NaNs become quiet ones
         v = np.asarray(values, dtype=np.float32).ravel().astype(np.float64)
-    n = len(v)
-    chars = np.zeros((n, SLOT), dtype=np.uint8)
-    lens = np.zeros(n, dtype=np.int64)
     a = np.abs(v)
     finite = np.isfinite(v)
     with np.errstate(invalid="ignore"):
         small = finite & (a < _SMALL) & (a == np.floor(a))  # zero and -0 too
     regular = finite & ~small
-    if small.any():
-        where = np.flatnonzero(small)
-        code = a[where].astype(np.intp) + np.signbit(v[where]) * _SMALL
-        _rows16(chars)[where] = _rows16(_SMALL_CHARS)[code]
-        lens[where] = _SMALL_LENS[code]
+    # Every value starts from its row of the table; those not in it from the empty last row.
+    code = np.where(small, a + np.signbit(v) * float(_SMALL), 2 * _SMALL).astype(np.intp)
+    chars = np.take(_SMALL_CHARS, code, axis=0)
+    lens = np.take(_SMALL_LENS, code)
     idx = np.flatnonzero(regular)
     a = a[idx]
     exp = np.floor(np.log10(a)).astype(np.int64)
