@@ -152,6 +152,10 @@ def test_train_and_sample_commands(tmp_path, capsys):
         == 2
     )
     assert "trim must be in [0, 0.5)" in capsys.readouterr().err
+    refused = ["train", "--benign", str(table), "-o", str(tmp_path / "y.onnx")]
+    assert main([*refused, "--mask-augment", "1.5"]) == 2
+    assert "mask_augment must be in [0, 1), got 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "y.onnx").exists()
     synth = tmp_path / "synth.csv"
     assert (
         main(

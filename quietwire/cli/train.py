@@ -27,13 +27,15 @@ def cmd_train(args: argparse.Namespace) -> int:
             return 2
     try:
         # Fine-tuning keeps the initial model's networks' shapes and score (its config).
+        base = init[0].config if init else TrainConfig(score=args.score or TrainConfig.score)
         config = replace(
-            init[0].config if init else TrainConfig(score=args.score or TrainConfig.score),
+            base,
             train_steps=args.train_steps or (INIT_TRAIN_STEPS if init else TRAIN_STEPS),
             trim=args.trim,
             host_balance=args.host_balance,
             server_balance=args.server_balance,
             refit=args.refit,
+            mask_augment=base.mask_augment if args.mask_augment is None else args.mask_augment,
             holdout=args.holdout,
             seed=args.seed,
         )
@@ -339,6 +341,14 @@ def register(sub) -> None:
         metavar="Q",
         help="robust training: fit, drop the share Q of training flows scored highest, fit "
         "again (twice the time; 0 = off, the default)",
+    )
+    train.add_argument(
+        "--mask-augment",
+        type=float,
+        metavar="Q",
+        help="robust training: in half of each batch's flows up to the share Q of the features "
+        "are encoded as missing, so features missing at random are no anomaly (0.15, with "
+        "--init the model's; 0 = off)",
     )
     train.add_argument(
         "--holdout",
