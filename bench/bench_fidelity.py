@@ -11,6 +11,7 @@ eval` (70% of the benign flows to train on, 30% held out; the attacks of each se
   from a generator fitted on the same 200 (what `quietwire train --augment N` does).
 
     OMP_NUM_THREADS=1 python bench/bench_fidelity.py [--data generated real] [--steps 4000]
+        [--width 192] [--depth 3] [--batch-size 256] [--lr 0.002] [--device cpu] [--cache DIR]
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from quietwire.trainer.detector import DiffusionDetector, TrainConfig
-from quietwire.trainer.evaluate import generated_set, real_set, workdir
+from quietwire.trainer.evaluate import EvalSet, generated_set, real_set, workdir
 from quietwire.trainer.fidelity import auroc, compare, utility
 from quietwire.trainer.generator import FlowGenerator, GeneratorConfig
 
@@ -37,6 +38,19 @@ def main() -> int:
     ap.add_argument("--pcap-dir", type=Path, default=Path("../shared/data/ndpi/pcap"))
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--steps", type=int, default=4000, help="generator training steps")
+    ap.add_argument("--width", type=int, default=GeneratorConfig.width)
+    ap.add_argument("--depth", type=int, default=GeneratorConfig.depth)
+    ap.add_argument("--batch-size", type=int, default=GeneratorConfig.batch_size)
+    ap.add_argument("--lr", type=float, default=GeneratorConfig.lr)
+    ap.add_argument(
+        "--device", default="cpu", help="where the generator trains (cuda: a GPU); samples on CPU"
+    )
+    ap.add_argument(
+        "--cache",
+        type=Path,
+        help="keep each set's feature matrices in DIR/NAME.npz (read them from there when "
+        "present: a machine without the pcaps or scapy)",
+    )
     ap.add_argument("--utility-steps", type=int, default=500)
     ap.add_argument("--augment", type=int, default=1000)
     ap.add_argument("--augment-steps", type=int, default=2000, help="its generator's steps")
@@ -52,11 +66,7 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(1)
     for name in args.data:
-        s = (
-            generated_set(workdir(args.workdir), args.seed)
-            if name == "generated"
-            else real_set(args.pcap_dir, args.seed)
-        )
+        s = _load_set(name, args)
         if args.diagnose:
             diagnose(name, s, args.seed)
             continue
@@ -64,8 +74,20 @@ def main() -> int:
             f"\n== {name}: {len(s.train)} benign flows to train on, {len(s.benign)} held out, "
             f"{len(s.attack)} attack flows; generator {args.steps} steps"
         )
-        gen = FlowGenerator(GeneratorConfig(train_steps=args.steps, seed=args.seed)).fit(s.train)
-        print(f"generator fit: {gen.fit_seconds:.1f} s, final loss {gen.final_loss:.3f}")
+        config = GeneratorConfig(
+            width=args.width,
+            depth=args.depth,
+            train_steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+        )
+        gen = FlowGenerator(config).fit(s.train, device=args.device)
+        print(
+            f"generator fit: {gen.fit_seconds:.1f} s on {args.device}, final loss "
+            f"{gen.final_loss:.3f} (width {config.width}, depth {config.depth}, batch "
+            f"{config.batch_size}, lr {config.lr:g})"
+        )
         synthetic = gen.sample(len(s.train), seed=args.seed + 1)
         rate = gen.last_rate
         held = "held out: never seen by the generator"
@@ -94,7 +116,7 @@ def main() -> int:
         rng = np.random.default_rng(2)
         few = s.train[rng.permutation(len(s.train))[:200]]
         small_cfg = GeneratorConfig(train_steps=args.augment_steps, seed=args.seed)
-        small_gen = FlowGenerator(small_cfg).fit(few)
+        small_gen = FlowGenerator(small_cfg).fit(few, device=args.device)
         fake = small_gen.sample(args.augment, seed=3)
         out = {}
         for label, x in (
@@ -107,6 +129,23 @@ def main() -> int:
         print("augmentation: AUROC " + ", ".join(f"{k} {v:.3f}" for k, v in out.items()))
         sys.stdout.flush()
     return 0
+
+
+def _load_set(name: str, args) -> EvalSet:
+    """The evaluation set, from --cache when it holds it (written there otherwise)."""
+    cached = args.cache / f"{name}-{args.seed}.npz" if args.cache else None
+    if cached and cached.exists():
+        d = np.load(cached)
+        return EvalSet(name, d["train"], d["benign"], d["attack"], d["kinds"], tuple(d["pb"]))
+    if name == "generated":
+        s = generated_set(workdir(args.workdir), args.seed)
+    else:
+        s = real_set(args.pcap_dir, args.seed)
+    if cached:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {"train": s.train, "benign": s.benign, "attack": s.attack, "kinds": s.kinds}
+        np.savez(cached, **arrays, pb=np.array(s.payload_borne, dtype=str))
+    return s
 
 
 FAMILIES = {

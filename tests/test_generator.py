@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import ipaddress
+import json
 
 import numpy as np
 import onnx
@@ -109,6 +110,20 @@ def test_generated_rows_keep_the_rules(fitted, benign):
     assert repairs  # random points do need the repair step, and it says so
 
 
+def test_modelled_columns_give_back_real_flows(benign):
+    """The modelled columns say everything: assembling a real flow's own free columns gives it
+    back (lengths' min and max as they are, gaps' as ratios to the mean, every std as its
+    share of what min, mean, max and count allow), with nothing for the repair step to move."""
+    free = free_columns(benign)
+    for name in [k for k in free if k.endswith("_std_share")]:
+        present = free[name][~np.isnan(free[name])]
+        assert len(present) and present.min() >= 0 and present.max() <= 1, name
+    x, repairs = assemble(free)
+    assert repairs == {}
+    same = np.isclose(x, benign, rtol=1e-4, atol=1e-6) | (np.isnan(x) & np.isnan(benign))
+    assert same.all(), [FEATURE_NAMES[j] for j in np.flatnonzero(~same.all(0))]
+
+
 def test_encoding_round_trip_of_real_flows(benign):
     """Categories come back exactly; quantile-coded columns within their table's steps."""
     free = free_columns(benign)
@@ -134,6 +149,16 @@ def test_export_and_load(fitted, tmp_path):
         np.isnan(torch_x) & np.isnan(onnx_x)
     )
     assert same.mean() > 0.99
+    # a file whose modelled columns are not this code's (an older layout) is refused by name
+    model = onnx.load(str(path))
+    for prop in model.metadata_props:
+        if prop.key == "layout":
+            layout = json.loads(prop.value)
+            layout["numeric"] = layout["numeric"][1:]
+            prop.value = json.dumps(layout)
+    onnx.save(model, str(tmp_path / "old.gen.onnx"))
+    with pytest.raises(GeneratorError, match="old.gen.onnx: generator of other modelled columns"):
+        FlowGenerator.load(tmp_path / "old.gen.onnx")
     (tmp_path / "bad.gen.onnx").write_bytes(b"nope")
     with pytest.raises(GeneratorError, match="bad.gen.onnx"):
         FlowGenerator.load(tmp_path / "bad.gen.onnx")

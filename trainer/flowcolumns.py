@@ -2,11 +2,14 @@
 
 The schema (agent/features.py) defines many features from others, and says where a feature
 does not apply (NaN). ``free_columns`` keeps what must be modelled, re-expressed where that
-makes the schema's relations hold by construction (spreads as ratios to their mean, a
-direction's mean gap as the share of the duration it spans, ACK and PSH counts as the packets
-without them, header bytes per packet); ``assemble`` computes every derived feature and every
-NaN from the schema's rules and moves what a decoder still gets wrong (a flag count above the
-packets) to the nearest valid value, counting the values it moved per rule.
+makes the schema's relations hold by construction (a spread's std as its share of what the min,
+mean, max and count allow; gaps' min and max as ratios to their mean, a direction's mean gap as
+the share of the duration it spans; ACK and PSH counts as the packets without them, header
+bytes per packet); packet lengths' min and max are modelled as they are, since their values
+sit on a few header sizes that a ratio to a continuous mean would smear. ``assemble`` computes
+every derived feature and every NaN from the schema's rules and moves what a decoder still
+gets wrong (a min above the mean, a flag count above the packets) to the nearest valid value,
+counting the values it moved per rule.
 """
 
 from __future__ import annotations
@@ -35,12 +38,13 @@ DERIVED = frozenset(
     + ["proto_tcp", "proto_udp", "proto_icmp", "dst_port_well_known", "dst_port_registered"]
     + ["tcp_answered", "tcp_reset"]
     + [f"{d}_{flag}_packets" for d in DIRECTIONS for flag in ("ack", "psh")]
-    + [f"{p}_{s}{suffix}" for p, suffix in SPREADS for s in ("min", "std", "max")]
+    + [f"{p}_std{suffix}" for p, suffix in SPREADS]
+    + [f"{p}_{s}_s" for p, suffix in SPREADS if suffix for s in ("min", "max")]
     + [f"{d}_iat_mean_s" for d in (*DIRECTIONS, "bidirectional")]
 )
-# Modelled in place of some derived ones: min, std and max of lengths and gaps over their
-# mean, a direction's mean gap as the share of the duration its packets span (the flow's is
-# duration / gaps), ACK and PSH counts as the packets without them
+# Modelled in place of some derived ones: each std's share of its bounds (std_bounds), min and
+# max of gaps over their mean, a direction's mean gap as the share of the duration its packets
+# span (the flow's is duration / gaps), ACK and PSH counts as the packets without them
 # (nearly always 0 or 1: every TCP packet but the SYN carries an ACK, most payload packets a
 # PSH), header bytes per packet.
 EXTRA = (
@@ -49,7 +53,8 @@ EXTRA = (
     *(f"{d}_header_per_packet" for d in DIRECTIONS),
     *(f"{d}_packets_without_ack" for d in DIRECTIONS),
     *(f"{d}_payload_packets_without_psh" for d in DIRECTIONS),
-    *(f"{p}_{s}_to_mean" for p, _ in SPREADS for s in ("min", "std", "max")),
+    *(f"{p}_{s}_to_mean" for p, suffix in SPREADS if suffix for s in ("min", "max")),
+    *(f"{p}_std_share" for p, _ in SPREADS),
     *(f"{d}_iat_span_share" for d in DIRECTIONS),
 )
 
@@ -75,15 +80,40 @@ def free_columns(x: np.ndarray) -> dict[str, np.ndarray]:
     dur = x[:, _J["duration_s"]]
     with np.errstate(invalid="ignore", divide="ignore"):
         for prefix, suffix in SPREADS:
-            mean = x[:, _J[f"{prefix}_mean{suffix}"]]
-            for s in ("min", "std", "max"):
-                v = x[:, _J[f"{prefix}_{s}{suffix}"]] / mean
-                c[f"{prefix}_{s}_to_mean"] = np.where(mean > 0, v, np.nan)
+            stat = {s: x[:, _J[f"{prefix}_{s}{suffix}"]] for s in ("min", "mean", "std", "max")}
+            if suffix:  # gaps: min and max as ratios to the mean (lengths are modelled as-is)
+                for s in ("min", "max"):
+                    v = np.where(stat["mean"] == 0, 1.0, stat[s] / stat["mean"])  # all 0
+                    c[f"{prefix}_{s}_to_mean"] = np.where(stat["mean"] >= 0, v, np.nan)
+            count = _values(x, prefix)
+            floor, cap = std_bounds(stat["min"], stat["mean"], stat["max"], count)
+            share = np.clip((stat["std"] - floor) / (cap - floor), 0, 1)
+            c[f"{prefix}_std_share"] = np.where((count > 2) & (cap > floor), share, np.nan)
         for d in DIRECTIONS:
             gaps = x[:, _J[f"{d}_packets"]] - 1
             span = x[:, _J[f"{d}_iat_mean_s"]] * gaps / dur
             c[f"{d}_iat_span_share"] = np.where((gaps > 0) & (dur > 0), span, np.nan)
     return c
+
+
+def _values(x: np.ndarray, prefix: str) -> np.ndarray:
+    """How many values a spread's statistics summarise: packets for lengths, gaps for gaps."""
+    direction = prefix.split("_")[0]
+    if direction == "bidirectional":
+        packets = x[:, _J["src2dst_packets"]] + x[:, _J["dst2src_packets"]]
+    else:
+        packets = x[:, _J[f"{direction}_packets"]]
+    return packets - 1 if prefix.endswith("_iat") else packets
+
+
+def std_bounds(lo, mean, hi, count) -> tuple[np.ndarray, np.ndarray]:
+    """The (population) standard deviation that ``count`` values with this min, mean and max
+    can have: at least that of min and max with every other value at the mean, at most half
+    the range. The model's std is its share of the way between them."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        floor = np.sqrt(((hi - mean) ** 2 + (mean - lo) ** 2) / np.maximum(count, 1))
+    cap = (hi - lo) / 2
+    return np.minimum(floor, cap), cap
 
 
 # ---- the schema's rules: computing what is defined, repairing what is not ----------------------
@@ -131,8 +161,6 @@ def assemble(free: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, int]]:
         with np.errstate(invalid="ignore", divide="ignore"):
             mean = np.where(p > 0, bytes_ / np.maximum(p, 1), np.nan)
         c[f"{d}_pkt_len_mean"] = mean
-        for s in ("min", "std", "max"):
-            c[f"{d}_pkt_len_{s}"] = np.maximum(c[f"{d}_pkt_len_{s}_to_mean"], 0) * mean
         _order_stats(c, f"{d}_pkt_len", p, mean, fix, integer=True, total=bytes_)
         without = np.round(c[f"{d}_packets_without_ack"])
         c[f"{d}_ack_packets"] = np.clip(p - without, 0, p)
@@ -151,7 +179,7 @@ def assemble(free: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, int]]:
         with np.errstate(invalid="ignore", divide="ignore"):
             mean = np.where(gaps > 0, share * dur / np.maximum(gaps, 1), np.nan)
         c[f"{d}_iat_mean_s"] = mean
-        for s in ("min", "std", "max"):
+        for s in ("min", "max"):
             c[f"{d}_iat_{s}_s"] = np.maximum(c[f"{d}_iat_{s}_to_mean"], 0) * mean
         _order_stats(c, f"{d}_iat", gaps, mean, fix, suffix="_s")
     c["bidirectional_packets"] = total
@@ -186,10 +214,12 @@ def assemble(free: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, int]]:
 
 
 def _order_stats(c, prefix, count, mean, fix, integer=False, total=None, suffix="") -> None:
-    """min <= mean <= max and std within what min, max, mean and count allow; one value:
-    min = mean = max, std 0; two values: min and max fix the std (and, for lengths, the sum)."""
+    """min <= mean <= max (a min above the mean or a max below it is moved, and counted), std
+    from its share of what min, mean, max and count allow; one value: min = mean = max, std 0;
+    two values: min and max fix the std (and, for lengths, the sum)."""
     lo_n, sd_n, hi_n, mean_n = (f"{prefix}_{s}{suffix}" for s in ("min", "std", "max", "mean"))
-    lo, sd, hi = c[lo_n], np.maximum(c[sd_n], 0), c[hi_n]
+    lo, hi = c[lo_n], c[hi_n]
+    share = np.clip(np.nan_to_num(c[f"{prefix}_std_share"], nan=0.5), 0, 1)
     if integer:
         lo, hi = np.round(lo), np.round(hi)
     one, two = count == 1, count == 2
@@ -211,12 +241,9 @@ def _order_stats(c, prefix, count, mean, fix, integer=False, total=None, suffix=
         sd2 = half
     lo = np.where(one, mean, lo)
     hi = np.where(one, mean, hi)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        floor = np.sqrt(((hi - mean) ** 2 + (mean - lo) ** 2) / np.maximum(count, 1))
-    new_sd = np.clip(sd, np.minimum(floor, (hi - lo) / 2), (hi - lo) / 2)
-    new_sd = np.where(two, sd2, np.where(one, 0.0, new_sd))
-    fix("std within min, mean, max", (count >= 1) & ~np.isclose(new_sd, sd), sd_n, new_sd)
-    c[lo_n], c[hi_n], c[sd_n] = lo, hi, new_sd
+    floor, cap = std_bounds(lo, mean, hi, count)
+    sd = np.where(two, sd2, np.where(one, 0.0, floor + share * (cap - floor)))
+    c[lo_n], c[hi_n], c[sd_n] = lo, hi, sd
     if mean_n in c:
         c[mean_n] = mean
 

@@ -14,9 +14,9 @@ values as continuous indicators); as a generator it is told apart from real flow
   categorical's argmax needs no multinomial sampler).
 - **What is computed** (flowcolumns.py): everything the schema defines from other features
   (bidirectional sums, the combined length statistics, means as bytes / packets, bytes as
-  header + payload, ratios, rates, protocol and port flags, tcp_answered / tcp_reset; spreads
-  are modelled as ratios to their mean, ACK / PSH as the packets without them) and every
-  missing value:
+  header + payload, ratios, rates, protocol and port flags, tcp_answered / tcp_reset; a
+  std is modelled as its share of what min, mean, max and count allow, gaps' min and max as
+  ratios to their mean, ACK / PSH as the packets without them) and every missing value:
   NaN exactly where agent/features.py says a feature does not apply, from the generated
   protocol and counts. A decoded value that breaks a rule the model has no column for (a
   minimum above the mean, a flag count above the packets) is moved to the nearest valid value
@@ -28,8 +28,10 @@ the DDPM ancestral sampler runs in numpy around it (onnxruntime, no torch).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,7 +173,14 @@ class FlowGenerator:
         self.fit_seconds = 0.0
         self.final_loss = float("nan")
 
-    def fit(self, x: np.ndarray, progress: Callable[[str, int, int], None] | None = None):
+    def fit(
+        self,
+        x: np.ndarray,
+        progress: Callable[[str, int, int], None] | None = None,
+        device: str = "cpu",
+    ):
+        """Fit on benign raw features (n, F); ``device``: where torch trains (the fitted
+        denoiser comes back to the CPU, where sampling and export run)."""
         import torch
 
         from .diffusion import Denoiser
@@ -182,32 +191,36 @@ class FlowGenerator:
             raise GeneratorError(f"need at least 20 flows of this schema to fit, got {x.shape}")
         started = time.perf_counter()
         self.encoding = Encoding.fit(free_columns(x))
-        data = torch.from_numpy(self.encoding.encode(free_columns(x)))
+        data = torch.from_numpy(self.encoding.encode(free_columns(x))).to(device)
         torch.manual_seed(cfg.seed)
-        gen = torch.Generator().manual_seed(cfg.seed)
+        gen = torch.Generator(device).manual_seed(cfg.seed)
         d = data.shape[1]
-        net = Denoiser(d, d, cfg.width, cfg.depth, cfg.time_dim, cfg.steps)
-        abar = torch.from_numpy(np.cumprod(1 - cosine_betas(cfg.steps))).float()
+        net = Denoiser(d, d, cfg.width, cfg.depth, cfg.time_dim, cfg.steps).to(device)
+        abar = torch.from_numpy(np.cumprod(1 - cosine_betas(cfg.steps))).float().to(device)
         opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.train_steps)
         net.train()
-        recent = []
-        for step in range(cfg.train_steps):
-            batch = data[torch.randint(0, len(data), (cfg.batch_size,), generator=gen)]
-            t = torch.randint(0, cfg.steps, (len(batch),), generator=gen)
-            noise = torch.randn(batch.shape, generator=gen)
-            a = abar[t].unsqueeze(1)
-            loss = ((net(a.sqrt() * batch + (1 - a).sqrt() * noise, t) - noise) ** 2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            recent.append(loss.item())
-            if progress and (step % 50 == 0 or step == cfg.train_steps - 1):
-                progress("generator", step + 1, cfg.train_steps)
+        recent: deque = deque(maxlen=100)
+        # on another device, what the denoiser makes (its time embedding) must be made there
+        # too (the context slows every op down, so the CPU trains without it)
+        with contextlib.nullcontext() if device == "cpu" else torch.device(device):
+            for step in range(cfg.train_steps):
+                rows = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
+                batch = data[rows]
+                t = torch.randint(0, cfg.steps, (len(batch),), generator=gen)
+                noise = torch.randn(batch.shape, generator=gen)
+                a = abar[t].unsqueeze(1)
+                loss = ((net(a.sqrt() * batch + (1 - a).sqrt() * noise, t) - noise) ** 2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                recent.append(loss.detach())
+                if progress and (step % 50 == 0 or step == cfg.train_steps - 1):
+                    progress("generator", step + 1, cfg.train_steps)
         net.eval()
-        self.denoiser = net
-        self.final_loss = float(np.mean(recent[-100:]))
+        self.denoiser = net.cpu()
+        self.final_loss = float(torch.stack(list(recent)).mean())
         self.fit_seconds = time.perf_counter() - started
         return self
 
@@ -293,6 +306,13 @@ class FlowGenerator:
                     f"quietwire's is {SCHEMA_HASH}"
                 )
             layout = json.loads(meta["layout"])
+            modelled = set(free_columns(np.zeros((1, len(FEATURE_NAMES)), np.float32)))
+            if set(layout["numeric"]) | set(layout["categorical"]) != modelled:
+                raise GeneratorError(
+                    f"{path}: generator of other modelled columns (written by quietwire "
+                    f"{meta.get('quietwire_version', '?')} before a change to them): retrain it "
+                    "(quietwire train --generator-steps N)"
+                )
             inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
             gen = FlowGenerator(GeneratorConfig(**json.loads(meta["config"])))
             gen.encoding = Encoding(
