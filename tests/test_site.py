@@ -76,6 +76,10 @@ def test_fine_tuning_keeps_the_models_preprocessing_and_starts_from_it(site_log,
     assert lineage["trained_flows"] == bundled.training["flows"]
     assert lineage["date"].endswith("Z") and lineage["model"] == str(DEFAULT_MODEL)
     assert model.training["config"]["train_steps"] == 30
+    # mask augmentation is off when fine-tuning (masked values would sit at the first
+    # training's medians), on when training from scratch
+    assert model.training["config"]["mask_augment"] == 0.0
+    assert ScoringModel(scratch).training["config"]["mask_augment"] == 0.15
 
     # Thresholds: the new model's own scores on the held-out share of the new data.
     x = load_benign([site_log], known_malicious={}).features
@@ -130,7 +134,14 @@ def test_site_figures(bench_site, tmp_path, capsys):
     from quietwire.trainer.trafficgen import read_labels
 
     r = bench_site.site_figures(
-        tmp_path, scale=1, duration=300, train_steps=200, init_steps=50, allow_few_flows=True
+        # dte_clean needs more steps than dte did: at 200, a model trained from scratch on
+        # these 1,709 records kept 56% of the attacks over its threshold, at 500 93%
+        tmp_path,
+        scale=1,
+        duration=300,
+        train_steps=500,
+        init_steps=125,
+        allow_few_flows=True,
     )
     table = bench_site.format_table(r)
     print(table)
@@ -150,5 +161,5 @@ def test_site_figures(bench_site, tmp_path, capsys):
         assert models[name]["benign_over"] <= 0.05, (name, table)
     for name in ("trained", "fine-tuned"):
         assert models[name]["recall_all"] > models["bundled"]["recall_all"] + 0.2, table
-    assert models["fine-tuned"]["train_steps"] == 50
+    assert models["fine-tuned"]["train_steps"] == 125
     assert "benign over it" in table and "syn_scan" in table

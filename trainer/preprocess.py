@@ -70,7 +70,7 @@ class Preprocessor:
         out = inputs.clone()
         out[:, :f] = inputs[:, :f].masked_fill(missing, 0.0)
         if len(self.indicator_index):
-            index = torch.from_numpy(self.indicator_index)
+            index = torch.tensor(self.indicator_index)  # a loaded model's array is read-only
             out[:, f:] = inputs[:, f:].masked_fill(missing[:, index], 1.0)
         return out
 
