@@ -21,12 +21,11 @@ import numpy as np
 import torch
 
 from quietwire.agent.features import FEATURE_NAMES, SCHEMA
-from quietwire.agent.payload import DIRECTION_STATS, HTTP_STATS
 
+from .flowcolumns import DIRECTIONS, not_applicable
 from .preprocess import Preprocessor
 
 _J = {name: j for j, name in enumerate(FEATURE_NAMES)}
-DIRECTIONS = ("src2dst", "dst2src")
 SHARES = tuple(
     f.name
     for f in SCHEMA
@@ -146,33 +145,10 @@ def constraint_violations(x: np.ndarray) -> dict[str, np.ndarray]:
 
 def _nan_pattern(c: dict, nan: dict) -> np.ndarray:
     """Rows whose missing values differ from the schema's rules (agent/features.py)."""
-    tcp = c["proto_tcp"] == 1
     bad = np.zeros(len(c["duration_s"]), bool)
-
-    def rule(names, should):
-        nonlocal bad
+    for names, should in not_applicable(c, c["proto_tcp"] == 1, c["bidirectional_packets"]):
         for n in names:
             bad |= nan[n] != should
-
-    for d in DIRECTIONS:
-        p = c[f"{d}_packets"]
-        rule([f"{d}_pkt_len_{s}" for s in ("min", "mean", "std", "max")] + [f"{d}_ttl_min"], p == 0)
-        rule([f"{d}_payload_ratio"], c[f"{d}_bytes"] == 0)
-        rule([f"{d}_iat_{s}_s" for s in ("min", "mean", "std", "max")], p <= 1)
-        rule([f"{d}_init_window"], ~tcp | (p == 0))
-        rule(
-            [f"{d}_{f}_packets" for f in ("fin", "syn", "rst", "psh", "ack", "urg", "ece", "cwr")],
-            ~tcp,
-        )
-        rule([f"{d}_payload_{s}" for s in DIRECTION_STATS], c[f"{d}_payload_packets"] == 0)
-    total = c["bidirectional_packets"]
-    rule([f"bidirectional_iat_{s}_s" for s in ("min", "mean", "std", "max")], total <= 1)
-    rule(["packets_per_s", "bytes_per_s"], c["duration_s"] == 0)
-    rule(["tcp_answered", "tcp_reset"], ~tcp)
-    rule(["http_request"], c["src2dst_payload_packets"] == 0)
-    rule([n for n in HTTP_STATS if n != "http_request"], c["http_request"] != 1)
-    rule(["pair_gap_mean_s"], c["pair_prior_flows"] == 0)
-    rule(["pair_gap_cv"], c["pair_prior_flows"] <= 1)
     return bad
 
 

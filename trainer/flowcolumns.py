@@ -268,24 +268,38 @@ def _combined_lengths(c, total) -> None:
     c["bidirectional_pkt_len_std"] = np.where(total == 1, 0.0, np.minimum(sd, (hi - lo) / 2))
 
 
-def _missing(c, tcp, total) -> None:
-    """NaN exactly where agent/features.py says a feature does not apply."""
-
-    def na(names, where):
-        for name in names:
-            c[name] = np.where(where, np.nan, c[name])
-
+def not_applicable(
+    c: dict, tcp: np.ndarray, total: np.ndarray
+) -> list[tuple[list[str], np.ndarray]]:
+    """The schema's missing-value rules (agent/features.py) as (features, rows where they
+    are NaN): what the generator writes and what fidelity.constraint_violations checks."""
+    rules = []
     for d in DIRECTIONS:
         p = c[f"{d}_packets"]
-        na([f"{d}_pkt_len_{s}" for s in ("min", "mean", "std", "max")] + [f"{d}_ttl_min"], p == 0)
-        na([f"{d}_payload_ratio"], c[f"{d}_bytes"] == 0)
-        na([f"{d}_iat_{s}_s" for s in ("min", "mean", "std", "max")], p <= 1)
-        na([f"{d}_init_window"], ~tcp | (p == 0))
-        na([f"{d}_{f}_packets" for f in FLAGS], ~tcp)
-        na([f"{d}_payload_{s}" for s in DIRECTION_STATS], c[f"{d}_payload_packets"] == 0)
-    na([f"bidirectional_iat_{s}_s" for s in ("min", "mean", "std", "max")], total <= 1)
-    na(["tcp_answered", "tcp_reset"], ~tcp)
-    na(["http_request"], c["src2dst_payload_packets"] == 0)
-    na([n for n in HTTP_STATS if n != "http_request"], ~(c["http_request"] == 1))
-    na(["pair_gap_mean_s"], c["pair_prior_flows"] == 0)
-    na(["pair_gap_cv"], c["pair_prior_flows"] <= 1)
+        rules += [
+            (
+                [f"{d}_pkt_len_{s}" for s in ("min", "mean", "std", "max")] + [f"{d}_ttl_min"],
+                p == 0,
+            ),
+            ([f"{d}_payload_ratio"], c[f"{d}_bytes"] == 0),
+            ([f"{d}_iat_{s}_s" for s in ("min", "mean", "std", "max")], p <= 1),
+            ([f"{d}_init_window"], ~tcp | (p == 0)),
+            ([f"{d}_{f}_packets" for f in FLAGS], ~tcp),
+            ([f"{d}_payload_{s}" for s in DIRECTION_STATS], c[f"{d}_payload_packets"] == 0),
+        ]
+    return rules + [
+        ([f"bidirectional_iat_{s}_s" for s in ("min", "mean", "std", "max")], total <= 1),
+        (["packets_per_s", "bytes_per_s"], c["duration_s"] == 0),
+        (["tcp_answered", "tcp_reset"], ~tcp),
+        (["http_request"], c["src2dst_payload_packets"] == 0),
+        ([n for n in HTTP_STATS if n != "http_request"], c["http_request"] != 1),
+        (["pair_gap_mean_s"], c["pair_prior_flows"] == 0),
+        (["pair_gap_cv"], c["pair_prior_flows"] <= 1),
+    ]
+
+
+def _missing(c, tcp, total) -> None:
+    """NaN exactly where agent/features.py says a feature does not apply."""
+    for names, where in not_applicable(c, tcp, total):
+        for name in names:
+            c[name] = np.where(where, np.nan, c[name])
