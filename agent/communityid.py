@@ -116,9 +116,7 @@ def flow_community_ids_scalar(flows: FlowRecords, seed: int = 0) -> list[str]:
 
 def flow_community_ids(flows: FlowRecords, seed: int = 0) -> list[str]:
     """The Community ID of each flow (client to server, as the flow table oriented it)."""
-    if len(flows) < BATCH_MIN:
-        return flow_community_ids_scalar(flows, seed)
-    chars = _batch_chars(flows, seed)
+    chars = community_id_chars(flows, seed)
     return chars.view(f"S{ID_CHARS}").reshape(-1).astype(f"U{ID_CHARS}").tolist()
 
 
