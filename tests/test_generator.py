@@ -124,6 +124,20 @@ def test_modelled_columns_give_back_real_flows(benign):
     assert same.all(), [FEATURE_NAMES[j] for j in np.flatnonzero(~same.all(0))]
 
 
+def test_missing_values_follow_rules_that_read_missing_values(benign):
+    """A decoded HTTP request in a flow whose client sent no payload: the request is missing
+    (no client payload), so are all its statistics (no request), not only the first."""
+    free = free_columns(benign)
+    rows = np.flatnonzero(free["http_request"] == 1)[:5]
+    assert len(rows)
+    for name in ("src2dst_payload_packets", "src2dst_payload_bytes"):
+        free[name][rows] = 0
+    x, _ = assemble(free)
+    assert violation_share(x)[0] == 0.0
+    assert np.isnan(x[rows, J["http_request"]]).all()
+    assert np.isnan(x[rows, J["http_header_count"]]).all()
+
+
 def test_encoding_round_trip_of_real_flows(benign):
     """Categories come back exactly; quantile-coded columns within their table's steps."""
     free = free_columns(benign)

@@ -299,7 +299,14 @@ def not_applicable(
 
 
 def _missing(c, tcp, total) -> None:
-    """NaN exactly where agent/features.py says a feature does not apply."""
-    for names, where in not_applicable(c, tcp, total):
-        for name in names:
-            c[name] = np.where(where, np.nan, c[name])
+    """NaN exactly where agent/features.py says a feature does not apply. Until nothing
+    changes: a rule can read a feature another rule makes missing (no client payload, so no
+    HTTP request, so none of its statistics)."""
+    changed = True
+    while changed:
+        changed = False
+        for names, where in not_applicable(c, tcp, total):
+            for name in names:
+                new = np.where(where, np.nan, c[name])
+                changed |= bool((np.isnan(new) != np.isnan(c[name])).any())
+                c[name] = new
