@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .decode import ACK, FIN, RST, SYN, TCP_FLAG_NAMES, Packets
-from .flowrecords import ACTIVE, COUNT_MAX, IDLE, LEN_NONE, NEVER, NS, TCP_END
+from .flowrecords import ACTIVE, COUNT_MAX, IDLE, NEVER, NS, TCP_END
 from .payload import direction_stats, http_stats, window
 
 
@@ -107,16 +107,92 @@ def fold_runs(
     payload: bool = True,
 ) -> None:
     """Reduce each run's packets and merge the results into its table slot; with
-    ``payload``, also the payload statistics of each direction's first payload packet."""
+    ``payload``, also the payload statistics of each direction's first payload packet.
+
+    Runs of one packet (every run, when many flows are open and each has one packet in the
+    batch) are merged directly, without the per-run reductions; each run has its own slot,
+    so the two kinds fold independently and give the same values either way."""
     c = cols
-    slot = run_slot[run_of]
-    d = (sw != c["swapped"][slot]).astype(np.int64)  # 0: client to server
+    d = (sw != c["swapped"][run_slot[run_of]]).astype(np.int64)  # 0: client to server
+    if payload and p.raw is not None:
+        _fold_payload(c, p, order, d, run_of, run_slot)
+    lengths = np.diff(np.r_[run_start, len(ts)])
+    single = lengths == 1
+    if single.any():
+        runs = np.flatnonzero(single)
+        at = run_start[runs]
+        _fold_single(c, p, order[at], ts[at], d[at], flags[at], run_slot[runs])
+        if len(runs) == len(run_start):
+            return
+        runs = np.flatnonzero(~single)
+        lengths = lengths[runs]
+        sel = np.flatnonzero(~single[run_of])
+        order, ts, d, flags = order[sel], ts[sel], d[sel], flags[sel]
+        run_slot = run_slot[runs]
+        run_start = np.cumsum(lengths) - lengths
+        run_of = np.repeat(np.arange(len(runs)), lengths)
+    _fold_grouped(c, p, order, ts, d, flags, run_start, run_of, run_slot)
+
+
+def _fold_single(c, p: Packets, order, ts, d, flags, slots) -> None:
+    """fold_runs for runs of one packet each: packet i is the whole run of slot ``slots[i]``
+    and travels in direction ``d[i]``."""
+    has_prev = c["packets"][slots].sum(1) > 0
+    iat = np.where(has_prev, np.maximum(ts - c["last_ns"][slots], 0), 0)
+    iat_s = iat.astype(np.float64) / NS
+    c["iat_sum"][slots] += iat_s
+    c["iat_sumsq"][slots] += iat_s**2
+    c["iat_min"][slots] = np.minimum(c["iat_min"][slots], np.where(has_prev, iat, NEVER))
+    c["iat_max"][slots] = np.maximum(c["iat_max"][slots], np.where(has_prev, iat, -1))
+    c["last_ns"][slots] = ts
+    answer = np.where((d == 1) & ((flags & RST) == 0), ts, NEVER)
+    c["answered_ns"][slots] = np.minimum(c["answered_ns"][slots], answer)
+
+    # Per-direction columns are (slots, 2): index them flat, at 2 * slot + direction.
+    at = 2 * slots + d
     ip_len = p.ip_len[order]
+    payload = p.payload_len[order]
+
+    def col(name: str) -> np.ndarray:
+        return np.reshape(c[name], -1, copy=False)  # a view: writes reach the table
+
+    fresh = col("packets")[at] == 0  # the direction's first packet sets its initial TCP window
+    col("packets")[at] += 1
+    col("bytes")[at] += p.wirelen[order]
+    col("ip_bytes")[at] += ip_len
+    col("header_bytes")[at] += p.hdr_len[order]
+    col("payload_bytes")[at] += payload
+    _add_one(col("payload_packets"), at[payload > 0])
+    lf = ip_len.astype(np.float64)
+    col("len_sum")[at] += lf
+    col("len_sumsq")[at] += lf * lf
+    col("len_min")[at] = np.minimum(col("len_min")[at], ip_len)
+    col("len_max")[at] = np.maximum(col("len_max")[at], ip_len)
+    col("ttl_min")[at] = np.minimum(col("ttl_min")[at], p.ttl[order])
+    for bit, name in enumerate(TCP_FLAG_NAMES):
+        has = (flags & (1 << bit)) > 0
+        if has.any():
+            _add_one(col(f"{name}_packets"), at[has])
+
+    last_d = col("dir_last_ns")[at]
+    has_prev_d = last_d >= 0
+    diat = np.where(has_prev_d, np.maximum(ts - last_d, 0), 0)
+    df = diat.astype(np.float64) / NS
+    col("dir_iat_sum")[at] += df
+    col("dir_iat_sumsq")[at] += df * df
+    col("dir_iat_min")[at] = np.minimum(col("dir_iat_min")[at], np.where(has_prev_d, diat, NEVER))
+    col("dir_iat_max")[at] = np.maximum(col("dir_iat_max")[at], np.where(has_prev_d, diat, -1))
+    col("dir_last_ns")[at] = ts
+    init = col("init_window")
+    init[at] = np.where(fresh, p.tcp_window[order], init[at])
+
+
+def _fold_grouped(c, p: Packets, order, ts, d, flags, run_start, run_of, run_slot) -> None:
+    """fold_runs for runs of any length: per-run reductions (reduceat) merged into the slots."""
+    slot = run_slot[run_of]
     first_of_run = np.zeros(len(ts), dtype=bool)
     first_of_run[run_start] = True
     packets_before = c["packets"][run_slot]  # (runs, 2): before this batch
-    if payload and p.raw is not None:
-        _fold_payload(c, p, order, d, run_of, run_slot)
 
     def add(col, values):
         sums = np.add.reduceat(values, run_start)
@@ -137,62 +213,62 @@ def fold_runs(
     answer = np.where((d == 1) & ((flags & RST) == 0), ts, NEVER)
     _fold_extreme(c["answered_ns"], run_slot, np.minimum, answer, run_start)
 
-    wire = p.wirelen[order]
-    hdr = p.hdr_len[order]
-    payload = p.payload_len[order]
-    ttl = p.ttl[order]
-    window = p.tcp_window[order]
-    flag_bits = ((flags[None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1).astype(np.int64)
-    for direction in (0, 1):
-        m = d == direction
-        mi = m.astype(np.int64)
-        sl = (run_slot, direction)
-        c["packets"][sl] += np.add.reduceat(mi, run_start)
-        c["bytes"][sl] += np.add.reduceat(wire * mi, run_start)
-        c["ip_bytes"][sl] += np.add.reduceat(ip_len * mi, run_start)
-        c["header_bytes"][sl] += np.add.reduceat(hdr * mi, run_start)
-        c["payload_bytes"][sl] += np.add.reduceat(payload * mi, run_start)
-        with_payload = ((payload > 0) & m).astype(np.int64)
-        _add_count(c["payload_packets"], sl, np.add.reduceat(with_payload, run_start))
-        lf = ip_len.astype(np.float64) * mi
-        c["len_sum"][sl] += np.add.reduceat(lf, run_start)
-        c["len_sumsq"][sl] += np.add.reduceat(lf * lf, run_start)
-        _fold_extreme(c["len_min"], sl, np.minimum, np.where(m, ip_len, LEN_NONE), run_start)
-        _fold_extreme(c["len_max"], sl, np.maximum, np.where(m, ip_len, -1), run_start)
-        _fold_extreme(c["ttl_min"], sl, np.minimum, np.where(m, ttl, 256), run_start)
-        # The eight TCP flag counts in one (8, n) reduction.
-        flag_sums = np.add.reduceat(flag_bits * mi, run_start, axis=1)
-        for bit, name in enumerate(TCP_FLAG_NAMES):
-            _add_count(c[f"{name}_packets"], sl, flag_sums[bit])
+    # Per-direction state: the packets of each (run, direction) together, still in order (a
+    # stable sort; runs are contiguous already), reduced once into the flat (slot, direction)
+    # index 2 * slot + direction. The sums regrouped here are of whole numbers (exact in any
+    # order); the inter-arrival times keep each direction's packets in their order.
+    key = 2 * run_of + d
+    g = np.argsort(key, kind="stable")
+    key = key[g]
+    bounds = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    group = key[bounds]
+    at = 2 * run_slot[group >> 1] + (group & 1)
+    pick = order[g]
 
-        # Per-direction times: the packets of this direction, still grouped by run.
-        sel = np.flatnonzero(m)
-        if len(sel) == 0:
-            continue
-        r = run_of[sel]
-        t = ts[sel]
-        dstart = np.ones(len(sel), dtype=bool)
-        dstart[1:] = r[1:] != r[:-1]
-        bounds = np.flatnonzero(dstart)
-        dslots = run_slot[r[bounds]]
-        dsl = (dslots, direction)
-        prev_d = np.empty(len(sel), dtype=np.int64)
-        prev_d[1:] = t[:-1]
-        prev_d[bounds] = c["dir_last_ns"][dsl]
-        has_prev_d = np.ones(len(sel), dtype=bool)
-        has_prev_d[bounds] = c["dir_last_ns"][dsl] >= 0
-        diat = np.where(has_prev_d, np.maximum(t - prev_d, 0), 0)
-        df = diat.astype(np.float64) / NS
-        c["dir_iat_sum"][dsl] += np.add.reduceat(df, bounds)
-        c["dir_iat_sumsq"][dsl] += np.add.reduceat(df * df, bounds)
-        no_iat = np.where(has_prev_d, diat, NEVER)
-        _fold_extreme(c["dir_iat_min"], dsl, np.minimum, no_iat, bounds)
-        _fold_extreme(c["dir_iat_max"], dsl, np.maximum, np.where(has_prev_d, diat, -1), bounds)
-        c["dir_last_ns"][dsl] = np.maximum.reduceat(t, bounds)
-        # The first packet of a direction sets its initial TCP window.
-        fresh = packets_before[r[bounds], direction] == 0
-        w = window[sel][bounds]
-        c["init_window"][dsl] = np.where(fresh, w, c["init_window"][dsl])
+    def col(name: str) -> np.ndarray:
+        return np.reshape(c[name], -1, copy=False)  # a view: writes reach the table
+
+    fresh = np.reshape(packets_before, -1)[group] == 0  # (runs, 2) flat: 2 * run + direction
+    ip_len = p.ip_len[pick]
+    payload = p.payload_len[pick]
+    col("packets")[at] += np.diff(np.r_[bounds, len(g)])
+    col("bytes")[at] += np.add.reduceat(p.wirelen[pick], bounds, dtype=np.int64)
+    col("ip_bytes")[at] += np.add.reduceat(ip_len, bounds, dtype=np.int64)
+    col("header_bytes")[at] += np.add.reduceat(p.hdr_len[pick], bounds, dtype=np.int64)
+    col("payload_bytes")[at] += np.add.reduceat(payload, bounds, dtype=np.int64)
+    with_payload = (payload > 0).astype(np.int64)
+    _add_count(col("payload_packets"), at, np.add.reduceat(with_payload, bounds))
+    lf = ip_len.astype(np.float64)
+    col("len_sum")[at] += np.add.reduceat(lf, bounds)
+    col("len_sumsq")[at] += np.add.reduceat(lf * lf, bounds)
+    _fold_extreme(col("len_min"), at, np.minimum, ip_len, bounds)
+    _fold_extreme(col("len_max"), at, np.maximum, ip_len, bounds)
+    _fold_extreme(col("ttl_min"), at, np.minimum, p.ttl[pick], bounds)
+    # The eight TCP flag counts in one (8, n) reduction.
+    flags = flags[g]
+    flag_bits = ((flags[None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1).astype(np.int64)
+    flag_sums = np.add.reduceat(flag_bits, bounds, axis=1)
+    for bit, name in enumerate(TCP_FLAG_NAMES):
+        _add_count(col(f"{name}_packets"), at, flag_sums[bit])
+
+    # Per-direction times.
+    t = ts[g]
+    dir_last = col("dir_last_ns")
+    prev_d = np.empty(len(t), dtype=np.int64)
+    prev_d[1:] = t[:-1]
+    prev_d[bounds] = dir_last[at]
+    has_prev_d = np.ones(len(t), dtype=bool)
+    has_prev_d[bounds] = dir_last[at] >= 0
+    diat = np.where(has_prev_d, np.maximum(t - prev_d, 0), 0)
+    df = diat.astype(np.float64) / NS
+    col("dir_iat_sum")[at] += np.add.reduceat(df, bounds)
+    col("dir_iat_sumsq")[at] += np.add.reduceat(df * df, bounds)
+    _fold_extreme(col("dir_iat_min"), at, np.minimum, np.where(has_prev_d, diat, NEVER), bounds)
+    _fold_extreme(col("dir_iat_max"), at, np.maximum, np.where(has_prev_d, diat, -1), bounds)
+    dir_last[at] = np.maximum.reduceat(t, bounds)
+    # The first packet of a direction sets its initial TCP window.
+    init = col("init_window")
+    init[at] = np.where(fresh, p.tcp_window[pick][bounds], init[at])
 
 
 def _fold_payload(c, p: Packets, order, d, run_of, run_slot) -> None:
@@ -229,6 +305,11 @@ def _fold_payload(c, p: Packets, order, d, run_of, run_slot) -> None:
 def _fold_extreme(col: np.ndarray, where, ufunc, values: np.ndarray, starts: np.ndarray) -> None:
     """col[where] = ufunc(col[where], ufunc.reduceat(values, starts)): a running min or max."""
     col[where] = ufunc(col[where], ufunc.reduceat(values, starts))
+
+
+def _add_one(col: np.ndarray, at: np.ndarray) -> None:
+    """col[at] += 1 for a flat 32-bit count column (distinct ``at``), saturating at COUNT_MAX."""
+    col[at] = np.minimum(col[at].astype(np.int64) + 1, COUNT_MAX)
 
 
 def _add_count(col: np.ndarray, where, values: np.ndarray) -> None:

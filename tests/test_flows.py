@@ -517,3 +517,27 @@ def test_packet_counts_in_32_bits_saturate():
     _add_count(counts, (np.array([0]), 0), np.array([10]))
     _add_count(counts, (np.array([0]), 1), np.array([10]))
     assert counts.tolist() == [[COUNT_MAX, 15]]
+
+
+@pytest.mark.parametrize("chunk", [1500, 20000])
+def test_one_packet_runs_fold_exactly_as_grouped_runs(monkeypatch, chunk):
+    """fold_runs merges runs of one packet directly (flowfold._fold_single); folding them
+    with the per-run reductions instead must give the same bits in every column."""
+    import quietwire.agent.flowfold as flowfold
+
+    path = "quietwire/data/sample.pcap"
+    direct = meter_file(path, chunk_bytes=chunk, keep_interim=True)
+
+    calls = []
+
+    def grouped(c, p, order, ts, d, flags, slots):
+        calls.append(len(ts))
+        runs = np.arange(len(ts))
+        flowfold._fold_grouped(c, p, order, ts, d, flags, runs, runs, slots)
+
+    monkeypatch.setattr(flowfold, "_fold_single", grouped)
+    reduced = meter_file(path, chunk_bytes=chunk, keep_interim=True)
+    assert len(direct) == len(reduced) == 70 and sum(calls) > 10
+    for name in direct.records.columns:
+        np.testing.assert_array_equal(direct.records[name], reduced.records[name], err_msg=name)
+    np.testing.assert_array_equal(direct.features, reduced.features)
