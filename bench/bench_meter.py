@@ -8,6 +8,9 @@ against nfstream's to_csv on the same file, with where quietwire's time goes
 (bench/stage_times.py), the pcap record walk alone (lanes against the plain walk), and
 captures of the same packet count with --open-flows flows open at once (gen_capture.py
 generate_open), where quietwire's CPU time per packet is compared with its own at the first.
+Those captures hold ten times the flows at ten times the count (and so ten times the rows
+written); the controlled rows that follow (--waves F: gen_capture.py generate_waves) hold the
+flows, packets per flow and flow durations equal and vary only how many are open at once.
 Those rows are whole processes (start-up and import included): CPU seconds (user + system,
 with reaped children: nfstream's meter process) from wait4, each pinned to CPU 0.
 
@@ -200,12 +203,14 @@ QUIETWIRE = [sys.executable, "-m", "quietwire.cli"]
 OPEN_FLOWS_MAX = 2_000_000  # --max-flows of the open-flows rows: the table holds every flow
 
 
-def generate_file(path: Path, packets: int, open_flows: int = 0) -> int:
+def generate_file(path: Path, packets: int, open_flows: int = 0, total_flows: int = 0) -> int:
     """Write a capture with gen_capture.py in its own process (so that the processes this
     one starts do not inherit its peak RSS: Linux carries it over fork and exec)."""
     cmd = [sys.executable, str(HERE / "gen_capture.py"), str(path), "--packets", str(packets)]
     if open_flows:
         cmd += ["--open-flows", str(open_flows)]
+    if total_flows:
+        cmd += ["--total-flows", str(total_flows)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return int(out.split()[1])
 
@@ -335,6 +340,45 @@ def open_flows_section(workdir: Path, packets: int, counts: list[int], repeat: i
         print(f"  {label:<28} " + ", ".join(cells))
 
 
+def waves_section(
+    workdir: Path, packets: int, counts: list[int], total_flows: int, repeat: int
+) -> None:
+    """The controlled rows: ``total_flows`` flows of equal length in every capture, in waves
+    of each count open at once; quietwire's CPU time per packet against its own at the
+    first count."""
+    counts = [k for k in counts if k <= total_flows and total_flows % k == 0]
+    if not counts:
+        return
+    print(
+        f"\ncontrolled: {packets:,} packets of {total_flows:,} flows ({packets // total_flows} "
+        "packets each, dealt round-robin over the same 100 s) in every capture; only how many "
+        "are open at once differs (gen_capture.py --open-flows K --total-flows "
+        f"{total_flows}: waves of K flows, 130 s apart); quietwire --max-flows "
+        f"{OPEN_FLOWS_MAX:,}, best of {repeat}"
+    )
+    print(f"{'':<40} {'cpu s':>7} {'us/packet':>10} {'peak RSS':>9}  against the first")
+    per_packet: dict[str, float] = {}
+    for k in counts:
+        path = workdir / f"waves-{k}.pcap"
+        n = generate_file(path, packets, k, total_flows)
+        tools = {
+            "quietwire flow meter (API)": child_cmd("quietwire", path, OPEN_FLOWS_MAX),
+            "quietwire flows -o csv": flows_cmd(path, "csv", OPEN_FLOWS_MAX),
+        }
+        for label, r in fastest(tools, repeat).items():
+            if r["rc"] != 0:
+                print(f"{label}, {k:,} open: the command failed ({r['stderr'][-90:]})")
+                continue
+            us = r["cpu"] / n * 1e6
+            base = per_packet.setdefault(label, us)
+            name = f"{label}, {k:,} open"
+            print(
+                f"{name:<34} {r['cpu']:>7.2f} {us:>10.2f} {r['rss']:>6,.0f} MiB  {us / base:.2f}x"
+            )
+        for leftover in workdir.glob(f"waves-{k}.pcap*"):
+            leftover.unlink()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--packets", type=int, default=1_000_000)
@@ -352,6 +396,14 @@ def main() -> None:
         "--open-flows",
         default="20000,200000,1000000",
         help="flows open at once in the equal-packet-count captures (comma-separated; '' none)",
+    )
+    parser.add_argument(
+        "--waves",
+        type=int,
+        default=200_000,
+        metavar="F",
+        help="controlled rows after the open-flow ones: F flows in all, in waves of each "
+        "--open-flows count that divides F (0: none)",
     )
     parser.add_argument("--max-flows", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--child", nargs=2, metavar=("TOOL", "PCAP"), help=argparse.SUPPRESS)
@@ -419,6 +471,8 @@ def main() -> None:
         counts = [int(k) for k in args.open_flows.split(",") if k.strip()]
         if counts:
             open_flows_section(workdir, args.packets, counts, args.repeat)
+        if counts and args.waves:
+            waves_section(workdir, args.packets, counts, args.waves, args.repeat)
     finally:
         for leftover in workdir.glob("*"):
             leftover.unlink()

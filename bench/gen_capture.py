@@ -11,9 +11,16 @@ Two shapes, both seeded (a size always gives the same file):
   order), the whole capture inside ``span_s`` (100 s, under the 120 s idle timeout), TCP
   sessions left open (SYN, SYN/ACK, ACK, data) and UDP exchanges. The flow table holds all of
   them at the end; 1,000,000 packets with 20,000 open flows are 50 packets per flow.
+- ``generate_waves``: ``total_flows`` flows in waves of ``open_flows``, each wave shaped as
+  ``generate_open`` (its share of the packets, round-robin over ``span_s``) and starting
+  ``gap_s`` (130 s, past the idle timeout) after the previous one ended, so its flows have
+  ended before the next wave starts. For a given total, every count open at once gives the
+  same flows, packets per flow and flow durations; only how many are open together differs
+  (one wave is ``generate_open``'s file).
 
     python bench/gen_capture.py OUT.pcap --packets 1000000
     python bench/gen_capture.py OUT.pcap --packets 1000000 --open-flows 200000
+    python bench/gen_capture.py OUT.pcap --packets 1000000 --open-flows 20000 --total-flows 200000
 """
 
 from __future__ import annotations
@@ -61,8 +68,45 @@ def generate_open(
     module docstring); return the number of packets written."""
     rng = np.random.default_rng(seed)
     n_flows = min(open_flows, packets)
+    flow, pos, left = _round_robin(rng, packets, n_flows)
+    ts = np.arange(packets) * (span_s / packets)
+    _write(path, rng, ts, flow, pos, left, _hosts(rng, n_flows), False, np.arange(packets))
+    return packets
+
+
+def generate_waves(
+    path: Path,
+    packets: int,
+    open_flows: int,
+    total_flows: int,
+    seed: int = 7,
+    span_s: float = 100.0,
+    gap_s: float = 130.0,
+) -> int:
+    """Write ``packets`` packets of ``total_flows`` flows, ``open_flows`` of them open at once
+    (see the module docstring); return the number of packets written."""
+    if total_flows % open_flows or packets % (total_flows // open_flows):
+        raise ValueError("total_flows must be a multiple of open_flows, and packets of waves")
+    waves = total_flows // open_flows
+    if waves == 1:
+        return generate_open(path, packets, open_flows, seed, span_s)
+    rng = np.random.default_rng(seed)
+    per_wave = packets // waves
+    parts = [_round_robin(rng, per_wave, open_flows) for _ in range(waves)]
+    flow = np.concatenate([f + w * open_flows for w, (f, _, _) in enumerate(parts)])
+    pos = np.concatenate([p for _, p, _ in parts])
+    left = np.concatenate([lf for _, _, lf in parts])
+    within = np.arange(per_wave) * (span_s / per_wave)
+    ts = np.concatenate([w * (span_s + gap_s) + within for w in range(waves)])
+    _write(path, rng, ts, flow, pos, left, _hosts(rng, total_flows), False, np.arange(packets))
+    return packets
+
+
+def _round_robin(rng, packets: int, n_flows: int):
+    """Flow, position in the flow and packets left after it, for ``packets`` packets dealt
+    round-robin to ``n_flows`` flows: round r holds one packet of every flow that has more
+    than r packets, shuffled."""
     rounds = -(-packets // n_flows)
-    # Round r holds one packet of every flow that has more than r packets, shuffled.
     per_flow = np.full(n_flows, packets // n_flows)
     per_flow[: packets % n_flows] += 1
     flow = np.concatenate(
@@ -70,9 +114,7 @@ def generate_open(
     ).astype(np.int64)
     pos = np.repeat(np.arange(rounds), [int((per_flow > r).sum()) for r in range(rounds)])
     left = per_flow[flow] - 1 - pos
-    ts = np.arange(packets) * (span_s / packets)
-    _write(path, rng, ts, flow, pos, left, _hosts(rng, n_flows), False, np.arange(packets))
-    return packets
+    return flow, pos, left
 
 
 def _hosts(rng, n_flows: int) -> dict[str, np.ndarray]:
@@ -167,8 +209,18 @@ def main() -> None:
         metavar="K",
         help="instead: K flows, all open at once for the whole capture (100 s)",
     )
+    parser.add_argument(
+        "--total-flows",
+        type=int,
+        default=0,
+        metavar="F",
+        help="with --open-flows K: F flows in waves of K open at once (F/K waves, each 100 s, "
+        "130 s apart)",
+    )
     args = parser.parse_args()
-    if args.open_flows:
+    if args.open_flows and args.total_flows:
+        n = generate_waves(args.out, args.packets, args.open_flows, args.total_flows, args.seed)
+    elif args.open_flows:
         n = generate_open(args.out, args.packets, args.open_flows, args.seed)
     else:
         n = generate(args.out, args.packets, args.seed, rate_pps=args.rate)
