@@ -373,7 +373,7 @@ def waves_section(
             base = per_packet.setdefault(label, us)
             name = f"{label}, {k:,} open"
             print(
-                f"{name:<34} {r['cpu']:>7.2f} {us:>10.2f} {r['rss']:>6,.0f} MiB  {us / base:.2f}x"
+                f"{name:<40} {r['cpu']:>7.2f} {us:>10.2f} {r['rss']:>6,.0f} MiB  {us / base:.2f}x"
             )
         for leftover in workdir.glob(f"waves-{k}.pcap*"):
             leftover.unlink()
