@@ -98,7 +98,7 @@ def test_binary_payloads_entropy_and_classes(tmp_path):
 
 
 def test_path_traversal_counts_decoded_dots():
-    """".." in a URI, sent plainly or %-encoded (one dot, both, mixed case), counted once per
+    """ ".." in a URI, sent plainly or %-encoded (one dot, both, mixed case), counted once per
     pair; a dot in a name is not one; the headers do not count."""
     from quietwire.agent.payload import http_stats
 
@@ -219,3 +219,40 @@ def test_no_payload_byte_reaches_any_output(tmp_path):
     records = meter_file(pcap).records
     assert all(v.dtype.kind in "biuf" for v in records.columns.values())
     assert max(int(np.prod(v.shape[1:])) for v in records.columns.values()) == 24
+
+
+def test_window_statistics_match_a_per_window_reference():
+    """direction_stats on many random windows (binary, text, all-printable, none, mixed, with
+    %XX escapes, empty) against plain Python over each window's bytes."""
+    from quietwire.agent.payload import CLASS_OF, CLASSES, PRINTABLE, direction_stats
+
+    rng = np.random.default_rng(11)
+    alphabets = [
+        np.arange(256),
+        np.arange(32, 127),
+        np.array([0, 1, 0x7F, 0x80, 0xFF]),
+        np.frombuffer(b"%2e%41ab <'\">${}\x00\xff\r\n", np.uint8),
+    ]
+    windows = np.concatenate(
+        [rng.choice(a, (300, PAYLOAD_WINDOW)).astype(np.uint8) for a in alphabets]
+    )
+    n_bytes = rng.integers(0, PAYLOAD_WINDOW + 1, len(windows))
+    got = direction_stats(windows, n_bytes)
+    for row, (w, n) in enumerate(zip(windows, n_bytes)):
+        data = w[:n].tobytes()
+        if not data:
+            assert np.isnan(got[row]).all()
+            continue
+        counts = [data.count(b) for b in set(data)]
+        entropy = -sum(c / n * math.log2(c / n) for c in counts)
+        classes = [0] * (len(CLASSES) + 1)
+        escaped = set()
+        if all(PRINTABLE[b] for b in data):
+            for m in re.finditer(rb"%[0-9a-fA-F]{2}", data):
+                escaped.update(range(m.start(), m.end()))
+        for i, b in enumerate(data):
+            classes[CLASSES.index("escapes") if i in escaped else CLASS_OF[b]] += 1
+        runs = re.findall(rb"[\x20-\x7e\t\r\n]+", data)
+        expect = [entropy, sum(PRINTABLE[b] for b in data) / n, max(map(len, runs), default=0)]
+        expect += [c / n for c in classes[: len(CLASSES)]]
+        np.testing.assert_allclose(got[row], expect, rtol=1e-5, atol=1e-5, err_msg=str(row))
