@@ -268,9 +268,10 @@ class FlowTable:
         passed = np.frexp((age // step).astype(np.float64))[1]
         c["interims"][slots] = np.minimum(passed, 255)
         self._interim_at_ns = self._next_interim_ns(*scanned)
-        slots = slots[news]
-        slots = slots[np.argsort(c["seq"][slots], kind="stable")]
-        out = FlowRecords({name: col[slots] for name, col in c.items()})
+        # Read the rows in slot order (memory order), hand them on in start order.
+        slots = np.sort(slots[news])
+        in_start_order = np.argsort(c["seq"][slots], kind="stable")
+        out = FlowRecords({name: col[slots][in_start_order] for name, col in c.items()})
         out.columns["end_reason"][:] = INTERIM
         return out
 
