@@ -78,19 +78,22 @@ def _rows16(matrix: np.ndarray) -> np.ndarray:
 def g9(values: np.ndarray, nan: bytes = b"nan", inf: bytes = b"inf") -> Text:
     """'%.9g' of each float32 (flattened), NaN written as ``nan`` and +-infinity as
     ``inf`` with its sign; (chars (n, SLOT), lens)."""
-    with np.errstate(invalid="ignore"):  # signalling NaNs become quiet ones
-        v = np.asarray(values, dtype=np.float32).ravel().astype(np.float64)
+    # Sorting values out in float32 (half the bytes to read); only the values formatted by
+    # arithmetic are widened to float64 (exactly).
+    with np.errstate(invalid="ignore"):  # signalling NaNs of another float type
+        v = np.asarray(values, dtype=np.float32).ravel()
     a = np.abs(v)
     finite = np.isfinite(v)
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore"):  # (signalling NaNs)
         small = finite & (a < _SMALL) & (a == np.floor(a))  # zero and -0 too
+        # Every value starts from its row of the table; those not in it from the empty last row.
+        code = np.where(small, a + np.signbit(v) * np.float32(_SMALL), 2 * _SMALL)
     regular = finite & ~small
-    # Every value starts from its row of the table; those not in it from the empty last row.
-    code = np.where(small, a + np.signbit(v) * float(_SMALL), 2 * _SMALL).astype(np.intp)
+    code = code.astype(np.intp)
     chars = np.take(_SMALL_CHARS, code, axis=0)
     lens = np.take(_SMALL_LENS, code)
     idx = np.flatnonzero(regular)
-    a = a[idx]
+    a = a[idx].astype(np.float64)
     exp = np.floor(np.log10(a)).astype(np.int64)
     scaled, ok = _scale(a, exp)
     for fix, step in ((scaled < 1e8, -1), (scaled >= 1e9, 1)):  # log10 is off by one at most
@@ -151,7 +154,7 @@ def g9(values: np.ndarray, nan: bytes = b"nan", inf: bytes = b"inf") -> Text:
                 chars[where, : len(text)] = np.frombuffer(text, dtype=np.uint8)
                 lens[where] = len(text)
     for i in fallback.tolist():
-        text = (f"{v[i]:.9g}").encode()
+        text = (f"{float(v[i]):.9g}").encode()
         chars[i, : len(text)] = np.frombuffer(text, dtype=np.uint8)
         lens[i] = len(text)
     return chars, lens
