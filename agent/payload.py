@@ -86,11 +86,14 @@ def _class_table() -> np.ndarray:
 CLASS_OF = _class_table()
 PRINTABLE = np.array([0x20 <= b < 0x7F or b in (9, 10, 13) for b in range(256)])
 PRINTABLE8 = PRINTABLE.astype(np.uint8)
-# (257, classes + 2): per byte value, one column per class, the rest, then printable; the
-# 257th row (bytes past a window's end) is all zero
-CLASS_MATRIX = np.zeros((257, len(CLASSES) + 2), dtype=np.float32)
-CLASS_MATRIX[np.arange(256), CLASS_OF] = 1
-CLASS_MATRIX[:256, -1] = PRINTABLE
+# A window's class counts are sums of its byte histogram's columns: the byte values in class
+# order (BY_CLASS), where each class that holds byte values starts (no byte value is in
+# "escapes": _escapes finds them), and the classes of the printable bytes (every class is
+# printable or not as a whole; tests/test_payload.py checks it).
+BY_CLASS = np.argsort(CLASS_OF, kind="stable")
+HELD_CLASSES = np.unique(CLASS_OF)
+CLASS_STARTS = np.searchsorted(CLASS_OF[BY_CLASS], HELD_CLASSES)
+PRINTABLE_CLASSES = np.unique(CLASS_OF[PRINTABLE])
 _c = np.arange(PAYLOAD_WINDOW + 1, dtype=np.float64)
 C_LOG_C = np.where(_c > 0, _c * np.log2(np.maximum(_c, 1)), 0.0)  # c * log2(c), c = 0..256
 HEX = np.array([chr(b) in "0123456789abcdefABCDEF" for b in range(256)])
@@ -123,7 +126,7 @@ def direction_stats(w: np.ndarray, n_bytes: np.ndarray) -> np.ndarray:
 
 def _direction_stats(w: np.ndarray, n_bytes: np.ndarray) -> np.ndarray:
     """One bincount makes a byte histogram per window (windows in rows, so each one's counts
-    stay together in memory); class counts (a product with CLASS_MATRIX), printable bytes
+    stay together in memory); class counts (its columns summed by class), printable bytes
     and the entropy come from it. The longest printable run is a running count down the
     windows, all of them at once. Only text windows holding a '%' are searched for escapes."""
     n, width = w.shape
@@ -134,9 +137,12 @@ def _direction_stats(w: np.ndarray, n_bytes: np.ndarray) -> np.ndarray:
     codes += (np.arange(n, dtype=np.int32) * 257)[:, None]
     hist = np.bincount(codes.ravel(), minlength=257 * n).reshape(n, 257)
     hist[:, 256] = 0
-    counts = (hist.astype(np.float32) @ CLASS_MATRIX).astype(np.int64)  # exact below 2**24
-    printable = counts[:, n_cls]
-    counts = counts[:, :n_cls]
+    # Sums of the histogram's columns by class, down the columns of its transpose (no BLAS
+    # product: unpinned, OpenBLAS's threads spun up to ten times the CPU of the sum).
+    counts = np.zeros((n, n_cls), dtype=np.int64)
+    by_class = np.take(hist, BY_CLASS, axis=1).T
+    counts[:, HELD_CLASSES] = np.add.reduceat(by_class, CLASS_STARTS, axis=0).T
+    printable = counts[:, PRINTABLE_CLASSES].sum(axis=1)
     length = np.maximum(n_bytes, 1).astype(np.float64)
     # entropy: H = log2(L) - sum(c log2 c) / L over the byte counts c of a window of L bytes
     entropy = np.log2(length) - C_LOG_C[hist].sum(axis=1) / length

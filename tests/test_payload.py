@@ -256,3 +256,10 @@ def test_window_statistics_match_a_per_window_reference():
         expect = [entropy, sum(PRINTABLE[b] for b in data) / n, max(map(len, runs), default=0)]
         expect += [c / n for c in classes[: len(CLASSES)]]
         np.testing.assert_allclose(got[row], expect, rtol=1e-5, atol=1e-5, err_msg=str(row))
+
+
+def test_byte_classes_are_printable_or_not_as_a_whole():
+    """_direction_stats counts printable bytes by class (PRINTABLE_CLASSES)."""
+    from quietwire.agent.payload import CLASS_OF, PRINTABLE, PRINTABLE_CLASSES
+
+    assert np.array_equal(np.isin(CLASS_OF, PRINTABLE_CLASSES), PRINTABLE)
