@@ -3,7 +3,9 @@
 Packets arrive grouped by flow key (segments of a sort by key hash). ``split_runs`` finds
 where a flow ends and a new one of the same key starts inside a segment (idle, active timeout,
 TCP close); ``fold_runs`` reduces each run of packets with column operations and merges the
-result into its flow's row: counts and sums add, minima and maxima fold, times move on.
+result into its flow's row: counts and sums add, minima and maxima fold, times move on. Runs
+of one packet (most of a batch when many flows are open at once) skip the reductions and are
+merged directly.
 """
 
 from __future__ import annotations
