@@ -116,9 +116,7 @@ def row_shape(spec: bool | tuple[int, ...]) -> tuple[int, ...]:
 
 def bytes_per_flow() -> int:
     """Bytes one flow takes in the COLUMNS (the table's state columns, one row)."""
-    return sum(
-        np.dtype(t).itemsize * int(np.prod(row_shape(d))) for t, _, d in COLUMNS.values()
-    )
+    return sum(np.dtype(t).itemsize * int(np.prod(row_shape(d))) for t, _, d in COLUMNS.values())
 
 
 @dataclass(frozen=True)
