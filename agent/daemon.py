@@ -243,10 +243,7 @@ def run(settings: Settings, config_path: Path) -> int:
         if pool:
             pool.drain()
         for src in sources:
-            while True:
-                batch = src.read(timeout_s=0)
-                if not len(batch):
-                    break
+            for batch in src.remaining():
                 engine.process(batch, src.interface)
             _, drops = src.statistics()
             if drops:

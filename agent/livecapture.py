@@ -21,6 +21,7 @@ import mmap
 import select
 import socket
 import struct
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -42,6 +43,8 @@ ETH_P_ALL = 0x0003
 TP_STATUS_KERNEL = 0
 TP_STATUS_USER = 1
 LINKTYPE_ETHERNET = 1
+# The kernel hands a ring block over when it is full or this long after its first packet.
+RETIRE_MS = 50
 _BLOCK = struct.Struct("=IIIII")  # version, offset_to_priv, block_status, num_pkts, first
 _PACKET = struct.Struct("=IIIIIIHH")  # next, sec, nsec, snaplen, len, status, mac, net
 
@@ -92,7 +95,14 @@ class LiveCapture:
         # tpacket_req3: block size, block count, frame size, frame count, retire timeout (ms),
         # private area size, feature flags
         req = struct.pack(
-            "=IIIIIII", self.block_size, blocks, frame, self.block_size // frame * blocks, 50, 0, 0
+            "=IIIIIII",
+            self.block_size,
+            blocks,
+            frame,
+            self.block_size // frame * blocks,
+            RETIRE_MS,
+            0,
+            0,
         )
         s.setsockopt(SOL_PACKET, PACKET_RX_RING, req)
         s.bind((self.interface, ETH_P_ALL))
@@ -186,6 +196,16 @@ class LiveCapture:
             linktype=np.full(n, LINKTYPE_ETHERNET, np.int32),
             interface=np.zeros(n, np.int32),
         )
+
+    def remaining(self) -> Iterator[PacketBatch]:
+        """At shutdown, what the ring still holds: the ready blocks, then the block the kernel
+        is still filling, which it hands over at most RETIRE_MS after the block's first packet
+        (a read that does not wait for it loses the last packets before a SIGTERM)."""
+        while True:
+            batch = self.read(timeout_s=3 * RETIRE_MS / 1000)
+            if not len(batch):
+                return
+            yield batch
 
     def statistics(self) -> tuple[int, int]:
         """(packets, drops) the kernel counted since the last call (it resets them)."""

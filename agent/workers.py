@@ -297,10 +297,7 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
                     send_report(conn, {"kind": "report", "interface": src.interface}, report)
         for src in sources:  # drain: what the ring still holds, then every open flow
             table = tables[src.interface]
-            while not files:
-                batch = src.read(timeout_s=0)
-                if not len(batch):
-                    break
+            for batch in () if files else src.remaining():
                 send_report(conn, {"kind": "report", "interface": src.interface}, table.add(batch))
             table.kernel_drops += src.statistics()[1]
             while len(table.table):

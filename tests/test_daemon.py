@@ -285,6 +285,25 @@ def test_live_capture_matches_replay(ndpi, netns, tmp_path, capsys):
     assert live_incidents == int(r.group(3)) >= 2
 
 
+def test_the_ring_hands_over_its_last_packets_at_shutdown(netns):
+    """Fewer packets than a ring block fill the block the kernel is still filling: a drain
+    (``remaining``, what the daemon and its workers read after SIGTERM) waits for its handover,
+    where a read that does not wait found nothing and lost the last packets of a capture."""
+    script = (
+        "import socket\n"
+        "from quietwire.agent.livecapture import LiveCapture\n"
+        "cap = LiveCapture('qwb', blocks=4)\n"
+        "tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)\n"
+        "tx.bind(('qwa', 0))\n"
+        "frame = bytes.fromhex('ffffffffffff020000000001' '88b5') + bytes(46)\n"
+        "for _ in range(20):\n"
+        "    tx.send(frame)\n"
+        "print(sum(len(b) for b in cap.remaining()))\n"
+    )
+    out = subprocess.run([*netns, PY, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["20"], out.stderr
+
+
 def test_live_flood_stays_within_budget_and_memory(netns, tmp_path):
     """A random-source SYN flood (100,000 packets, every one a new source) sent over the veth
     at tcpreplay's top speed into `quietwire run` with per-flow alert lines on and a small
