@@ -202,25 +202,19 @@ def _batch_chars(flows: FlowRecords, seed: int) -> np.ndarray:
     v4 = version == 4
     msg = np.empty((n, 64), dtype=np.uint8)
     for rows, width in ((np.flatnonzero(v4), 4), (np.flatnonzero(~v4), 16)):
-        if not len(rows):
-            continue
-        whole = len(rows) == n
         block = np.zeros((len(rows), 64), dtype=np.uint8)
         block[:, 0] = (seed >> 8) & 0xFF
         block[:, 1] = seed & 0xFF
-        block[:, 2 : 2 + width] = (src if whole else src[rows])[:, :width]
-        block[:, 2 + width : 2 + 2 * width] = (dst if whole else dst[rows])[:, :width]
-        block[:, 2 + 2 * width] = flows["proto"] if whole else flows["proto"][rows]
-        block[:, 4 + 2 * width : 8 + 2 * width] = ports if whole else ports[rows]
-        with_ports = has_ports if whole else has_ports[rows]
+        block[:, 2 : 2 + width] = src[rows, :width]
+        block[:, 2 + width : 2 + 2 * width] = dst[rows, :width]
+        block[:, 2 + 2 * width] = flows["proto"][rows]
+        block[:, 4 + 2 * width : 8 + 2 * width] = ports[rows]
+        with_ports = has_ports[rows]
         block[:, 8 + 2 * width] = np.where(with_ports, 0x80, 0)
         bits = (4 + 2 * width + 4 * with_ports) * 8
         block[:, 62] = bits >> 8
         block[:, 63] = bits & 0xFF
-        if whole:
-            msg = block
-        else:
-            msg[rows] = block
+        msg[rows] = block
     digest = _sha1_block(msg.view(">u4").astype(np.uint32))
     return _ids_text(digest)
 
