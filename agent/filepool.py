@@ -11,14 +11,13 @@ there.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import pickle
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,6 +25,9 @@ from .capture import CaptureError, read_capture
 from .context import ContextConfig
 from .flows import FlowConfig
 from .meter import FlowMeter, MeteredFlows
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 
 def default_workers() -> int:
@@ -37,6 +39,11 @@ def ordered_map(func: Callable, jobs: Iterable, workers: int) -> Iterator[Future
     """Futures of ``func(job)`` in the jobs' order, run in ``workers`` processes with at most
     2 x workers submitted ahead of the one being consumed."""
     jobs = iter(jobs)
+    # Imported here: multiprocessing costs every start of `quietwire flows` 20 ms, and only
+    # --workers needs it.
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     context = multiprocessing.get_context("forkserver")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         pending: deque[Future] = deque()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 from quietwire.agent.capture import CaptureError, read_capture
 from quietwire.agent.context import ContextConfig
 from quietwire.agent.features import SCHEMA, SCHEMA_HASH, SCHEMA_NAME, SCHEMA_VERSION
+from quietwire.agent.filepool import default_workers, ordered_map
 from quietwire.agent.flowfile import FORMATS, FlowWriter
 from quietwire.agent.flows import FlowConfig
 from quietwire.agent.meter import FlowMeter
@@ -168,8 +168,6 @@ def _worker(task: tuple[Path, Path, _Job]) -> _FileResult:
 
 def _in_workers(args, job: _Job, writer: FlowWriter):
     where = args.output.parent if args.output else None
-    from quietwire.agent.filepool import ordered_map  # multiprocessing: only with --workers
-
     with tempfile.TemporaryDirectory(prefix="quietwire-flows-", dir=where) as tmp:
         tasks = [
             (path, Path(tmp) / f"part-{i}.{job.fmt}", job) for i, path in enumerate(args.files)
@@ -251,7 +249,7 @@ def register(sub) -> None:
         default=1,
         metavar="N",
         help=f"meter up to N files at once in worker processes (1; this machine: "
-        f"{len(os.sched_getaffinity(0))} cores); output and results as with 1",
+        f"{default_workers()} cores); output and results as with 1",
     )
     flows.add_argument(
         "--idle-timeout",
