@@ -45,6 +45,24 @@ def test_console_script_help():
     assert "--idle-timeout" in res.stdout and "--format" in res.stdout
 
 
+def test_each_command_is_found_in_its_own_module():
+    """`quietwire COMMAND` builds only COMMANDS[COMMAND]'s parser: every subcommand a module
+    registers is listed there with that module, and the full parser has no other."""
+    import argparse
+    import importlib
+
+    from quietwire.cli import COMMAND_MODULES, COMMANDS, build_parser
+
+    registered = {}
+    for name in COMMAND_MODULES:
+        sub = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(f"quietwire.cli.{name}").register(sub)
+        registered.update(dict.fromkeys(sub.choices, name))
+    assert registered == COMMANDS
+    full = build_parser()._subparsers._group_actions[0].choices
+    assert set(full) == set(COMMANDS)
+
+
 def test_jsonl_round_trip(tmp_path, capsys):
     out = tmp_path / "f.jsonl"
     assert main(["flows", str(DEFAULT_CAPTURE), "-o", str(out), "-q"]) == 0

@@ -16,7 +16,6 @@ from .common import DEFAULT_CAPTURE, error
 
 __all__ = ["DEFAULT_CAPTURE", "build_parser", "main"]
 
-COMMAND_MODULES = ("flows", "replay", "calibrate", "train", "evaluation")
 # The module of this package that adds each subcommand. A command imports only its own module:
 # the daemon's (rules, incidents, metrics, YAML config) cost `quietwire flows` a tenth of a
 # second at every start.
@@ -32,6 +31,7 @@ COMMANDS = {
     "sample": "train",
     "eval": "evaluation",
 }
+COMMAND_MODULES = tuple(dict.fromkeys(COMMANDS.values()))
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
