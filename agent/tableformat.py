@@ -1,13 +1,13 @@
 """Text of flow tables, whole columns at a time: numbers become bytes by numpy arithmetic and
-rows are put together with one boolean mask, so no Python runs per cell.
+rows are the bytes of one padded matrix that are not NUL, so no Python runs per cell.
 
-A text column is ``(chars, lens)``: an (n, w) uint8 matrix of left-aligned ASCII and the (n,)
-length of each text. ``assemble`` joins columns, blocks of columns and constant bytes into
-rows. ``g9`` writes a float32 the way Python's ``'%.9g' % float(x)`` does, byte for byte (9
-significant digits round-trip every float32): whole numbers below 1000 (most features are
-counts, flags and small sizes) by table lookup, the others by arithmetic on their digits;
-the rare value whose rounding float64 arithmetic cannot decide (a tie in the tenth digit, or
-beyond 1e-14..1e30) is formatted by Python itself.
+A text column is ``(chars, lens)``: an (n, w) uint8 matrix of left-aligned ASCII, NUL past each
+text's length, and the (n,) length of each text. ``assemble`` joins columns, blocks of columns
+and constant bytes into rows. ``g9`` writes a float32 the way Python's ``'%.9g' % float(x)``
+does, byte for byte (9 significant digits round-trip every float32): whole numbers below 1000
+(most features are counts, flags and small sizes) by table lookup, the others by arithmetic on
+their digits; the rare value whose rounding float64 arithmetic cannot decide (a tie in the
+tenth digit, or beyond 1e-14..1e30) is formatted by Python itself.
 """
 
 from __future__ import annotations
@@ -186,9 +186,9 @@ def integers(values: np.ndarray) -> Text:
     ndigits = np.maximum(np.searchsorted(_POW10, mag, side="right"), 1)
     lens = ndigits + neg
     width = int(lens.max()) if n else 1
-    # Right-aligned in (n, width) two digits at a time, then each row read from its start
-    # (a flat gather; the padding row keeps the last row's reads in bounds).
-    buf = np.zeros((n + 1, width), dtype=np.uint8)
+    # Right-aligned in the first half of (n, 2 * width) two digits at a time, then each row
+    # read from its start (a flat gather that reads NULs past the text).
+    buf = np.zeros((n, 2 * width), dtype=np.uint8)
     rest = mag
     col = width
     hundred = np.uint64(100)
@@ -202,7 +202,7 @@ def integers(values: np.ndarray) -> Text:
     if neg.any():
         rows = np.flatnonzero(neg)
         buf[rows, width - lens[rows]] = ord("-")
-    start = np.arange(n) * width + (width - lens)
+    start = np.arange(n) * (2 * width) + (width - lens)
     chars = buf.reshape(-1)[start[:, None] + np.arange(width)]
     return chars, lens.astype(np.int64)
 
@@ -244,7 +244,8 @@ def replace(text: Text, where: np.ndarray, value: bytes) -> Text:
     else:
         chars = chars.copy()
     lens = lens.copy()
-    chars[where, : len(value)] = np.frombuffer(value, dtype=np.uint8) if value else 0
+    chars[where] = 0
+    chars[where, : len(value)] = np.frombuffer(value, dtype=np.uint8)
     lens[where] = len(value)
     return chars, lens
 
@@ -266,11 +267,11 @@ def _ranges(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return group, np.arange(len(group)) - (np.cumsum(lengths) - lengths)[group]
 
 
-def _block_layout(p: Block) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _block_layout(p: Block) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Where a block's bytes go when each column is only as wide as its prefix and its longest
-    value in these rows: the row of prefix bytes (zeros where values go), and per value byte
-    its position in the row, its column, and its index in the column's value."""
-    k = p.chars.shape[1]
+    value in these rows: the row of prefix bytes (NUL where values go), and per value byte its
+    position in the row and its index in a row of ``chars``."""
+    k, wv = p.chars.shape[1:]
     plens = np.array([len(x) for x in p.prefixes], dtype=np.int64)
     longest = p.lens.max(axis=0) if len(p.lens) else np.zeros(k, dtype=np.int64)
     widths = plens + longest
@@ -279,16 +280,16 @@ def _block_layout(p: Block) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
     column, index = _ranges(plens)
     row[starts[column] + index] = np.frombuffer(b"".join(p.prefixes), dtype=np.uint8)
     column, index = _ranges(longest)
-    return row, starts[column] + plens[column] + index, column, index
+    return row, starts[column] + plens[column] + index, column * wv + index
 
 
 def assemble(n: int, parts: list[bytes | Text | Block]) -> bytes:
     """The n rows of ``parts`` (constants, text columns, blocks), one after the other.
 
-    Every part is laid out in a padded (n, width) byte matrix with a mask of the bytes that
-    are text; the rows are the masked bytes in order. A block's columns are each only as wide
-    as their prefix and their longest text in these rows (most features are a few characters
-    of the 16 a float32 can take)."""
+    Every part is laid out in a padded (n, width) byte matrix; the rows are its bytes that are
+    not NUL, in order (a text is NUL-padded past its length and holds no NUL itself). A block's
+    columns are each only as wide as their prefix and their longest text in these rows (most
+    features are a few characters of the 16 a float32 can take)."""
     layouts = [_block_layout(p) if isinstance(p, Block) else None for p in parts]
     widths = []
     for p, layout in zip(parts, layouts):
@@ -299,22 +300,27 @@ def assemble(n: int, parts: list[bytes | Text | Block]) -> bytes:
         else:
             widths.append(p[0].shape[1])
     mat = np.empty((n, sum(widths)), dtype=np.uint8)
-    mask = np.empty((n, sum(widths)), dtype=bool)
     off = 0
     for p, w, layout in zip(parts, widths, layouts):
         if isinstance(p, bytes):
             mat[:, off : off + w] = np.frombuffer(p, dtype=np.uint8)
-            mask[:, off : off + w] = True
         elif layout is not None:
-            row, at, column, index = layout
-            k, wv = p.chars.shape[1:]
-            mat[:, off : off + w] = row
-            mask[:, off : off + w] = True
-            mat[:, off + at] = p.chars.reshape(n, k * wv)[:, column * wv + index]
-            mask[:, off + at] = index.astype(np.uint8) < p.lens.astype(np.uint8)[:, column]
+            row, value_at, source = layout
+            chars = p.chars.reshape(n, -1)
+            # Scattering bytes into the matrix costs more than gathering them, so the fewer
+            # of prefix and value bytes are scattered: values into a copy of the prefix row
+            # (JSON's named fields), or prefixes into the gathered values (CSV's commas).
+            if len(value_at) <= len(row) - len(value_at):
+                mat[:, off : off + w] = row
+                mat[:, off + value_at] = chars[:, source]
+            else:
+                full = np.zeros(w, dtype=np.intp)
+                full[value_at] = source
+                block = np.take(chars, full, axis=1)
+                prefix_at = np.flatnonzero(row)
+                block[:, prefix_at] = row[prefix_at]
+                mat[:, off : off + w] = block
         else:
-            chars, lens = p
-            mat[:, off : off + w] = chars
-            mask[:, off : off + w] = np.arange(w) < lens[:, None]
+            mat[:, off : off + w] = p[0]
         off += w
-    return mat[mask].tobytes()
+    return mat[mat != 0].tobytes()

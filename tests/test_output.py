@@ -24,7 +24,7 @@ from quietwire.agent.flowfile import (
 from quietwire.agent.flowrecords import FlowRecords
 from quietwire.agent.meter import FlowMeter, MeteredFlows
 from quietwire.agent.model import DEFAULT_MODEL, ScoringModel
-from quietwire.agent.tableformat import g9, integers
+from quietwire.agent.tableformat import assemble, g9, integers, replace
 from quietwire.cli import DEFAULT_CAPTURE, main
 
 from .conftest import meter_file
@@ -33,6 +33,10 @@ SCAN = DEFAULT_CAPTURE.with_name("scan.pcap")
 
 
 def _texts(chars, lens) -> list[str]:
+    """The texts of a column, after checking that every byte past a text is NUL (assemble
+    keeps a row's bytes that are not NUL)."""
+    past = np.arange(chars.shape[1]) >= np.asarray(lens)[:, None]
+    assert not chars[past].any(), "a byte past a text's length is not NUL"
     return [bytes(c[:n]).decode() for c, n in zip(chars, lens.tolist())]
 
 
@@ -73,6 +77,20 @@ def test_integers():
         small = rng.integers(0, 200, 300).astype(dtype)
         assert _texts(*integers(small)) == [str(v) for v in small.tolist()]
     assert _texts(*integers(np.zeros(0, dtype=np.int64))) == []
+
+
+def test_replace_and_assemble():
+    ports = integers(np.array([443, 8, 65535, 53], dtype=np.uint16))
+    assert _texts(*replace(ports, np.array([False, True, True, False]), b"")) == [
+        "443",
+        "",
+        "",
+        "53",
+    ]
+    null = replace(ports, np.array([1]), b"null")
+    assert _texts(*null) == ["443", "null", "65535", "53"]
+    rows = assemble(4, [b"[", null, b"]\n"])
+    assert rows == b"[443]\n[null]\n[65535]\n[53]\n"
 
 
 def _reference_csv(parts, scores=None) -> str:
