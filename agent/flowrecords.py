@@ -119,6 +119,26 @@ def bytes_per_flow() -> int:
     return sum(np.dtype(t).itemsize * int(np.prod(row_shape(d))) for t, _, d in COLUMNS.values())
 
 
+# Rows of the 2-D (per-direction and statistics) columns are read and written below as whole
+# rows: numpy's fancy indexing copies them one element at a time, about ten times slower
+# (numpy 2.4, 16,700 rows of two int64: 200 us against 18 to read, 280 against 27 to write).
+def take_rows(column: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``column[index]`` for an integer index array."""
+    return np.take(column, index, axis=0)
+
+
+def fill_rows(column: np.ndarray, index: np.ndarray, value) -> None:
+    """``column[index] = value`` (the same value in every row) for an integer index array and
+    a contiguous column (as the table's are)."""
+    if column.ndim == 1:
+        column[index] = value
+        return
+    row = np.full(column.shape[1:], value, dtype=column.dtype)
+    as_items = np.dtype((np.void, row.nbytes))  # one opaque item per row
+    items = np.reshape(column, (len(column), -1), copy=False).view(as_items)[:, 0]
+    items[index] = row.reshape(-1).view(as_items)
+
+
 @dataclass(frozen=True)
 class FlowRecords:
     """Ended (or still open) flows as columns; see COLUMNS for names. Per-direction columns

@@ -58,7 +58,9 @@ from .flowrecords import (
     FlowRecords,
     FlowUpdate,
     empty_records,
+    fill_rows,
     row_shape,
+    take_rows,
 )
 from .keyindex import KeyIndex
 
@@ -218,11 +220,13 @@ class FlowTable:
         # rows scattered over the table), hand them on in start order.
         by_slot = np.sort(slots)
         in_start_order = np.argsort(self._cols["seq"][by_slot], kind="stable")
-        out = FlowRecords({k: v[by_slot][in_start_order] for k, v in self._cols.items()})
+        out = FlowRecords(
+            {k: take_rows(take_rows(v, by_slot), in_start_order) for k, v in self._cols.items()}
+        )
         if registered:
             self._index.remove(self._key_hash[by_slot])
         for name, (_, init, _) in COLUMNS.items():
-            self._cols[name][by_slot] = init
+            fill_rows(self._cols[name], by_slot, init)
         self._closed[by_slot] = False
         self._free[self._n_free : self._n_free + len(slots)] = slots
         self._n_free += len(slots)
@@ -231,7 +235,7 @@ class FlowTable:
     def open_flows(self) -> FlowRecords:
         """A snapshot of the flows still open."""
         slots = self._open_slots()
-        return FlowRecords({k: v[slots] for k, v in self._cols.items()})
+        return FlowRecords({k: take_rows(v, slots) for k, v in self._cols.items()})
 
     def snapshot(self, now_ns: int, limit: int | None = None) -> FlowRecords:
         """Interim records: copies of the open flows that reached their next interim age by
@@ -271,7 +275,9 @@ class FlowTable:
         # Read the rows in slot order (memory order), hand them on in start order.
         slots = np.sort(slots[news])
         in_start_order = np.argsort(c["seq"][slots], kind="stable")
-        out = FlowRecords({name: col[slots][in_start_order] for name, col in c.items()})
+        out = FlowRecords(
+            {name: take_rows(take_rows(col, slots), in_start_order) for name, col in c.items()}
+        )
         out.columns["end_reason"][:] = INTERIM
         return out
 
@@ -331,7 +337,7 @@ class FlowTable:
         since = now_ns - c["last_ns"][slots]
         idle = since >= t["idle"]
         active = now_ns - c["first_ns"][slots] >= t["active"]
-        closed = _closed(c["rst_packets"][slots].sum(1), c["fin_packets"][slots])
+        closed = _closed(c, slots)
         reason = np.where(closed, TCP_END, np.where(idle, IDLE, ACTIVE))
         due = idle | active | (closed & (since >= t["linger"]))
         if self.emergency:
@@ -408,8 +414,7 @@ class FlowTable:
             slots = np.sort(_longest_idle(slots, c["last_ns"][slots], limit))
         known_times = [x for x in (self.now_ns, self._expired_at_ns) if x is not None]
         if not known_times:
-            closed = _closed(c["rst_packets"][slots].sum(1), c["fin_packets"][slots])
-            reason = np.where(closed, TCP_END, END_OF_INPUT)
+            reason = np.where(_closed(c, slots), TCP_END, END_OF_INPUT)
         else:
             due, reason = self._due(max(known_times), slots)
             reason = np.where(due | (reason == TCP_END), reason, END_OF_INPUT)
@@ -462,13 +467,19 @@ class FlowTable:
         ports = (a_port << np.uint64(24)) | (b_port << np.uint64(8)) | p.proto.astype(np.uint64)
         h = _mix(host_hash(a_hi, a_lo) ^ _mix(host_hash(b_hi, b_lo) + ports) ^ self._seed)
 
-        order = np.argsort(h, kind="stable")
+        # Packets grouped by key hash, each key's in capture order: numpy's unstable argsort
+        # (vectorised) and a sort of (key's group, packet) numbers take half the time of one
+        # stable argsort of the hashes.
+        order = np.argsort(h)
         hs = h[order]
         n = len(order)
         seg_first = np.ones(n, dtype=bool)
         seg_first[1:] = hs[1:] != hs[:-1]
         seg_start = np.flatnonzero(seg_first)
         seg_of = np.cumsum(seg_first) - 1
+        in_capture_order = seg_of * n + order
+        in_capture_order.sort()
+        order = in_capture_order - seg_of * n
         # Two keys with one 64-bit (seeded) hash in a batch would share a flow: count it.
         for col in (a_hi, a_lo, b_hi, b_lo, ports):
             cs = col[order]
@@ -538,7 +549,7 @@ class FlowTable:
         payload = self.config.payload and not self.emergency
         fold_runs(self._cols, p, order, ts, sw, flags, run_start, run_of, run_slot, payload)
         c = self._cols
-        closed = _closed(c["rst_packets"][run_slot].sum(1), c["fin_packets"][run_slot])
+        closed = _closed(c, run_slot)
         self._closing = np.r_[self._closing, run_slot[closed & ~self._closed[run_slot]]]
         self._closed[run_slot] = closed
         # Flows this batch touched or started: none is due before its earliest packet's time
@@ -613,6 +624,7 @@ def _longest_idle(index: np.ndarray, last_ns: np.ndarray, count: int) -> np.ndar
     return index[np.argpartition(last_ns, count - 1)[:count]]
 
 
-def _closed(rst_total: np.ndarray, fin: np.ndarray) -> np.ndarray:
-    """TCP close: a reset, or a FIN from each side. ``fin`` is (n, 2) per direction."""
-    return (rst_total > 0) | ((fin[:, 0] > 0) & (fin[:, 1] > 0))
+def _closed(cols: dict[str, np.ndarray], slots: np.ndarray) -> np.ndarray:
+    """Whether each flow's TCP connection closed: a reset, or a FIN from each side."""
+    rst, fin = take_rows(cols["rst_packets"], slots), take_rows(cols["fin_packets"], slots)
+    return (rst[:, 0] > 0) | (rst[:, 1] > 0) | ((fin[:, 0] > 0) & (fin[:, 1] > 0))
