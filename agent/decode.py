@@ -30,6 +30,21 @@ IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMPV6, IPPROTO_SCTP = 1, 6, 17,
 PORT_PROTOCOLS = (IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP)
 IPV6_EXTENSIONS = (0, 43, 44, 51, 60)
 V4_MAPPED = np.uint64(0xFFFF_0000_0000)
+# Bytes of a header read at once (an IPv6 header's 40); capture.PAD covers them past the data.
+HEADER_BYTES = 40
+
+
+def _member_table(members: tuple[int, ...], size: int) -> np.ndarray:
+    """Whether each value below ``size`` is one of ``members``: one gather per lookup, where
+    np.isin sorts each call's values."""
+    table = np.zeros(size, dtype=bool)
+    table[list(members)] = True
+    return table
+
+
+IS_VLAN, IS_MPLS = _member_table(ETH_VLAN, 1 << 16), _member_table(ETH_MPLS, 1 << 16)
+HAS_PORTS = _member_table(PORT_PROTOCOLS, 256)
+IS_IPV6_EXTENSION = _member_table(IPV6_EXTENSIONS, 256)
 
 # TCP flag bits, in header order.
 FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = (1 << i for i in range(8))
@@ -113,8 +128,9 @@ class _Bytes:
     """
 
     def __init__(self, data: np.ndarray, data_end: int) -> None:
-        if len(data) - data_end < 8:  # sources pad their buffers; copy only if one did not
-            data = np.concatenate([data[:data_end], np.zeros(8, dtype=np.uint8)])
+        if len(data) - data_end < HEADER_BYTES:  # sources pad their buffers (capture.PAD);
+            # copy only if one did not
+            data = np.concatenate([data[:data_end], np.zeros(HEADER_BYTES, dtype=np.uint8)])
         self._last = len(data) - 8
         self._views = {
             w: np.ndarray((len(data) - 7,), dtype=f">u{w}", buffer=data, offset=0, strides=(1,))
@@ -136,6 +152,39 @@ class _Bytes:
 
     def be64(self, pos: np.ndarray) -> np.ndarray:
         return self._views[8][self._at(pos)]
+
+    def header(self, pos: np.ndarray, width: int) -> _Header:
+        """The ``width`` bytes from each position, read in one gather (``width`` <=
+        HEADER_BYTES: the padding keeps a header that starts in the data unclipped)."""
+        # Each position's bytes as one opaque item: numpy copies such items whole.
+        items = np.ndarray(
+            (len(self._u8) - width + 1,), dtype=f"V{width}", buffer=self._u8, strides=(1,)
+        )
+        rows = items[np.clip(pos, 0, len(items) - 1)]
+        return _Header(rows.view(np.uint8).reshape(len(pos), width))
+
+
+class _Header:
+    """One header per packet as rows of bytes; its fields are read like _Bytes reads them
+    from the buffer, by their offset in the header, without a gather each."""
+
+    def __init__(self, rows: np.ndarray) -> None:
+        self._rows = rows
+
+    def _field(self, at: int, width: int) -> np.ndarray:
+        return self._rows[:, at : at + width].view(f">u{width}")[:, 0]
+
+    def u8(self, at: int) -> np.ndarray:
+        return self._rows[:, at]
+
+    def be16(self, at: int) -> np.ndarray:
+        return self._field(at, 2).astype(np.int64)
+
+    def be32(self, at: int) -> np.ndarray:
+        return self._field(at, 4).astype(np.uint64)
+
+    def be64(self, at: int) -> np.ndarray:
+        return self._field(at, 8)
 
 
 class Decoder:
@@ -160,36 +209,37 @@ class Decoder:
         is_ip = link_ok & ((ethertype == ETH_IPV4) | (ethertype == ETH_IPV6))
         stats.errors["non_ip"] += int((link_ok & ~is_ip).sum())
 
-        version = rd.u8(l3) >> 4
+        ip = rd.header(l3, 40)  # an IPv4 header's fixed part, or the IPv6 header
+        version = ip.u8(0) >> 4
         v4 = is_ip & (version == 4)
         v6 = is_ip & (version == 6)
         v4_ok = v4 & (l3 + 20 <= end)
         v6_ok = v6 & (l3 + 40 <= end)
         stats.errors["truncated"] += int((v4 & ~v4_ok).sum() + (v6 & ~v6_ok).sum())
-        ihl = (rd.u8(l3) & 0x0F).astype(np.int64) * 4
+        ihl = (ip.u8(0) & 0x0F).astype(np.int64) * 4
         bad_v4 = v4_ok & (ihl < 20)
         stats.errors["bad_ip_header"] += int(bad_v4.sum() + (is_ip & ~v4 & ~v6).sum())
         v4_ok &= ~bad_v4
 
-        proto = np.where(v4, rd.u8(l3 + 9), rd.u8(l3 + 6))
-        ttl = np.where(v4, rd.u8(l3 + 8), rd.u8(l3 + 7)).astype(np.int16)
-        length_field = np.where(v4, rd.be16(l3 + 2), rd.be16(l3 + 4))
+        proto = np.where(v4, ip.u8(9), ip.u8(6))
+        ttl = np.where(v4, ip.u8(8), ip.u8(7)).astype(np.int16)
+        length_field = np.where(v4, ip.be16(2), ip.be16(4))
         ip_len = np.where(v4, length_field, length_field + 40)
         # Segmentation offload and jumbograms capture a length field of 0: fall back to caplen.
         ip_len = np.where(length_field == 0, end - l3, ip_len)
         l4 = np.where(v4, l3 + ihl, l3 + 40)
-        frag_word = rd.be16(l3 + 6)
+        frag_word = ip.be16(6)
         frag_offset = np.where(v4, frag_word & 0x1FFF, 0)
         more_frags = v4 & ((frag_word & 0x2000) > 0)
-        frag_id = np.where(v4, rd.be16(l3 + 4), 0).astype(np.uint64)
-        v4_src, v4_dst = rd.be32(l3 + 12), rd.be32(l3 + 16)
-        src_hi = np.where(v4, np.uint64(0), rd.be64(l3 + 8))
-        src_lo = np.where(v4, V4_MAPPED | v4_src, rd.be64(l3 + 16))
-        dst_hi = np.where(v4, np.uint64(0), rd.be64(l3 + 24))
-        dst_lo = np.where(v4, V4_MAPPED | v4_dst, rd.be64(l3 + 32))
+        frag_id = np.where(v4, ip.be16(4), 0).astype(np.uint64)
+        v4_src, v4_dst = ip.be32(12), ip.be32(16)
+        src_hi = np.where(v4, np.uint64(0), ip.be64(8))
+        src_lo = np.where(v4, V4_MAPPED | v4_src, ip.be64(16))
+        dst_hi = np.where(v4, np.uint64(0), ip.be64(24))
+        dst_lo = np.where(v4, V4_MAPPED | v4_dst, ip.be64(32))
 
         # IPv6 extension headers (hop-by-hop, routing, fragment, AH, destination options).
-        ext = v6_ok & np.isin(proto, IPV6_EXTENSIONS)
+        ext = v6_ok & IS_IPV6_EXTENSION[proto]
         for _ in range(6):
             if not ext.any():
                 break
@@ -209,7 +259,7 @@ class Decoder:
             bad = ~eh_ok
             v6_ok[sel[bad]] = False
             stats.errors["truncated"] += int(bad.sum())
-            ext[sel] = eh_ok & np.isin(proto[sel], IPV6_EXTENSIONS)
+            ext[sel] = eh_ok & IS_IPV6_EXTENSION[proto[sel]]
         if ext.any():  # more extension headers than any real stack sends
             stats.errors["bad_ip_header"] += int(ext.sum())
             v6_ok &= ~ext
@@ -220,17 +270,18 @@ class Decoder:
 
         avail = end - l4
         is_tcp = proto == IPPROTO_TCP
-        has_ports = np.isin(proto, PORT_PROTOCOLS)
+        has_ports = HAS_PORTS[proto]
         is_icmp = (proto == IPPROTO_ICMP) | (proto == IPPROTO_ICMPV6)
         need = np.where(is_tcp, 20, np.where(has_ports, 4, np.where(is_icmp, 2, 0)))
         transport_cut = ip_ok & ~later_fragment & (avail < need)
         stats.errors["truncated"] += int(transport_cut.sum())
         ok = ip_ok & ~transport_cut
 
-        ports = rd.be32(l4).astype(np.int64)
+        transport = rd.header(l4, 16)  # ports (or ICMP type and code), TCP flags and window
+        ports = transport.be32(0).astype(np.int64)
         sport = np.where(has_ports, ports >> 16, 0).astype(np.int32)
         dport = np.where(has_ports, ports & 0xFFFF, 0).astype(np.int32)
-        tcp_word = rd.be32(l4 + 12).astype(np.int64)  # data offset, flags, window
+        tcp_word = transport.be32(12).astype(np.int64)  # data offset, flags, window
         tcp_flags = np.where(is_tcp, (tcp_word >> 16) & 0xFF, 0).astype(np.uint8)
         tcp_window = np.where(is_tcp & ~later_fragment, tcp_word & 0xFFFF, -1).astype(np.int32)
         icmp = is_icmp & ~later_fragment
@@ -335,18 +386,20 @@ def _link_layer(batch: PacketBatch, rd: _Bytes) -> tuple[np.ndarray, np.ndarray,
     l3 = np.zeros(n, dtype=np.int64)
     ethertype = np.zeros(n, dtype=np.int64)
     known = np.zeros(n, dtype=bool)
-    for linktype in np.unique(batch.linktype).tolist():
-        sel = np.flatnonzero(batch.linktype == linktype)
+    types = batch.linktype
+    single = n > 0 and bool((types == types[0]).all())  # as a file's packets are
+    for linktype in [int(types[0])] if single else np.unique(types).tolist():
+        sel = slice(None) if single else np.flatnonzero(types == linktype)
         pos = batch.offset[sel]
         if linktype == 1:  # Ethernet, then any depth of 802.1Q/802.1ad tags
             l3_sel = pos + 14
             et = rd.be16(pos + 12)
             end = pos + batch.caplen[sel]
-            vlan = np.isin(et, ETH_VLAN)
+            vlan = IS_VLAN[et]
             while vlan.any():
                 et = np.where(vlan, rd.be16(l3_sel + 2), et)
                 l3_sel = np.where(vlan, l3_sel + 4, l3_sel)
-                vlan &= np.isin(et, ETH_VLAN) & (l3_sel < end)
+                vlan &= IS_VLAN[et] & (l3_sel < end)
             et, l3_sel = _mpls_pppoe(et, l3_sel, rd)
         elif linktype == 113:  # Linux cooked v1
             et, l3_sel = rd.be16(pos + 14), pos + 16
@@ -381,7 +434,7 @@ def _ppp_to_ethertype(proto: np.ndarray) -> np.ndarray:
 
 def _mpls_pppoe(et: np.ndarray, l3: np.ndarray, rd: _Bytes) -> tuple[np.ndarray, np.ndarray]:
     """Step over MPLS label stacks and PPPoE session headers to the IP header."""
-    mpls = np.isin(et, ETH_MPLS)
+    mpls = IS_MPLS[et]
     for _ in range(8):
         if not mpls.any():
             break
