@@ -127,16 +127,19 @@ def take_rows(column: np.ndarray, index: np.ndarray) -> np.ndarray:
     return np.take(column, index, axis=0)
 
 
-def fill_rows(column: np.ndarray, index: np.ndarray, value) -> None:
-    """``column[index] = value`` (the same value in every row) for an integer index array and
-    a contiguous column (as the table's are)."""
+def put_rows(column: np.ndarray, index: np.ndarray, values) -> None:
+    """``column[index] = values`` for an integer index array and a contiguous column (as the
+    table's are); ``values`` holds a row per index, or one value for every row."""
     if column.ndim == 1:
-        column[index] = value
+        column[index] = values
         return
-    row = np.full(column.shape[1:], value, dtype=column.dtype)
-    as_items = np.dtype((np.void, row.nbytes))  # one opaque item per row
+    values = np.asarray(values, dtype=column.dtype)
+    if values.ndim < column.ndim:  # one value for every row
+        values = np.full((1, *column.shape[1:]), values, dtype=column.dtype)
+    row_bytes = column.itemsize * int(np.prod(column.shape[1:]))
+    as_items = np.dtype((np.void, row_bytes))  # one opaque item per row
     items = np.reshape(column, (len(column), -1), copy=False).view(as_items)[:, 0]
-    items[index] = row.reshape(-1).view(as_items)
+    items[index] = np.ascontiguousarray(values).reshape(len(values), -1).view(as_items)[:, 0]
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ from .flowrecords import (
     FlowRecords,
     FlowUpdate,
     empty_records,
-    fill_rows,
+    put_rows,
     row_shape,
     take_rows,
 )
@@ -216,17 +216,16 @@ class FlowTable:
         if len(slots) == 0:
             return empty_records()
         self._cols["end_reason"][slots] = reason
-        # Read and reset the rows in slot order (memory order: a flood releases thousands of
-        # rows scattered over the table), hand them on in start order.
+        # Reset the rows in slot order (memory order: a flood releases thousands of rows
+        # scattered over the table). They are handed on in start order, read in that order:
+        # one gather per column takes half the time of reading in slot order, then reordering.
         by_slot = np.sort(slots)
-        in_start_order = np.argsort(self._cols["seq"][by_slot], kind="stable")
-        out = FlowRecords(
-            {k: take_rows(take_rows(v, by_slot), in_start_order) for k, v in self._cols.items()}
-        )
+        in_start_order = by_slot[np.argsort(self._cols["seq"][by_slot], kind="stable")]
+        out = FlowRecords({k: take_rows(v, in_start_order) for k, v in self._cols.items()})
         if registered:
             self._index.remove(self._key_hash[by_slot])
         for name, (_, init, _) in COLUMNS.items():
-            fill_rows(self._cols[name], by_slot, init)
+            put_rows(self._cols[name], by_slot, init)
         self._closed[by_slot] = False
         self._free[self._n_free : self._n_free + len(slots)] = slots
         self._n_free += len(slots)
@@ -272,12 +271,10 @@ class FlowTable:
         passed = np.frexp((age // step).astype(np.float64))[1]
         c["interims"][slots] = np.minimum(passed, 255)
         self._interim_at_ns = self._next_interim_ns(*scanned)
-        # Read the rows in slot order (memory order), hand them on in start order.
+        # Hand the rows on in start order, read in that order (see _release).
         slots = np.sort(slots[news])
-        in_start_order = np.argsort(c["seq"][slots], kind="stable")
-        out = FlowRecords(
-            {name: take_rows(take_rows(col, slots), in_start_order) for name, col in c.items()}
-        )
+        in_start_order = slots[np.argsort(c["seq"][slots], kind="stable")]
+        out = FlowRecords({name: take_rows(col, in_start_order) for name, col in c.items()})
         out.columns["end_reason"][:] = INTERIM
         return out
 
@@ -481,9 +478,10 @@ class FlowTable:
         in_capture_order.sort()
         order = in_capture_order - seg_of * n
         # Two keys with one 64-bit (seeded) hash in a batch would share a flow: count it.
+        same_key = ~seg_first[1:]  # packet i + 1 has packet i's key hash
         for col in (a_hi, a_lo, b_hi, b_lo, ports):
             cs = col[order]
-            self.key_collisions += int((cs != cs[seg_start][seg_of]).any())
+            self.key_collisions += int(((cs[1:] != cs[:-1]) & same_key).any())
 
         ts = p.ts_ns[order]
         sw = swapped[order]
