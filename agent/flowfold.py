@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .decode import ACK, FIN, RST, SYN, TCP_FLAG_NAMES, Packets
-from .flowrecords import ACTIVE, COUNT_MAX, IDLE, NEVER, NS, TCP_END, take_rows
+from .flowrecords import ACTIVE, COUNT_MAX, IDLE, NEVER, NS, TCP_END, put_rows, take_rows
 from .payload import direction_stats, http_stats, window
 
 
@@ -171,10 +171,10 @@ def _fold_single(c, p: Packets, order, ts, d, flags, slots) -> None:
     col("len_min")[at] = np.minimum(col("len_min")[at], ip_len)
     col("len_max")[at] = np.maximum(col("len_max")[at], ip_len)
     col("ttl_min")[at] = np.minimum(col("ttl_min")[at], p.ttl[order])
+    seen = int(np.bitwise_or.reduce(flags))  # the TCP flags seen in the batch
     for bit, name in enumerate(TCP_FLAG_NAMES):
-        has = (flags & (1 << bit)) > 0
-        if has.any():
-            _add_one(col(f"{name}_packets"), at[has])
+        if seen >> bit & 1:
+            _add_one(col(f"{name}_packets"), at[(flags & (1 << bit)) > 0])
 
     last_d = col("dir_last_ns")[at]
     has_prev_d = last_d >= 0
@@ -245,12 +245,15 @@ def _fold_grouped(c, p: Packets, order, ts, d, flags, run_start, run_of, run_slo
     _fold_extreme(col("len_min"), at, np.minimum, ip_len, bounds)
     _fold_extreme(col("len_max"), at, np.maximum, ip_len, bounds)
     _fold_extreme(col("ttl_min"), at, np.minimum, p.ttl[pick], bounds)
-    # The eight TCP flag counts in one (8, n) reduction.
+    # The counts of the TCP flags seen in the batch (adding 0 changes no count) in one
+    # (flags, n) reduction.
     flags = flags[g]
-    flag_bits = ((flags[None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1).astype(np.int64)
-    flag_sums = np.add.reduceat(flag_bits, bounds, axis=1)
-    for bit, name in enumerate(TCP_FLAG_NAMES):
-        _add_count(col(f"{name}_packets"), at, flag_sums[bit])
+    seen = int(np.bitwise_or.reduce(flags))
+    bits = [bit for bit in range(8) if seen >> bit & 1]
+    flag_bits = (flags[None, :] >> np.array(bits, dtype=np.uint8)[:, None]) & 1
+    flag_sums = np.add.reduceat(flag_bits, bounds, axis=1, dtype=np.int64)
+    for row, bit in enumerate(bits):
+        _add_count(col(f"{TCP_FLAG_NAMES[bit]}_packets"), at, flag_sums[row])
 
     # Per-direction times.
     t = ts[g]
@@ -296,11 +299,12 @@ def _fold_payload(c, p: Packets, order, d, run_of, run_slot) -> None:
     pkt = order[rows]
     w, n_bytes = window(p.raw, p.payload_offset[pkt], p.payload_captured[pkt])
     stats = direction_stats(w, n_bytes)
-    c["payload_stats"][slots, dirs] = stats
+    per_direction = np.reshape(c["payload_stats"], (-1, stats.shape[1]), copy=False)
+    put_rows(per_direction, 2 * slots + dirs, stats)  # row 2 * slot + direction
     client = dirs == 0
     if client.any():
         http = http_stats(p.raw, p.payload_offset[pkt[client]], p.payload_captured[pkt[client]])
-        c["http_stats"][slots[client]] = http
+        put_rows(c["http_stats"], slots[client], http)
 
 
 def _either_direction(counts: np.ndarray) -> np.ndarray:
@@ -315,7 +319,8 @@ def _fold_extreme(col: np.ndarray, where, ufunc, values: np.ndarray, starts: np.
 
 def _add_one(col: np.ndarray, at: np.ndarray) -> None:
     """col[at] += 1 for a flat 32-bit count column (distinct ``at``), saturating at COUNT_MAX."""
-    col[at] = np.minimum(col[at].astype(np.int64) + 1, COUNT_MAX)
+    count = col[at]
+    col[at] = count + (count < COUNT_MAX)
 
 
 def _add_count(col: np.ndarray, where, values: np.ndarray) -> None:
