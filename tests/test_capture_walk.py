@@ -13,12 +13,12 @@ from quietwire.agent import capture
 from quietwire.agent.capture import CaptureError, read_capture
 
 
-def _records(rng, n, seconds=1_700_000_000, sizes=(60, 1514)):
+def _records(rng, n, seconds=1_700_000_000, sizes=(60, 1514), order="<"):
     """A pcap body of n records with random lengths and random payload bytes."""
     out = bytearray()
     for i in range(n):
         size = int(rng.integers(*sizes))
-        out += struct.pack("<IIII", seconds + i // 1000, i % 1_000_000, size, size)
+        out += struct.pack(order + "IIII", seconds + i // 1000, i % 1_000_000, size, size)
         out += rng.integers(0, 256, size, dtype=np.uint8).tobytes()
     return out
 
@@ -65,6 +65,20 @@ def test_lanes_find_the_walks_records(sizes):
         buf = _buffer(body[:end])
         assert capture._walk_records(buf, end, "<", 1_000_000)[0].dtype == np.int64
         assert _lanes(buf, end) == _plain(buf, end)
+
+
+@pytest.mark.parametrize("order, seconds", [(">", 1_700_000_000), ("<", (102 << 24) - 3)])
+def test_lanes_in_either_byte_order_and_across_a_top_byte(order, seconds):
+    """Big-endian headers; and times whose top byte (what the sync looks for first) changes
+    within the capture."""
+    rng = np.random.default_rng(6)
+    body = _records(rng, 6000, seconds=seconds, order=order)
+    buf = _buffer(body)
+    caplen_at = struct.Struct(order + "I").unpack_from
+    starts, off, _ = capture._walk_python(buf, len(body), 0, len(body), caplen_at)
+    lanes, at = capture._walk_records(buf, len(body), order, 1_000_000)
+    assert (lanes.tolist(), at) == (starts, off)
+    assert len(starts) == 6000
 
 
 def test_false_headers_in_payloads_change_nothing():
