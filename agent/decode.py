@@ -122,14 +122,15 @@ class DecodeStats:
 class _Bytes:
     """Big-endian integers read at arbitrary byte positions of a buffer, many at once.
 
-    Unaligned strided views (stride 1) let one fancy-index read a field for every packet
-    without building a per-packet byte matrix. Positions past the data are clipped into the
-    padding; callers check ``pos + width <= end`` against each packet's captured end.
+    Unaligned strided views (stride 1) let one fancy-index read a field for every packet;
+    where a header has several fields to read, ``header`` copies its bytes for every packet in
+    one gather instead. Positions past the data are clipped into the padding; callers check
+    ``pos + width <= end`` against each packet's captured end.
     """
 
     def __init__(self, data: np.ndarray, data_end: int) -> None:
-        if len(data) - data_end < HEADER_BYTES:  # sources pad their buffers (capture.PAD);
-            # copy only if one did not
+        # Sources pad their buffers (capture.PAD); copy only if one did not.
+        if len(data) - data_end < HEADER_BYTES:
             data = np.concatenate([data[:data_end], np.zeros(HEADER_BYTES, dtype=np.uint8)])
         self._last = len(data) - 8
         self._views = {
@@ -209,7 +210,7 @@ class Decoder:
         is_ip = link_ok & ((ethertype == ETH_IPV4) | (ethertype == ETH_IPV6))
         stats.errors["non_ip"] += int((link_ok & ~is_ip).sum())
 
-        ip = rd.header(l3, 40)  # an IPv4 header's fixed part, or the IPv6 header
+        ip = rd.header(l3, HEADER_BYTES)  # an IPv4 header's fixed part, or the IPv6 header
         version = ip.u8(0) >> 4
         v4 = is_ip & (version == 4)
         v6 = is_ip & (version == 6)
