@@ -13,7 +13,17 @@ from __future__ import annotations
 import numpy as np
 
 from .decode import ACK, FIN, RST, SYN, TCP_FLAG_NAMES, Packets
-from .flowrecords import ACTIVE, COUNT_MAX, IDLE, NEVER, NS, TCP_END, put_rows, take_rows
+from .flowrecords import (
+    ACTIVE,
+    COUNT_MAX,
+    IDLE,
+    NEVER,
+    NS,
+    TCP_END,
+    either_direction,
+    put_rows,
+    take_rows,
+)
 from .payload import direction_stats, http_stats, window
 
 
@@ -46,7 +56,7 @@ def split_runs(
     # Convert the table's FIN counts to canonical orientation (0: from endpoint a).
     t_fin_a = np.where(known, np.where(t_sw, t_fin[:, 1], t_fin[:, 0]) > 0, False)
     t_fin_b = np.where(known, np.where(t_sw, t_fin[:, 0], t_fin[:, 1]) > 0, False)
-    t_rst = np.where(known, _either_direction(take_rows(c["rst_packets"], ks)), False)
+    t_rst = np.where(known, either_direction(take_rows(c["rst_packets"], ks)), False)
 
     is_fin = (flags & FIN) > 0
     fin_a = (is_fin & ~sw).astype(np.int64)
@@ -139,7 +149,7 @@ def fold_runs(
 def _fold_single(c, p: Packets, order, ts, d, flags, slots) -> None:
     """fold_runs for runs of one packet each: packet i is the whole run of slot ``slots[i]``
     and travels in direction ``d[i]``."""
-    has_prev = _either_direction(take_rows(c["packets"], slots))
+    has_prev = either_direction(take_rows(c["packets"], slots))
     iat = np.where(has_prev, np.maximum(ts - c["last_ns"][slots], 0), 0)
     iat_s = iat.astype(np.float64) / NS
     c["iat_sum"][slots] += iat_s
@@ -203,7 +213,7 @@ def _fold_grouped(c, p: Packets, order, ts, d, flags, run_start, run_of, run_slo
     prev = np.empty(len(ts), dtype=np.int64)
     prev[1:] = ts[:-1]
     prev[run_start] = c["last_ns"][run_slot]
-    has_prev = ~first_of_run | _either_direction(packets_before)[run_of]
+    has_prev = ~first_of_run | either_direction(packets_before)[run_of]
     iat = np.where(has_prev, np.maximum(ts - prev, 0), 0)
     add("iat_sum", iat.astype(np.float64) / NS)
     add("iat_sumsq", (iat.astype(np.float64) / NS) ** 2)
@@ -305,11 +315,6 @@ def _fold_payload(c, p: Packets, order, d, run_of, run_slot) -> None:
     if client.any():
         http = http_stats(p.raw, p.payload_offset[pkt[client]], p.payload_captured[pkt[client]])
         put_rows(c["http_stats"], slots[client], http)
-
-
-def _either_direction(counts: np.ndarray) -> np.ndarray:
-    """Whether each row of an (n, 2) per-direction count column is above 0 in a direction."""
-    return (counts[:, 0] > 0) | (counts[:, 1] > 0)
 
 
 def _fold_extreme(col: np.ndarray, where, ufunc, values: np.ndarray, starts: np.ndarray) -> None:

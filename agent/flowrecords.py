@@ -142,6 +142,11 @@ def put_rows(column: np.ndarray, index: np.ndarray, values) -> None:
     items[index] = np.ascontiguousarray(values).reshape(len(values), -1).view(as_items)[:, 0]
 
 
+def either_direction(counts: np.ndarray) -> np.ndarray:
+    """Whether each row of (n, 2) per-direction counts is above 0 in a direction."""
+    return (counts[:, 0] > 0) | (counts[:, 1] > 0)
+
+
 @dataclass(frozen=True)
 class FlowRecords:
     """Ended (or still open) flows as columns; see COLUMNS for names. Per-direction columns

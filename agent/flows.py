@@ -57,6 +57,7 @@ from .flowrecords import (
     TCP_END,
     FlowRecords,
     FlowUpdate,
+    either_direction,
     empty_records,
     put_rows,
     row_shape,
@@ -625,4 +626,4 @@ def _longest_idle(index: np.ndarray, last_ns: np.ndarray, count: int) -> np.ndar
 def _closed(cols: dict[str, np.ndarray], slots: np.ndarray) -> np.ndarray:
     """Whether each flow's TCP connection closed: a reset, or a FIN from each side."""
     rst, fin = take_rows(cols["rst_packets"], slots), take_rows(cols["fin_packets"], slots)
-    return (rst[:, 0] > 0) | (rst[:, 1] > 0) | ((fin[:, 0] > 0) & (fin[:, 1] > 0))
+    return either_direction(rst) | ((fin[:, 0] > 0) & (fin[:, 1] > 0))
