@@ -50,11 +50,12 @@ _TIME_BITS = 40  # about 12.7 days of microseconds after the log's base time
 
 @dataclass(frozen=True)
 class ContextConfig:
-    """Host window and series settings. Memory: 64 bytes per logged start and up to 48 more
-    for the latest start of its pairs (at most ``max_records``: 112 MB), 40 per service pair
-    (at most ``max_series``: 40 MB) and 20 per open flow (its series values until it ends):
-    under a flood of new sources both caps fill, so the context holds about 150 MB whatever
-    the table size, plus a copy while a batch is appended."""
+    """Host window and series settings. Memory: 64 bytes per logged start, 32 for its place
+    in client and in server order and up to 48 more for the latest start of its pairs (at
+    most ``max_records``: 144 MB), 40 per service pair (at most ``max_series``: 40 MB) and 20
+    per open flow (its series values until it ends): under a flood of new sources both caps
+    fill, so the context holds about 185 MB whatever the table size, plus a copy while a
+    batch is appended."""
 
     window_s: float = 60.0
     max_records: int = 1_000_000
@@ -82,6 +83,8 @@ class HostContext:
         }
         self._last_pair = _LastStart()
         self._last_port = _LastStart()
+        self._by_src = _HostOrder()
+        self._by_dst = _HostOrder()
         # the latest logged start linked to an earlier start (the capture's clock stepped
         # back): while it is logged, its link may skip a later start; queries sort instead
         self._misordered_seq = -1
@@ -110,6 +113,8 @@ class HostContext:
                 "next_pair": np.full(len(started), NEVER // 2, np.int64),
                 "next_port": np.full(len(started), NEVER // 2, np.int64),
             }
+            self._by_src.log(new["src"], len(self))
+            self._by_dst.log(new["dst"], len(self))
             self._cols = {k: np.concatenate([v, new[k]]) for k, v in self._cols.items()}
             for last, column, other in (
                 (self._last_pair, "next_pair", new["dst"]),
@@ -156,6 +161,8 @@ class HostContext:
         keep[: max(len(keep) - self.config.max_records, 0)] = False  # oldest-logged first
         if not keep.all():
             self._cols = {k: v[keep] for k, v in self._cols.items()}
+            self._by_src.keep(keep)
+            self._by_dst.keep(keep)
         first_seq = int(self._cols["seq"][0]) if len(self) else None
         self._last_pair.prune(cutoff, first_seq)
         self._last_port.prune(cutoff, first_seq)
@@ -204,7 +211,7 @@ class HostContext:
                 return c[column][rows]
             return _next_start(host_hash(c["src"][rows], peer), c["start"][rows])
 
-        rows, group, q_group = _groups(c["src"], in_time, q_src)
+        rows, group, q_group = self._by_src.groups(in_time, q_src)
         start = c["start"][rows]
         window_end = start + w
         pair_end = np.minimum(next_start(rows, "next_pair", c["dst"][rows]), window_end)
@@ -219,7 +226,7 @@ class HostContext:
         out[:, 3] = np.where(src_flows > 0, 1.0 - answered / np.maximum(src_flows, 1), 0.0)
 
         # Per server host, likewise.
-        rows, group, q_group = _groups(c["dst"], in_time, q_dst)
+        rows, group, q_group = self._by_dst.groups(in_time, q_dst)
         start = c["start"][rows]
         pair_end = np.minimum(next_start(rows, "next_pair", c["dst"][rows]), start + w)
         by_dst = _Windows(group, start, w, q_group, t, lo)
@@ -396,32 +403,52 @@ class _LastStart:
             self._key, self._seq, self._start = self._key[keep], self._seq[keep], self._start[keep]
 
 
-def _groups(hosts: np.ndarray, candidates: np.ndarray, queried: np.ndarray) -> tuple:
-    """(rows, group, q_group): the rows of ``hosts`` among ``candidates`` (a mask) whose host
-    is queried, and a dense id per host, the same for rows and queries: a flood's victim has
-    a million logged starts and one id, never a sort of the million. One binary search of
-    each candidate among the distinct queried hosts finds both whether and which; the
-    candidates are searched in host order (a search in order walks the table in order:
-    twice as fast as in log order, sort included, for 200,000 open flows)."""
-    distinct = np.unique(queried)
-    rows = np.flatnonzero(candidates)
-    found = hosts[rows]
-    order = np.argsort(found)
-    group = np.empty(len(rows), dtype=np.intp)
-    group[order] = np.searchsorted(distinct, found[order])
-    hit = distinct[np.minimum(group, len(distinct) - 1)] == found
-    return rows[hit], group[hit], np.searchsorted(distinct, queried)
+class _HostOrder:
+    """The logged starts in order of one host (client or server), then of logging: kept as
+    starts are logged and pruned (a binary search and a copy), so that a query finds its hosts'
+    starts by binary searches instead of sorting the log's hosts for every batch of flows."""
+
+    def __init__(self) -> None:
+        self._hosts = np.zeros(0, np.uint64)  # sorted
+        self._rows = np.zeros(0, np.intp)  # the log row of each
+
+    def log(self, hosts: np.ndarray, first_row: int) -> None:
+        """Add the log rows ``first_row``, ``first_row + 1``, ... of ``hosts``."""
+        order = np.argsort(hosts, kind="stable")
+        at = np.searchsorted(self._hosts, hosts[order], side="right")  # after a host's earlier
+        self._hosts = np.insert(self._hosts, at, hosts[order])
+        self._rows = np.insert(self._rows, at, first_row + order)
+
+    def keep(self, keep: np.ndarray) -> None:
+        """Forget the log rows not in ``keep`` (a mask), and renumber the others."""
+        kept = keep[self._rows]
+        self._hosts = self._hosts[kept]
+        self._rows = (np.cumsum(keep) - 1)[self._rows[kept]]
+
+    def groups(self, candidates: np.ndarray, queried: np.ndarray) -> tuple:
+        """(rows, group, q_group): the log rows among ``candidates`` (a mask) whose host is
+        queried, and a dense id per host, the same for rows and queries: a flood's victim has
+        a million logged starts and one id, never a sort of the million."""
+        distinct, q_group = np.unique(queried, return_inverse=True)
+        lo = np.searchsorted(self._hosts, distinct)
+        count = np.searchsorted(self._hosts, distinct, side="right") - lo
+        group = np.repeat(np.arange(len(distinct)), count)
+        # each host's run of positions: lo, lo + 1, ... (count of them)
+        pos = np.arange(len(group)) + np.repeat(lo - (np.cumsum(count) - count), count)
+        rows = self._rows[pos]
+        hit = candidates[rows]
+        return rows[hit], group[hit], q_group
 
 
 class _Windows:
     """Counts, per query (host, time t), the intervals of the same host containing t, where
     every record's intervals lie inside its window [s, s + window).
 
-    Host and time are packed into one sortable int64 (the dense host id of ``_groups``, then
-    microseconds since ``base``); a count is the number of the host's interval starts at or
-    before t minus the number of its ends at or before t: a sort and a binary search for
-    each side that is neither the records' starts nor their window ends (those two sort in
-    one order: one sort).
+    Host and time are packed into one sortable int64 (the dense host id of
+    ``_HostOrder.groups``, then microseconds since ``base``); a count is the number of the
+    host's interval starts at or before t minus the number of its ends at or before t: a sort
+    and a binary search for each side that is neither the records' starts nor their window
+    ends (those two sort in one order: one sort).
     """
 
     def __init__(

@@ -272,3 +272,30 @@ def test_window_counts_across_batches(tmp_path, monkeypatch, step_back):
     if not step_back:
         expected = _brute_force_windows(records)
         np.testing.assert_allclose(features[:, WINDOW_COLUMNS], expected, rtol=1e-6)
+
+
+def test_host_order_finds_the_logged_starts_of_queried_hosts():
+    """The host order kept as starts are logged and pruned finds, for queried hosts, the
+    same rows as scanning the whole log: batches of a few repeated hosts, rows pruned from
+    the front and from the middle, candidates a mask."""
+    from quietwire.agent.context import _HostOrder
+
+    rng = np.random.default_rng(3)
+    order, log = _HostOrder(), np.zeros(0, np.uint64)
+    for _ in range(12):
+        hosts = rng.integers(1, 9, rng.integers(0, 40)).astype(np.uint64) * np.uint64(2**61)
+        order.log(hosts, len(log))
+        log = np.concatenate([log, hosts])
+        keep = rng.random(len(log)) > 0.2
+        keep[: len(log) // 4] = False
+        order.keep(keep)
+        log = log[keep]
+        candidates = rng.random(len(log)) > 0.3
+        queried = rng.choice(np.arange(0, 10, dtype=np.uint64) * np.uint64(2**61), 7)
+        rows, group, q_group = order.groups(candidates, queried)
+        expected = np.flatnonzero(candidates & np.isin(log, queried))
+        np.testing.assert_array_equal(np.sort(rows), expected)
+        distinct = np.unique(queried)
+        np.testing.assert_array_equal(distinct[group], log[rows])
+        np.testing.assert_array_equal(distinct[q_group], queried)
+        assert (np.diff(rows)[np.diff(group) == 0] > 0).all()  # a host's rows in log order
