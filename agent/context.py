@@ -128,12 +128,9 @@ class HostContext:
             (update.answered_seq, update.answered_ns),
             (update.ended["seq"], update.ended["answered_ns"]),
         ):
-            if len(seq) and len(self):  # (the log may be empty: every start pruned)
-                pos = np.searchsorted(self._cols["seq"], seq)  # seq is increasing in the log
-                pos = np.minimum(pos, len(self) - 1)
-                hit = self._cols["seq"][pos] == seq
-                ans = self._cols["answered"]
-                ans[pos[hit]] = np.minimum(ans[pos[hit]], _to_us(when[hit]))
+            rows, found = self._rows_of(seq)
+            ans = self._cols["answered"]
+            ans[rows] = np.minimum(ans[rows], _to_us(when[found]))
 
     def _links_hold(self) -> bool:
         """Whether each logged start's linked next start of its pair is the next in start
@@ -147,12 +144,24 @@ class HostContext:
 
     def _set(self, column: str, seq: np.ndarray, value: np.ndarray) -> None:
         """Set ``column`` of the logged starts ``seq`` (those still logged) to ``value``."""
-        if len(seq) == 0 or len(self) == 0:
-            return
+        rows, found = self._rows_of(seq)
+        self._cols[column][rows] = value[found]
+
+    def _rows_of(self, seq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, found): the log rows of the starts ``seq`` still logged, and which of ``seq``
+        they are. The log is in seq order and, as starts leave it oldest first, usually holds
+        every seq from its first to its last: then a start's row is its seq less the first's,
+        no search."""
         logged = self._cols["seq"]
-        pos = np.minimum(np.searchsorted(logged, seq), len(logged) - 1)  # seq increases
-        hit = logged[pos] == seq
-        self._cols[column][pos[hit]] = value[hit]
+        if len(logged) == 0:
+            return np.zeros(0, np.intp), np.zeros(len(seq), bool)
+        if int(logged[-1]) - int(logged[0]) == len(logged) - 1:
+            pos = seq - logged[0]
+            found = (pos >= 0) & (pos < len(logged))
+        else:
+            pos = np.minimum(np.searchsorted(logged, seq), len(logged) - 1)
+            found = logged[pos] == seq
+        return pos[found], found
 
     def prune(self, now_ns: int) -> None:
         """Forget starts no future query can reach, and keep at most max_records."""
@@ -323,9 +332,11 @@ class _Series:
         pos = np.minimum(np.searchsorted(self._seq, seq), len(self._seq) - 1)
         hit = self._seq[pos] == seq
         out[hit] = self._values[pos[hit]]
-        keep = np.ones(len(self._seq), bool)
-        keep[pos[hit & forget]] = False
-        self._seq, self._values = self._seq[keep], self._values[keep]
+        gone = pos[hit & forget]
+        if len(gone):  # (interim records forget nothing: no copy of every open flow's values)
+            keep = np.ones(len(self._seq), bool)
+            keep[gone] = False
+            self._seq, self._values = self._seq[keep], self._values[keep]
         return out
 
     def prune(self, now_ns: int) -> None:
