@@ -172,7 +172,8 @@ def _stats(count, total, sumsq, lo, hi, scale=1.0):
 
 
 def extract(flows: FlowRecords, context: np.ndarray) -> np.ndarray:
-    """The (len(flows), len(SCHEMA)) float32 feature matrix, columns in SCHEMA order."""
+    """The (len(flows), len(SCHEMA)) float32 feature matrix, columns in SCHEMA order (the
+    transpose of a (feature, flow) matrix: not C-contiguous)."""
     c = flows.columns
     v: dict[str, np.ndarray] = {}
     pk = c["packets"].astype(np.float64)
@@ -260,7 +261,10 @@ def extract(flows: FlowRecords, context: np.ndarray) -> np.ndarray:
         v[stat] = c["http_stats"][:, j]
     for j, name in enumerate(CONTEXT_FEATURES):
         v[name] = context[:, j]
-    out = np.empty((len(flows), len(SCHEMA)), dtype=np.float32)
+    # Each feature is written as one contiguous row of a (feature, flow) matrix: written as a
+    # column of the (flow, feature) one, every value of it touches its own cache line (half
+    # the time of the extraction, for 65,536 flows). The caller's copy transposes it.
+    out = np.empty((len(SCHEMA), len(flows)), dtype=np.float32)
     for j, name in enumerate(FEATURE_NAMES):
-        out[:, j] = v[name]
-    return out
+        out[j] = v[name]
+    return out.T
