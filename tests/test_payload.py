@@ -263,3 +263,20 @@ def test_byte_classes_are_printable_or_not_as_a_whole():
     from quietwire.agent.payload import CLASS_OF, PRINTABLE, PRINTABLE_CLASSES
 
     assert np.array_equal(np.isin(CLASS_OF, PRINTABLE_CLASSES), PRINTABLE)
+
+
+def test_windows_are_the_bytes_at_each_offset_up_to_the_buffers_end():
+    """window() against indexing the buffer byte by byte, its last byte repeated past its end:
+    windows inside, ending at and running past the end, and a buffer shorter than a window."""
+    from quietwire.agent.payload import window
+
+    rng = np.random.default_rng(2)
+    for size in (3000, 200, 7):
+        raw = rng.integers(0, 256, size, dtype=np.uint8)
+        offset = np.r_[rng.integers(0, size, 50), 0, size - PAYLOAD_WINDOW, size - 1]
+        offset = offset[offset >= 0]
+        length = rng.integers(-1, 300, len(offset))
+        w, n_bytes = window(raw, offset, length)
+        index = np.minimum(offset[:, None] + np.arange(PAYLOAD_WINDOW), size - 1)
+        np.testing.assert_array_equal(w, raw[index])
+        np.testing.assert_array_equal(n_bytes, np.clip(length, 0, PAYLOAD_WINDOW))
