@@ -119,6 +119,10 @@ def identity_columns(flows: FlowRecords) -> dict[str, list]:
 
 SCORE_FIELDS = ("score", "tail_probability", "top_features")
 ROW_CHUNK = 4096  # rows formatted at a time: the byte matrices stay a few MB
+# What comes before each feature's value in a JSON object of the features: '{"name":' first.
+JSON_FEATURES = [
+    f'{"{" if i == 0 else ","}"{name}":'.encode() for i, name in enumerate(FEATURE_NAMES)
+]
 _QUOTED = {"community_id", "start", "end", "src_ip", "dest_ip", "proto", "end_reason"}
 
 
@@ -281,11 +285,8 @@ def format_json_rows(
         text = f"{quote},"
     chars, lens = tf.g9(features, nan=b"null", inf=b"Infinity")
     k = features.shape[1]
-    prefixes = [
-        f'{"{" if i == 0 else ","}"{name}":'.encode() for i, name in enumerate(FEATURE_NAMES)
-    ]
     parts.append(f'{text}"features":'.encode())
-    parts.append(tf.Block(prefixes, chars.reshape(-1, k, tf.SLOT), lens.reshape(-1, k)))
+    parts.append(tf.Block(JSON_FEATURES, chars.reshape(-1, k, tf.SLOT), lens.reshape(-1, k)))
     parts.append(b"}}\n")
     return tf.assemble(len(flows), parts).decode("ascii")
 

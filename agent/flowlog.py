@@ -29,9 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
+from . import tableformat as tf
 from .features import FEATURE_NAMES, SCHEMA_HASH
-from .flowfile import identity_columns
-from .flowrecords import END_REASONS
+from .flowfile import JSON_FEATURES, ROW_CHUNK, identity_text
+from .flowrecords import INTERIM
 from .meter import MeteredFlows
 from .model import Scores
 from .rotation import RotatingFile
@@ -66,26 +67,18 @@ class FlowLogSettings:
 
 
 @functools.lru_cache(maxsize=16)
-def _template(model_version: str, interface: str | None, host: str | None = None) -> str:
-    """The %-format of one line: the identity fields, then the numbers (see flow_lines)."""
+def _constants(model_version: str, interface: str | None, host: str | None) -> tuple[bytes, bytes]:
+    """The constant text of a line before its ``flow`` object and before its score."""
     iface = f'"in_iface":{json.dumps(interface)},' if interface else ""
     iface += f'"host":{json.dumps(host)},' if host is not None else ""
-    version = json.dumps(model_version)
-    head = (
-        '{"timestamp":"%s","flow_id":%d,"community_id":"%s","event_type":"flow",'
-        '"src_ip":"%s","src_port":%s,"dest_ip":"%s","dest_port":%s,"proto":"%s",'
-        + iface.replace("%", "%%")
-        + '"flow":{"pkts_toserver":%d,"pkts_toclient":%d,"bytes_toserver":%d,'
-        '"bytes_toclient":%d,"start":"%s","end":"%s","state":"%s","reason":"%s"},'
+    quietwire = (
+        f'"}},"quietwire":{{"schema_hash":"{SCHEMA_HASH}",'
+        f'"model_version":{json.dumps(model_version)},"score":'
     )
-    numbers = (
-        f'"quietwire":{{"schema_hash":"{SCHEMA_HASH}","model_version":'
-        + version.replace("%", "%%")
-        + ',"score":%.9g,"tail_probability":%.9g,"features":{'
-        + ",".join(f'"{name}":%.9g' for name in FEATURE_NAMES)
-        + "}}}\n"
-    )
-    return head + numbers
+    return f'",{iface}"flow":{{"pkts_toserver":'.encode(), quietwire.encode()
+
+
+_STATES = ["closed", "open"]  # an interim record's flow is still open
 
 
 def flow_lines(
@@ -95,46 +88,57 @@ def flow_lines(
     interface: str | None = None,
     host: str | None = None,
 ) -> str:
-    """The flow log lines of a batch, as one string. Each line is one C-level %-format of
-    its values (no dict, no json.dumps per line): identity columns come from flowfile, the
-    numbers are float32 with 9 significant digits, NaN and infinities become null."""
-    if len(flows) == 0:
-        return ""
-    ident = identity_columns(flows.records)
-    interim = "interim" in END_REASONS
-    state = ["open" if interim and r == "interim" else "closed" for r in ident["end_reason"]]
-    ports = [["null" if p is None else str(p) for p in ident[k]] for k in ("src_port", "dest_port")]
-    numbers = np.empty((len(flows), 2 + len(FEATURE_NAMES)), dtype=np.float64)
-    numbers[:, 0] = scores.score
-    numbers[:, 1] = scores.tail_probability
-    numbers[:, 2:] = flows.features
-    template = _template(model_version, interface, host)
-    rows = zip(
-        ident["end"],
-        ident["flow_id"],
-        ident["community_id"],
-        ident["src_ip"],
-        ports[0],
-        ident["dest_ip"],
-        ports[1],
-        ident["proto"],
-        ident["pkts_toserver"],
-        ident["pkts_toclient"],
-        ident["bytes_toserver"],
-        ident["bytes_toclient"],
-        ident["start"],
-        ident["end"],
-        state,
-        ident["end_reason"],
+    """The flow log lines of a batch, as one string, formatted a column at a time (as
+    ``quietwire flows -o x.jsonl`` is): the identity columns as flowfile writes them, the
+    numbers float32 with 9 significant digits, NaN and infinities as null."""
+    return "".join(
+        _lines(
+            flows.records.take(part),
+            flows.features[part],
+            scores.score[part],
+            scores.tail_probability[part],
+            *_constants(model_version, interface, host),
+        )
+        for part in (slice(lo, lo + ROW_CHUNK) for lo in range(0, len(flows), ROW_CHUNK))
     )
-    text = "".join([template % (*r, *v) for r, v in zip(rows, numbers.tolist())])
-    # '%.9g' writes NaN as 'nan': only numbers follow a ':' and precede ',' or '}' (the
-    # strings are addresses, times, base64 and names, none of which can hold ':nan,').
-    text = text.replace(":nan,", ":null,").replace(":nan}", ":null}")
-    if np.isinf(numbers).any():
-        for bad in ("inf", "-inf"):
-            text = text.replace(f":{bad},", ":null,").replace(f":{bad}}}", ":null}")
-    return text
+
+
+def _numbers(values: np.ndarray) -> tf.Text:
+    """float32 values as JSON numbers, 9 significant digits; NaN and infinities as null."""
+    return tf.g9(values, nan=b"null", inf=b"null", minus_inf=b"null")
+
+
+def _lines(records, features, score, tail, before_flow: bytes, before_score: bytes) -> str:
+    """flow_lines of at most ROW_CHUNK rows (the byte matrices stay a few MB)."""
+    ident = identity_text(records, b"null")
+    state = tf.strings(_STATES, (records["end_reason"] == INTERIM).astype(np.intp))
+
+    chars, lens = _numbers(features)
+    k = features.shape[1]
+    parts = [
+        b'{"timestamp":"', ident["end"],
+        b'","flow_id":', ident["flow_id"],
+        b',"community_id":"', ident["community_id"],
+        b'","event_type":"flow","src_ip":"', ident["src_ip"],
+        b'","src_port":', ident["src_port"],
+        b',"dest_ip":"', ident["dest_ip"],
+        b'","dest_port":', ident["dest_port"],
+        b',"proto":"', ident["proto"],
+        before_flow, ident["pkts_toserver"],
+        b',"pkts_toclient":', ident["pkts_toclient"],
+        b',"bytes_toserver":', ident["bytes_toserver"],
+        b',"bytes_toclient":', ident["bytes_toclient"],
+        b',"start":"', ident["start"],
+        b'","end":"', ident["end"],
+        b'","state":"', state,
+        b'","reason":"', ident["end_reason"],
+        before_score, _numbers(score),
+        b',"tail_probability":', _numbers(tail),
+        b',"features":',
+        tf.Block(JSON_FEATURES, chars.reshape(-1, k, tf.SLOT), lens.reshape(-1, k)),
+        b"}}}\n",
+    ]  # fmt: skip
+    return tf.assemble(len(records), parts).decode("ascii")
 
 
 class FlowLog:

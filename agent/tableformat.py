@@ -75,9 +75,12 @@ def _rows16(matrix: np.ndarray) -> np.ndarray:
     return matrix.view(np.complex128).reshape(-1)
 
 
-def g9(values: np.ndarray, nan: bytes = b"nan", inf: bytes = b"inf") -> Text:
-    """'%.9g' of each float32 (flattened), NaN written as ``nan`` and +-infinity as
-    ``inf`` with its sign; (chars (n, SLOT), lens)."""
+def g9(
+    values: np.ndarray, nan: bytes = b"nan", inf: bytes = b"inf", minus_inf: bytes | None = None
+) -> Text:
+    """'%.9g' of each float32 (flattened), NaN written as ``nan``, infinity as ``inf`` and
+    minus infinity as ``minus_inf`` (default: ``inf`` with its sign); (chars (n, SLOT),
+    lens)."""
     # Sorting values out in float32 (half the bytes to read); only the values formatted by
     # arithmetic are widened to float64 (exactly).
     with np.errstate(invalid="ignore"):  # signalling NaNs of another float type
@@ -148,7 +151,8 @@ def g9(values: np.ndarray, nan: bytes = b"nan", inf: bytes = b"inf") -> Text:
     special = np.flatnonzero(~finite)
     if len(special):
         sv = v[special]
-        for mask, text in ((np.isnan(sv), nan), (sv > 0, inf), (sv < 0, b"-" + inf)):
+        minus = b"-" + inf if minus_inf is None else minus_inf
+        for mask, text in ((np.isnan(sv), nan), (sv > 0, inf), (sv < 0, minus)):
             where = special[mask]
             if text and len(where):
                 chars[where, : len(text)] = np.frombuffer(text, dtype=np.uint8)

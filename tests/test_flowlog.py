@@ -36,6 +36,7 @@ from quietwire.agent.model import Scores, ScoringModel
 from quietwire.agent.rules import load_rules
 from quietwire.cli import main
 
+from .conftest import meter_file
 from .test_daemon import netns  # noqa: F401 - the fixture: a veth pair in a namespace
 
 CAPTURES = (DATA / "sample.pcap", DATA / "scan.pcap")
@@ -407,6 +408,62 @@ def test_infinities_and_nans_are_written_as_null(logged):
     assert values[:2] == [None, None] and values[2] is not None
     assert second["quietwire"]["score"] is None
     assert list(second["quietwire"]["features"].values())[2] is None
+
+
+def _reference_lines(flows, scores, model_version, interface=None, host=None) -> str:
+    """The lines as flow_lines wrote them one %-format per line (before it formatted whole
+    columns): identity_columns' values, '%.9g' of each number, NaN and infinities null."""
+    iface = f'"in_iface":{json.dumps(interface)},' if interface else ""
+    iface += f'"host":{json.dumps(host)},' if host is not None else ""
+    features = ",".join(f'"{name}":%s' for name in FEATURE_NAMES)
+    template = (
+        '{"timestamp":"%s","flow_id":%d,"community_id":"%s","event_type":"flow",'
+        '"src_ip":"%s","src_port":%s,"dest_ip":"%s","dest_port":%s,"proto":"%s",'
+        + iface.replace("%", "%%")
+        + '"flow":{"pkts_toserver":%d,"pkts_toclient":%d,"bytes_toserver":%d,'
+        '"bytes_toclient":%d,"start":"%s","end":"%s","state":"%s","reason":"%s"},'
+        f'"quietwire":{{"schema_hash":"{SCHEMA_HASH}","model_version":'
+        + json.dumps(model_version).replace("%", "%%")
+        + ',"score":%s,"tail_probability":%s,"features":{'
+        + features
+        + "}}}\n"
+    )
+    ident = identity_columns(flows.records)
+    keys = ["end", "flow_id", "community_id", "src_ip", "src_port", "dest_ip", "dest_port"]
+    keys += ["proto", "pkts_toserver", "pkts_toclient", "bytes_toserver", "bytes_toclient"]
+    keys += ["start", "end"]
+    lines = []
+    for i in range(len(flows)):
+        ids = ["null" if ident[k][i] is None else ident[k][i] for k in keys]
+        reason = ident["end_reason"][i]
+        numbers = [scores.score[i], scores.tail_probability[i], *flows.features[i]]
+        text = ["null" if not math.isfinite(x) else f"{x:.9g}" for x in map(float, numbers)]
+        state = "open" if reason == "interim" else "closed"
+        lines.append(template % (*ids, state, reason, *text))
+    return "".join(lines)
+
+
+def test_lines_are_the_per_line_writers(logged, ndpi):
+    """Byte for byte the lines of a %-format per line, on the bundled captures' batches and
+    a capture with IPv6 and ICMP, with NaN and both infinities in scores and features, an
+    interface and a host name that need quoting."""
+    _, recorder, engine, _ = logged
+    batches = list(recorder.batches)
+    model = engine.model
+    for name in ("http_ipv6.pcap", "icmp-tunnel.pcap", "malformed_icmp.pcap"):
+        flows = meter_file(ndpi / "pcap" / name, keep_interim=True)
+        batches.append((flows, model.score(flows.features)))
+    assert any((f.records["ip_version"] == 6).any() for f, _ in batches)
+    flows, scores = batches[0]
+    features = flows.features.copy()
+    features[0, :3] = [np.inf, -np.inf, np.nan]
+    score, tail = scores.score.copy(), scores.tail_probability.copy()
+    score[1], tail[2] = np.nan, -np.inf
+    batches[0] = (MeteredFlows(flows.records, features), Scores(score, tail, scores.contributions))
+    for i, (flows, scores) in enumerate(batches):
+        iface, host = [(None, None), ("eth0", "sensor-1"), ('eth"%s', "h%\u00e9")][i % 3]
+        got = flow_lines(flows, scores, model.version, iface, host)
+        assert got == _reference_lines(flows, scores, model.version, iface, host), i
 
 
 def test_the_daemon_reopens_its_flow_log_on_sighup(netns, tmp_path):  # noqa: F811
