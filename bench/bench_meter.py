@@ -9,8 +9,10 @@ against nfstream's to_csv on the same file, with where quietwire's time goes
 captures of the same packet count with --open-flows flows open at once (gen_capture.py
 generate_open), where quietwire's CPU time per packet is compared with its own at the first.
 Those captures hold ten times the flows at ten times the count (and so ten times the rows
-written); the controlled rows that follow (--waves F: gen_capture.py generate_waves) hold the
-flows, packets per flow and flow durations equal and vary only how many are open at once.
+written): each whole command's time is then split into a cost per packet and a cost per row
+written, and the cost per row that 1.5x the time per packet would allow is printed. The
+controlled rows that follow (--waves F: gen_capture.py generate_waves) hold the flows, packets
+per flow and flow durations equal and vary only how many are open at once.
 Those rows are whole processes (start-up and import included): CPU seconds (user + system,
 with reaped children: nfstream's meter process) from wait4, each pinned to CPU 0.
 
@@ -300,6 +302,7 @@ def print_community_id(path: Path) -> None:
 def open_flows_section(workdir: Path, packets: int, counts: list[int], repeat: int) -> None:
     """Captures of ``packets`` packets with each count of flows open at once."""
     per_packet: dict[int, dict[str, float]] = {}
+    cost: dict[int, dict[str, tuple[int, int, float]]] = {}
     for k in counts:
         path = workdir / f"open-{k}.pcap"
         n = generate_file(path, packets, k)
@@ -321,6 +324,11 @@ def open_flows_section(workdir: Path, packets: int, counts: list[int], repeat: i
         }
         print_processes(results, n, peers)
         per_packet[k] = {label: r["cpu"] / n for label, r in results.items() if r["rc"] == 0}
+        cost[k] = {
+            label: (n, output_rows(label, path, r), r["cpu"])
+            for label, r in results.items()
+            if r["rc"] == 0 and label in ROW_FIT
+        }
         print_stages(path, OPEN_FLOWS_MAX)
         print_walk(path, repeat)
         for leftover in workdir.glob(f"open-{k}.pcap*"):
@@ -338,6 +346,50 @@ def open_flows_section(workdir: Path, packets: int, counts: list[int], repeat: i
             if label in per_packet[k] and label in per_packet[base]
         ]
         print(f"  {label:<28} " + ", ".join(cells))
+    print_row_fit(cost, base)
+
+
+ROW_FIT = ("quietwire flows -o csv", "nfstream to_csv")
+
+
+def output_rows(label: str, path: Path, result: dict) -> int:
+    """Rows a whole-command run wrote: quietwire's CSV lines less the header (interim
+    records included), nfstream's flows."""
+    if label.startswith("nfstream"):
+        return int(json.loads(result["stdout"].strip().splitlines()[-1])["flows"])
+    lines = 0
+    with open(f"{path}.csv", "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            lines += chunk.count(b"\n")
+    return lines - 1
+
+
+def print_row_fit(cost: dict[int, dict[str, tuple[int, int, float]]], base: int) -> None:
+    """Split each command's CPU time into a cost per packet and a cost per output row (cpu =
+    packets x a + rows x b through the first capture and each other one), and the cost per row
+    that 1.5x the first capture's time per packet would allow: the captures hold equal packets
+    but more flows, so more rows, as more flows are open at once."""
+    print(
+        "\nwhat the time per packet is made of (cpu = packets x a + output rows x b, solved "
+        f"through the {base:,}-open capture and each other one; a includes the fixed costs, "
+        "such as the import):"
+    )
+    for label in ROW_FIT:
+        for k in cost:
+            if k == base or label not in cost[k] or label not in cost[base]:
+                continue
+            (p0, r0, t0), (p1, r1, t1) = cost[base][label], cost[k][label]
+            if p0 != p1 or r1 == r0:
+                continue
+            b = (t1 - t0) / (r1 - r0)
+            a = (t0 - r0 * b) / p0
+            allowed = 0.5 * a * p0 / (r1 - 1.5 * r0) if r1 > 1.5 * r0 else float("inf")
+            print(
+                f"  {label:<24} {r0:,} rows at {base:,} open, {r1:,} at {k:,}: "
+                f"a = {a * 1e6:.2f} us per packet, b = {b * 1e6:.1f} us per row; "
+                f"{t1 / t0:.2f}x the time per packet; 1.5x would need b <= "
+                f"{allowed * 1e6:.1f} us per row"
+            )
 
 
 def waves_section(
