@@ -32,13 +32,13 @@ from gen_capture import generate  # noqa: E402
 
 
 def run_replay(path: str) -> dict:
-    from quietwire.agent.alerts import AlertSink
-    from quietwire.agent.capture import read_capture
-    from quietwire.agent.config import DEFAULT_RULES
-    from quietwire.agent.engine import Engine
-    from quietwire.agent.metrics import Metrics
-    from quietwire.agent.model import ScoringModel
-    from quietwire.agent.rules import load_rules
+    from quietwire.agent.capture.pcap import read_capture
+    from quietwire.agent.detect.model import ScoringModel
+    from quietwire.agent.detect.rules import load_rules
+    from quietwire.agent.output.alerts import AlertSink
+    from quietwire.agent.service.config import DEFAULT_RULES
+    from quietwire.agent.service.engine import Engine
+    from quietwire.agent.service.metrics import Metrics
 
     with tempfile.TemporaryDirectory() as tmp:
         sink = AlertSink(Path(tmp) / "alerts.json")

@@ -24,10 +24,10 @@ sys.path.insert(0, str(REPO))
 
 def main() -> int:
     from quietwire import DATA
-    from quietwire.agent.balance import burst_weights
-    from quietwire.agent.calibrate import calibrate
-    from quietwire.agent.model import DEFAULT_MODEL, ScoringModel
-    from quietwire.agent.siteflows import read_site_flows
+    from quietwire.agent.detect.model import DEFAULT_MODEL, ScoringModel
+    from quietwire.agent.site.balance import burst_weights
+    from quietwire.agent.site.calibrate import calibrate
+    from quietwire.agent.site.sources import read_site_flows
     from quietwire.cli.calibrate import format_report
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

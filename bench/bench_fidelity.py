@@ -1,9 +1,9 @@
-"""Fidelity of the generator (trainer/generator.py) on trafficgen's benign traffic and on the
-nDPI benign captures, against real flows it never saw, with the same splits as `quietwire
+"""Fidelity of the generator (trainer/synthesis/generator.py) on trafficgen's benign traffic
+and on the nDPI benign captures, against real flows it never saw, with the same splits as `quietwire
 eval` (70% of the benign flows to train on, 30% held out; the attacks of each set):
 
-- the fidelity report (trainer/fidelity.py): two-sample classifier AUC, KS / W1, correlation
-  distance, rows breaking a schema rule, and the rows the repair step changed;
+- the fidelity report (trainer/synthesis/fidelity.py): two-sample classifier AUC, KS / W1,
+  correlation distance, rows breaking a schema rule, and the rows the repair step changed;
 - sampling speed (flows/s, one thread, against the detector's own sampler with --before);
 - utility: a detector (500 training steps) trained on synthetic benign flows only against one
   trained on the real training flows, both scored on the held-out benign flows and the attacks;
@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quietwire.trainer.detector import DiffusionDetector, TrainConfig
-from quietwire.trainer.evaluate import EvalSet, generated_set, real_set, workdir
-from quietwire.trainer.fidelity import auroc, compare, utility
-from quietwire.trainer.generator import FlowGenerator, GeneratorConfig
+from quietwire.trainer.evaluation.evaluate import EvalSet, generated_set, real_set, workdir
+from quietwire.trainer.model.detector import DiffusionDetector, TrainConfig
+from quietwire.trainer.synthesis.fidelity import auroc, compare, utility
+from quietwire.trainer.synthesis.generator import FlowGenerator, GeneratorConfig
 
 
 def main() -> int:
@@ -167,9 +167,9 @@ FAMILIES = {
 
 
 def diagnose(name: str, s, seed: int) -> None:
-    from quietwire.agent.features import FEATURE_NAMES
-    from quietwire.trainer.fidelity import violation_share
-    from quietwire.trainer.preprocess import Preprocessor
+    from quietwire.agent.features.schema import FEATURE_NAMES
+    from quietwire.trainer.model.preprocess import Preprocessor
+    from quietwire.trainer.synthesis.fidelity import violation_share
 
     prep = Preprocessor.fit(s.train)
     det = DiffusionDetector(TrainConfig(seed=seed)).fit(s.train)

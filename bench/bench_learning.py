@@ -28,15 +28,15 @@ def replay(capture: Path, work: Path, half_s: float, learn: bool, min_records: i
     period of ``half_s`` from the first packet); the drift and the incidents after ``half_s``."""
     import shutil
 
-    from quietwire.agent.alerts import AlertSink
-    from quietwire.agent.capture import read_capture
-    from quietwire.agent.drift import calibration_table
-    from quietwire.agent.engine import Engine
-    from quietwire.agent.flowlog import FlowLog, FlowLogSettings
-    from quietwire.agent.learning import Learner, LearnSettings
-    from quietwire.agent.metrics import Metrics
-    from quietwire.agent.model import DEFAULT_MODEL, ScoringModel
-    from quietwire.agent.rules import load_rules
+    from quietwire.agent.capture.pcap import read_capture
+    from quietwire.agent.detect.model import DEFAULT_MODEL, ScoringModel
+    from quietwire.agent.detect.rules import load_rules
+    from quietwire.agent.output.alerts import AlertSink
+    from quietwire.agent.output.flowlog import FlowLog, FlowLogSettings
+    from quietwire.agent.service.drift import calibration_table
+    from quietwire.agent.service.engine import Engine
+    from quietwire.agent.service.metrics import Metrics
+    from quietwire.agent.site.learning import Learner, LearnSettings
     from quietwire.rules import DEFAULT_RULES
 
     work.mkdir(parents=True, exist_ok=True)
@@ -98,7 +98,7 @@ def replay(capture: Path, work: Path, half_s: float, learn: bool, min_records: i
 
 
 def main() -> int:
-    from quietwire.trainer.trafficgen import generate
+    from quietwire.trainer.traffic.trafficgen import generate
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=11, help="trafficgen seed (the model used 0)")

@@ -45,9 +45,9 @@ def _peak_rss_mib() -> float:
 
 
 def run_quietwire(path: str, payload: bool = True, max_flows: int = 0) -> dict:
-    from quietwire.agent.capture import read_capture
-    from quietwire.agent.flows import FlowConfig
-    from quietwire.agent.meter import FlowMeter
+    from quietwire.agent.capture.pcap import read_capture
+    from quietwire.agent.features.meter import FlowMeter
+    from quietwire.agent.flow.table import FlowConfig
 
     config = FlowConfig(payload=payload)
     if max_flows:
@@ -86,7 +86,7 @@ def run_nfstream_csv(path: str, out: str) -> dict:
 
 def run_read(path: str, lanes: bool) -> dict:
     """The capture reader alone: the pcap record walk in lanes, or the plain walk."""
-    from quietwire.agent import capture
+    from quietwire.agent.capture import pcap as capture
 
     capture.VECTOR_WALK = lanes
     start = time.perf_counter()
@@ -99,11 +99,11 @@ def run_read(path: str, lanes: bool) -> dict:
 def run_community_id(path: str) -> dict:
     """Community IDs of the capture's flows, in the writer's chunks: the batch (SHA-1 and
     base64 on arrays) and the reference one flow at a time (what the writer did before)."""
-    from quietwire.agent.capture import read_capture
-    from quietwire.agent.communityid import community_id_chars, flow_community_ids_scalar
-    from quietwire.agent.flowfile import ROW_CHUNK
-    from quietwire.agent.flowrecords import FlowRecords
-    from quietwire.agent.meter import FlowMeter
+    from quietwire.agent.capture.pcap import read_capture
+    from quietwire.agent.features.meter import FlowMeter
+    from quietwire.agent.flow.communityid import community_id_chars, flow_community_ids_scalar
+    from quietwire.agent.flow.records import FlowRecords
+    from quietwire.agent.output.flowtable import ROW_CHUNK
 
     meter = FlowMeter()
     parts = [meter.add(batch).records for batch in read_capture(path)]

@@ -24,8 +24,8 @@ sys.path.insert(0, str(REPO))
 
 
 def features_of(path: Path) -> np.ndarray:
-    from quietwire.agent.capture import read_capture
-    from quietwire.agent.meter import FlowMeter
+    from quietwire.agent.capture.pcap import read_capture
+    from quietwire.agent.features.meter import FlowMeter
 
     meter = FlowMeter(seed=1)
     parts = [meter.add(b).features for b in read_capture(path)]
@@ -58,12 +58,12 @@ def main() -> None:
 
     import torch
 
-    from quietwire.agent.model import ScoringModel
+    from quietwire.agent.detect.model import ScoringModel
     from quietwire.trainer.data import load_labels
-    from quietwire.trainer.detector import DiffusionDetector, TrainConfig
-    from quietwire.trainer.diffusion import noise_loss, time_loss
-    from quietwire.trainer.export import export
-    from quietwire.trainer.fidelity import auroc
+    from quietwire.trainer.model.detector import DiffusionDetector, TrainConfig
+    from quietwire.trainer.model.diffusion import noise_loss, time_loss
+    from quietwire.trainer.model.export import export
+    from quietwire.trainer.synthesis.fidelity import auroc
 
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
@@ -108,8 +108,8 @@ def main() -> None:
         )
 
     # Trainer: one epoch over 100k flows (benign flows resampled), batch 256, both networks.
-    from quietwire.trainer.diffusion import Denoiser
-    from quietwire.trainer.preprocess import Preprocessor
+    from quietwire.trainer.model.diffusion import Denoiser
+    from quietwire.trainer.model.preprocess import Preprocessor
 
     prep = Preprocessor.fit(train)
     rows = np.random.default_rng(1).integers(0, len(train), 100_000)

@@ -57,7 +57,7 @@ def quietwire(*args: str) -> str:
 def test_records(flow_log: Path, labels: dict) -> tuple[np.ndarray, list[str]]:
     """The feature matrix of a flow log's records (the agent's reader) and each record's
     trafficgen label (by its 5-tuple)."""
-    from quietwire.agent.flowlog import read_flow_log
+    from quietwire.agent.output.flowlog import read_flow_log
 
     features = np.concatenate([c.features for c in read_flow_log(flow_log)])
     kinds = []
@@ -85,8 +85,8 @@ def site_figures(
 ) -> dict:
     """Generate the network, replay both halves, calibrate, train and fine-tune; the figures
     of each model on the second half."""
-    from quietwire.agent.model import DEFAULT_MODEL, ScoringModel
-    from quietwire.trainer.trafficgen import generate, read_labels
+    from quietwire.agent.detect.model import DEFAULT_MODEL, ScoringModel
+    from quietwire.trainer.traffic.trafficgen import generate, read_labels
 
     work.mkdir(parents=True, exist_ok=True)
     bundled = work / "bundled.onnx"  # a copy: every step uses the same model

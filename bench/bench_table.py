@@ -60,7 +60,7 @@ def _template() -> np.ndarray:
 
 def flood_batches(packets: int, rate_pps: float, seed: int = 11):
     """PacketBatches of a random-source SYN flood at ``rate_pps``, generated batch by batch."""
-    from quietwire.agent.capture import PAD, PacketBatch
+    from quietwire.agent.capture.pcap import PAD, PacketBatch
 
     rng = np.random.default_rng(seed)
     template = _template()
@@ -88,7 +88,7 @@ def flood_batches(packets: int, rate_pps: float, seed: int = 11):
 
 
 def _flow_config(args: argparse.Namespace):
-    from quietwire.agent.flows import FlowConfig
+    from quietwire.agent.flow.table import FlowConfig
 
     if args.no_emergency:
         return FlowConfig(max_flows=args.max_flows, emergency=False)
@@ -106,16 +106,16 @@ def _flush(meter) -> int:
 
 
 def child(args: argparse.Namespace) -> dict:
-    from quietwire.agent.meter import FlowMeter
+    from quietwire.agent.features.meter import FlowMeter
 
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {0})
     engine = None
     if args.agent:
-        from quietwire.agent.alerts import AlertSink
-        from quietwire.agent.engine import Engine
-        from quietwire.agent.model import ScoringModel
-        from quietwire.agent.rules import load_rules
+        from quietwire.agent.detect.model import ScoringModel
+        from quietwire.agent.detect.rules import load_rules
+        from quietwire.agent.output.alerts import AlertSink
+        from quietwire.agent.service.engine import Engine
         from quietwire.rules import DEFAULT_RULES
 
         engine = Engine(
@@ -160,7 +160,7 @@ def per_flow(args: argparse.Namespace) -> dict:
     import linecache
     import tracemalloc
 
-    from quietwire.agent.meter import FlowMeter
+    from quietwire.agent.features.meter import FlowMeter
 
     meter = FlowMeter(_flow_config(args))
     tracemalloc.start(40)

@@ -34,8 +34,8 @@ sys.path.insert(0, str(HERE))
 
 from bench_agent import start_daemon  # noqa: E402
 
-from quietwire.agent.context import CONTEXT_FEATURES  # noqa: E402
-from quietwire.agent.features import FEATURE_NAMES, SCHEMA  # noqa: E402
+from quietwire.agent.features.context import CONTEXT_FEATURES  # noqa: E402
+from quietwire.agent.features.schema import FEATURE_NAMES, SCHEMA  # noqa: E402
 
 TIMING = {f.name for f in SCHEMA if f.unit in ("s", "packets/s", "bytes/s")} | set(CONTEXT_FEATURES)
 

@@ -80,13 +80,13 @@ class StageTimer:
 
 def install(timer: StageTimer) -> None:
     """Hook the stages of `quietwire flows` (import quietwire.cli first)."""
-    import quietwire.agent.context as context
-    import quietwire.agent.decode as decode
-    import quietwire.agent.flowfile as flowfile
-    import quietwire.agent.flowfold as flowfold
-    import quietwire.agent.flows as flows
-    import quietwire.agent.keyindex as keyindex
-    import quietwire.agent.meter as meter
+    import quietwire.agent.capture.decode as decode
+    import quietwire.agent.features.context as context
+    import quietwire.agent.features.meter as meter
+    import quietwire.agent.flow.fold as flowfold
+    import quietwire.agent.flow.keyindex as keyindex
+    import quietwire.agent.flow.table as flows
+    import quietwire.agent.output.flowtable as flowfile
     import quietwire.cli.flows as cli_flows
 
     timer.hook_generator(cli_flows, "read_capture", "read")

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from scapy.all import wrpcap
 
-from quietwire.agent.capture import read_capture
-from quietwire.agent.meter import FlowMeter, MeteredFlows
+from quietwire.agent.capture.pcap import read_capture
+from quietwire.agent.features.meter import FlowMeter
+from quietwire.agent.features.schema import MeteredFlows
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,8 +51,8 @@ def meter_file(
 ) -> MeteredFlows:
     """Every flow of a capture, in flow-start order, with features; interim records of flows
     still open (made as by default) only with ``keep_interim``."""
-    from quietwire.agent.flowrecords import INTERIM, FlowRecords
-    from quietwire.agent.flows import FlowConfig
+    from quietwire.agent.flow.records import INTERIM, FlowRecords
+    from quietwire.agent.flow.table import FlowConfig
 
     meter = FlowMeter(FlowConfig(**config) if config else None, seed=1)
     parts = [meter.add(b) for b in read_capture(path, chunk_bytes=chunk_bytes)]

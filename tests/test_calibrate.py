@@ -1,4 +1,4 @@
-"""`quietwire calibrate` (agent/calibrate.py, agent/siteflows.py): the bundled model calibrated
+"""`quietwire calibrate` (agent/site/calibrate.py, agent/site/sources.py): the bundled model calibrated
 on real captures, checked against the original model, hand-rolled quantiles and the trainer's
 own calibration."""
 
@@ -14,17 +14,17 @@ import pytest
 from onnx import helper, numpy_helper
 
 from quietwire import DATA
-from quietwire.agent.balance import burst_weights
-from quietwire.agent.calibrate import (
+from quietwire.agent.detect.model import DEFAULT_MODEL, ScoringModel
+from quietwire.agent.features.schema import FEATURE_NAMES
+from quietwire.agent.site.balance import burst_weights
+from quietwire.agent.site.calibrate import (
     TABLE,
     TABLE_N_PLUS_1,
     calibrate,
     tail_table,
     weighted_thresholds,
 )
-from quietwire.agent.features import FEATURE_NAMES
-from quietwire.agent.model import DEFAULT_MODEL, ScoringModel
-from quietwire.agent.siteflows import read_site_flows
+from quietwire.agent.site.sources import read_site_flows
 from quietwire.cli import main
 
 from .conftest import REPO
@@ -405,9 +405,9 @@ def test_flow_logs_calibrate_as_the_capture_they_were_written_from(tmp_path, cap
     skipped with a warning."""
     import gzip
 
-    from quietwire.agent.capture import read_capture
-    from quietwire.agent.flowlog import flow_lines
-    from quietwire.agent.meter import FlowMeter
+    from quietwire.agent.capture.pcap import read_capture
+    from quietwire.agent.features.meter import FlowMeter
+    from quietwire.agent.output.flowlog import flow_lines
 
     model = ScoringModel(DEFAULT_MODEL)
     meter = FlowMeter()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scapy.all import IP, TCP, UDP, Ether, rdpcap
 
-from quietwire.agent.capture import CaptureError, read_capture
+from quietwire.agent.capture.pcap import CaptureError, read_capture
 
 from .conftest import write_pcap
 

@@ -9,8 +9,8 @@ import struct
 import numpy as np
 import pytest
 
-from quietwire.agent import capture
-from quietwire.agent.capture import CaptureError, read_capture
+from quietwire.agent.capture import pcap as capture
+from quietwire.agent.capture.pcap import CaptureError, read_capture
 
 
 def _records(rng, n, seconds=1_700_000_000, sizes=(60, 1514), order="<"):

@@ -11,8 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-from quietwire.agent.features import FEATURE_NAMES, SCHEMA_HASH
-from quietwire.agent.flowfile import FlowFileError, read_flow_table
+from quietwire.agent.features.schema import FEATURE_NAMES, SCHEMA_HASH
+from quietwire.agent.output.flowtable import read_flow_table
+from quietwire.agent.output.tablefields import FlowFileError
 from quietwire.cli import DEFAULT_CAPTURE, main
 
 from .conftest import meter_file
@@ -183,7 +184,7 @@ def test_train_and_sample_commands(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "classifier AUC synthetic vs real" in out
-    from quietwire.agent.flowfile import read_flow_table
+    from quietwire.agent.output.flowtable import read_flow_table
 
     assert read_flow_table(synth).shape == (40, len(FEATURE_NAMES))
     bad = tmp_path / "bad.onnx"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scapy.all import ICMP, IP, TCP, UDP, Ether, ICMPv6EchoRequest, IPv6
 
-from quietwire.agent.communityid import (
+from quietwire.agent.flow.communityid import (
     BATCH_MIN,
     community_id,
     community_id_chars,
@@ -16,8 +16,8 @@ from quietwire.agent.communityid import (
     flow_community_ids_scalar,
     icmp_ports,
 )
-from quietwire.agent.flowfile import identity_columns
-from quietwire.agent.flowrecords import FlowRecords
+from quietwire.agent.flow.records import FlowRecords
+from quietwire.agent.output.tablefields import identity_columns
 
 from .conftest import meter_file, write_pcap
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from quietwire.agent.config import DEFAULT_RULES, ConfigError, load_config
-from quietwire.agent.model import DEFAULT_MODEL
+from quietwire.agent.detect.model import DEFAULT_MODEL
+from quietwire.agent.service.config import DEFAULT_RULES, ConfigError, load_config
 from quietwire.cli import main
 
 GOOD = """
@@ -104,8 +104,8 @@ def test_check_config_command(tmp_path, capsys):
 def test_the_example_config_is_valid_and_lists_the_defaults():
     from pathlib import Path
 
-    from quietwire.agent.alerts import BudgetSettings
-    from quietwire.agent.incidents import IncidentSettings
+    from quietwire.agent.detect.incidents import IncidentSettings
+    from quietwire.agent.output.alerts import BudgetSettings
 
     example = Path(__file__).resolve().parent.parent / "deploy" / "config.example.yaml"
     s = load_config(example)

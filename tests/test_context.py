@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scapy.all import IP, TCP, Ether
 
-from quietwire.agent.context import WINDOW_FEATURES
-from quietwire.agent.features import FEATURE_NAMES
+from quietwire.agent.features.context import WINDOW_FEATURES
+from quietwire.agent.features.schema import FEATURE_NAMES
 
 from .conftest import meter_file, write_pcap
 
@@ -117,9 +117,9 @@ def test_service_pair_series(tmp_path):
 def test_series_state_is_bounded(tmp_path):
     """400 clients, one flow each to one server: the pair table keeps at most max_series
     pairs, and an ended flow's series values are not kept."""
-    from quietwire.agent.capture import read_capture
-    from quietwire.agent.context import ContextConfig
-    from quietwire.agent.meter import FlowMeter
+    from quietwire.agent.capture.pcap import read_capture
+    from quietwire.agent.features.context import ContextConfig
+    from quietwire.agent.features.meter import FlowMeter
 
     pkts = [syn(f"10.1.{i // 200}.{i % 200 + 1}", TARGET, 40000, 443) for i in range(400)]
     path = write_pcap(tmp_path / "many.pcap", pkts, [i * 0.01 for i in range(400)])
@@ -137,8 +137,8 @@ def test_flows_left_overdue_keep_their_window():
     """5,000 probes time out together and one expiry ends only 4,096 of them: the starts the
     other 904 count must outlive that expiry's pruning, so each probe still counts every
     probe started up to it (all within the 60 s window)."""
-    from quietwire.agent.flows import FlowConfig
-    from quietwire.agent.meter import FlowMeter
+    from quietwire.agent.features.meter import FlowMeter
+    from quietwire.agent.flow.table import FlowConfig
 
     from .test_flows import tcp_batch
 
@@ -155,8 +155,8 @@ def test_flows_left_overdue_keep_their_window():
 
 
 def test_start_log_is_bounded():
-    from quietwire.agent.context import ContextConfig
-    from quietwire.agent.meter import FlowMeter
+    from quietwire.agent.features.context import ContextConfig
+    from quietwire.agent.features.meter import FlowMeter
 
     from .test_flows import tcp_batch
 
@@ -173,9 +173,9 @@ def test_time_passing_between_batches_changes_nothing(ndpi, name):
     """The live daemon ends timed-out flows between batches (expire): when that empties the
     host window's log, a later answer or end must not index into it (it did: IndexError), and
     the flows and features are those of metering the file in one go."""
-    from quietwire.agent.capture import read_capture
-    from quietwire.agent.flowrecords import INTERIM, FlowRecords
-    from quietwire.agent.meter import FlowMeter
+    from quietwire.agent.capture.pcap import read_capture
+    from quietwire.agent.features.meter import FlowMeter
+    from quietwire.agent.flow.records import INTERIM, FlowRecords
 
     path = ndpi / "pcap" / name
     meter = FlowMeter(seed=1)
@@ -197,7 +197,7 @@ def test_time_passing_between_batches_changes_nothing(ndpi, name):
 def _brute_force_windows(records, window_s=60.0):
     """The six window features by their definition, one flow at a time: over the flows whose
     start lies in (t - window, t], t the flow's last packet (nothing pruned: small captures)."""
-    from quietwire.agent.flows import host_hash
+    from quietwire.agent.flow.table import host_hash
 
     src = host_hash(records["src_hi"], records["src_lo"])
     dst = host_hash(records["dst_hi"], records["dst_lo"])
@@ -225,10 +225,10 @@ def _brute_force_windows(records, window_s=60.0):
 
 
 def _meter_probes(path, monkeypatch=None):
-    from quietwire.agent.capture import read_capture
-    from quietwire.agent.context import HostContext
-    from quietwire.agent.flowrecords import INTERIM, FlowRecords
-    from quietwire.agent.meter import FlowMeter
+    from quietwire.agent.capture.pcap import read_capture
+    from quietwire.agent.features.context import HostContext
+    from quietwire.agent.features.meter import FlowMeter
+    from quietwire.agent.flow.records import INTERIM, FlowRecords
 
     if monkeypatch:  # the reference: every query sorts for the next starts
         monkeypatch.setattr(HostContext, "_links_hold", lambda self: False)
@@ -278,7 +278,7 @@ def test_host_order_finds_the_logged_starts_of_queried_hosts():
     """The host order kept as starts are logged and pruned finds, for queried hosts, the
     same rows as scanning the whole log: batches of a few repeated hosts, rows pruned from
     the front and from the middle, candidates a mask."""
-    from quietwire.agent.context import _HostOrder
+    from quietwire.agent.features.context import _HostOrder
 
     rng = np.random.default_rng(3)
     order, log = _HostOrder(), np.zeros(0, np.uint64)

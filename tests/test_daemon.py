@@ -291,7 +291,7 @@ def test_the_ring_hands_over_its_last_packets_at_shutdown(netns):
     where a read that does not wait found nothing and lost the last packets of a capture."""
     script = (
         "import socket\n"
-        "from quietwire.agent.livecapture import LiveCapture\n"
+        "from quietwire.agent.capture.live import LiveCapture\n"
         "cap = LiveCapture('qwb', blocks=4)\n"
         "tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)\n"
         "tx.bind(('qwa', 0))\n"
@@ -431,11 +431,11 @@ def test_beacon_rule_fires_on_the_timer_only(tmp_path, capsys):
     rule (2106) matches the C2 client's flows to its server and nothing else, and their
     incident names c2_beacon (it may also take in the client's other unusual flows, as a
     named source's unknown anomalies do)."""
-    from quietwire.agent.flowfile import identity_columns
-    from quietwire.agent.model import ScoringModel
-    from quietwire.agent.rules import RuleEngine, load_rules
+    from quietwire.agent.detect.model import ScoringModel
+    from quietwire.agent.detect.rules import RuleEngine, load_rules
+    from quietwire.agent.output.tablefields import identity_columns
     from quietwire.rules import DEFAULT_RULES
-    from quietwire.trainer.trafficgen import generate
+    from quietwire.trainer.traffic.trafficgen import generate
 
     pcap, alerts = tmp_path / "gen.pcap", tmp_path / "alerts.json"
     generate(pcap, tmp_path / "gen.labels.csv", seed=0, scale=0.5)

@@ -27,8 +27,8 @@ from scapy.all import (
 )
 from scapy.contrib.mpls import MPLS
 
-from quietwire.agent.capture import read_capture
-from quietwire.agent.decode import Decoder
+from quietwire.agent.capture.decode import Decoder
+from quietwire.agent.capture.pcap import read_capture
 
 from .conftest import meter_file, write_pcap
 

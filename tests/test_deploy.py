@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from quietwire.agent.metrics import Metrics
+from quietwire.agent.service.metrics import Metrics
 
 from .conftest import free_port, serving_replay
 
@@ -276,7 +276,7 @@ def test_the_model_workflow(tmp_path):
         pytest.skip(why)
     pytest.importorskip("torch")  # step 4 trains
     from quietwire import DATA
-    from quietwire.agent.model import DEFAULT_MODEL, ScoringModel
+    from quietwire.agent.detect.model import DEFAULT_MODEL, ScoringModel
 
     etc, log_dir, lib, work = (tmp_path / d for d in ("etc", "log", "lib", "work"))
     for d in (etc, log_dir, lib, work):

@@ -1,4 +1,4 @@
-"""Score drift (agent/drift.py): shares over the thresholds and the population stability index
+"""Score drift (agent/service/drift.py): shares over the thresholds and the population stability index
 over a sliding window of minute buckets, checked against hand-computed values and, for a replay
 through the Engine, against the scores the flow log recorded."""
 
@@ -12,14 +12,14 @@ import pytest
 from onnx import numpy_helper
 
 from quietwire import DATA
-from quietwire.agent.alerts import AlertSink
-from quietwire.agent.capture import read_capture
-from quietwire.agent.drift import PSI_FLOOR, ScoreDrift, calibration_table, psi
-from quietwire.agent.engine import Engine
-from quietwire.agent.flowlog import FlowLog, FlowLogSettings
-from quietwire.agent.metrics import Metrics
-from quietwire.agent.model import DEFAULT_MODEL, ScoringModel
-from quietwire.agent.rules import load_rules
+from quietwire.agent.capture.pcap import read_capture
+from quietwire.agent.detect.model import DEFAULT_MODEL, ScoringModel
+from quietwire.agent.detect.rules import load_rules
+from quietwire.agent.output.alerts import AlertSink
+from quietwire.agent.output.flowlog import FlowLog, FlowLogSettings
+from quietwire.agent.service.drift import PSI_FLOOR, ScoreDrift, calibration_table, psi
+from quietwire.agent.service.engine import Engine
+from quietwire.agent.service.metrics import Metrics
 from quietwire.rules import DEFAULT_RULES
 
 from .conftest import meter_file

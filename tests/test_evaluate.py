@@ -11,11 +11,10 @@ import pytest
 pytest.importorskip("torch", reason="the trainer extra (torch) is not installed")
 pytest.importorskip("sklearn", reason="scikit-learn (dev extra) is not installed")
 
-from quietwire.agent.features import FEATURE_NAMES  # noqa: E402
+from quietwire.agent.features.schema import FEATURE_NAMES  # noqa: E402
 from quietwire.cli import main  # noqa: E402
 from quietwire.trainer.data import load_labels  # noqa: E402
-from quietwire.trainer.detector import TrainConfig, host_weights  # noqa: E402
-from quietwire.trainer.evaluate import (  # noqa: E402
+from quietwire.trainer.evaluation.evaluate import (  # noqa: E402
     auprc,
     generated_set,
     mean_report,
@@ -25,8 +24,9 @@ from quietwire.trainer.evaluate import (  # noqa: E402
     recall_at_fpr,
     report,
 )
-from quietwire.trainer.fidelity import auroc  # noqa: E402
-from quietwire.trainer.trafficgen import ATTACKS, WEB_ATTACKS, generate, read_labels  # noqa: E402
+from quietwire.trainer.model.detector import TrainConfig, host_weights  # noqa: E402
+from quietwire.trainer.synthesis.fidelity import auroc  # noqa: E402
+from quietwire.trainer.traffic.trafficgen import ATTACKS, WEB_ATTACKS, generate, read_labels  # noqa: E402
 
 from .conftest import meter_file  # noqa: E402
 

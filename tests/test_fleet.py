@@ -12,12 +12,12 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from quietwire.agent.alerts import AlertSink
-from quietwire.agent.config import load_config
-from quietwire.agent.features import SCHEMA_HASH
-from quietwire.agent.flowlog import FlowLog, FlowLogSettings
-from quietwire.agent.metrics import Metrics
-from quietwire.agent.model import ScoringModel
+from quietwire.agent.detect.model import ScoringModel
+from quietwire.agent.features.schema import SCHEMA_HASH
+from quietwire.agent.output.alerts import AlertSink
+from quietwire.agent.output.flowlog import FlowLog, FlowLogSettings
+from quietwire.agent.service.config import load_config
+from quietwire.agent.service.metrics import Metrics
 
 from .conftest import meter_file
 
@@ -58,7 +58,7 @@ def test_sensor_name_in_the_config_and_the_metrics(tmp_path):
 def test_schema_hash_is_the_same_in_every_process():
     """Two interpreters with different hash seeds (as two sensors would be) compute the same
     schema hash, and it is the one the bundled model was trained for."""
-    code = "from quietwire.agent.features import SCHEMA_HASH; print(SCHEMA_HASH)"
+    code = "from quietwire.agent.features.schema import SCHEMA_HASH; print(SCHEMA_HASH)"
     seen = {
         subprocess.run(
             [sys.executable, "-c", code],

@@ -1,4 +1,4 @@
-"""The flow log (agent/flowlog.py, agent/rotation.py): the bundled captures replayed through
+"""The flow log (agent/output/flowlog.py, agent/output/rotation.py): the bundled captures replayed through
 the Engine with a flow log; every record one EVE flow line whose identity, counts, features
 and score are the meter's and the model's (bit for bit); read back by the reader the trainer
 uses; rotation by size and age into gzip files under a retention cap; a full disk and an
@@ -16,24 +16,23 @@ import numpy as np
 import pytest
 
 from quietwire import DATA
-from quietwire.agent.alerts import AlertSink
-from quietwire.agent.capture import read_capture
-from quietwire.agent.config import DEFAULT_RULES, ConfigError, load_config
-from quietwire.agent.engine import Engine
-from quietwire.agent.features import FEATURE_NAMES, SCHEMA_HASH
-from quietwire.agent.flowfile import identity_columns
-from quietwire.agent.flowlog import (
+from quietwire.agent.capture.pcap import read_capture
+from quietwire.agent.detect.model import Scores, ScoringModel
+from quietwire.agent.detect.rules import load_rules
+from quietwire.agent.features.schema import FEATURE_NAMES, SCHEMA_HASH, MeteredFlows
+from quietwire.agent.flow.records import END_REASONS, FlowRecords
+from quietwire.agent.output.alerts import AlertSink
+from quietwire.agent.output.flowlog import (
     FlowLog,
     FlowLogSettings,
     FlowLogStats,
     flow_lines,
     read_flow_log,
 )
-from quietwire.agent.flowrecords import END_REASONS, FlowRecords
-from quietwire.agent.meter import MeteredFlows
-from quietwire.agent.metrics import Metrics
-from quietwire.agent.model import Scores, ScoringModel
-from quietwire.agent.rules import load_rules
+from quietwire.agent.output.tablefields import identity_columns
+from quietwire.agent.service.config import DEFAULT_RULES, ConfigError, load_config
+from quietwire.agent.service.engine import Engine
+from quietwire.agent.service.metrics import Metrics
 from quietwire.cli import main
 
 from .conftest import meter_file

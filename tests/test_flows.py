@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from scapy.all import IP, TCP, UDP, Ether, RandIP
 
-from quietwire.agent.capture import PAD, PacketBatch
-from quietwire.agent.decode import Decoder
-from quietwire.agent.flowfile import identity_columns
-from quietwire.agent.flowfold import _add_count
-from quietwire.agent.flowrecords import COUNT_MAX, END_REASONS, bytes_per_flow
-from quietwire.agent.flows import FlowConfig, FlowTable
+from quietwire.agent.capture.decode import Decoder
+from quietwire.agent.capture.pcap import PAD, PacketBatch
+from quietwire.agent.flow.fold import _add_count
+from quietwire.agent.flow.records import COUNT_MAX, END_REASONS, bytes_per_flow
+from quietwire.agent.flow.table import FlowConfig, FlowTable
+from quietwire.agent.output.tablefields import identity_columns
 
 from .conftest import meter_file, write_pcap
 from .ndpi_results import ndpi_flows
@@ -67,7 +67,7 @@ def test_tcp_session_statistics_by_hand(tmp_path):
         ident["dest_ip"][0],
         ident["dest_port"][0],
     ) == (C, 40000, S, 80)
-    from quietwire.agent.features import FEATURE_NAMES
+    from quietwire.agent.features.schema import FEATURE_NAMES
 
     f = dict(zip(FEATURE_NAMES, flows.features[0].tolist()))
     assert f["duration_s"] == pytest.approx(0.111, abs=1e-6)
@@ -87,7 +87,7 @@ def test_tcp_session_statistics_by_hand(tmp_path):
 def test_udp_flow_has_nan_tcp_features(tmp_path):
     pkts = [Ether() / IP(src=C, dst=S) / UDP(sport=5000, dport=53) / (b"q" * 20)]
     flows = meter_file(write_pcap(tmp_path / "u.pcap", pkts, [1.0]))
-    from quietwire.agent.features import FEATURE_NAMES, SCHEMA
+    from quietwire.agent.features.schema import FEATURE_NAMES, SCHEMA
 
     f = dict(zip(FEATURE_NAMES, flows.features[0].tolist()))
     assert np.isnan(f["src2dst_syn_packets"]) and np.isnan(f["src2dst_init_window"])
@@ -120,7 +120,7 @@ def test_interim_records_at_60_s_and_each_doubling_while_packets_come(tmp_path):
     """A long UDP flow, one packet per batch: interim records when it reaches 60, 120, 240
     and 480 s of age (each holding the packets so far; at 480 s the packet of 300 s is new
     since 240 s), and the final record with every packet."""
-    from quietwire.agent.features import FEATURE_NAMES
+    from quietwire.agent.features.schema import FEATURE_NAMES
 
     times = [0, 10, 50, 70, 100, 130, 250, 300, 700]
     pkts = [Ether() / IP(src=C, dst=S) / UDP(sport=5000, dport=514) / b"x" for _ in times[:-1]]
@@ -205,8 +205,8 @@ def test_syn_flood_memory_is_bounded(tmp_path):
     """Random sources, one SYN each: the table never holds more than max_flows (+ one batch)."""
     pkts = [tcp(str(RandIP()), S, 1234, 80, "S") for _ in range(3000)]
     path = write_pcap(tmp_path / "f.pcap", pkts, list(np.linspace(0, 3, 3000)))
-    from quietwire.agent.capture import read_capture
-    from quietwire.agent.meter import FlowMeter
+    from quietwire.agent.capture.pcap import read_capture
+    from quietwire.agent.features.meter import FlowMeter
 
     meter = FlowMeter(FlowConfig(max_flows=500), seed=1)
     peak = 0
@@ -250,7 +250,7 @@ def test_agrees_with_ndpi_flow_tables(ndpi):
     VXLAN) and we do not, IP fragments it does not count, packets after a TCP close."""
     total = agree = 0
     worst = []
-    from quietwire.agent.capture import CaptureError
+    from quietwire.agent.capture.pcap import CaptureError
 
     for result in sorted((ndpi / "result").glob("*.out")):
         expected = ndpi_flows(result)
@@ -306,8 +306,8 @@ def test_flow_counts_match_nfstream(ndpi):
 
 
 def test_table_snapshot_and_flush_are_consistent(tmp_path):
-    from quietwire.agent.capture import read_capture
-    from quietwire.agent.decode import Decoder
+    from quietwire.agent.capture.decode import Decoder
+    from quietwire.agent.capture.pcap import read_capture
 
     path = write_pcap(tmp_path / "s.pcap", session(), [0, 1, 2, 3, 4, 5, 6, 7])
     table = FlowTable(seed=5)
@@ -523,7 +523,7 @@ def test_packet_counts_in_32_bits_saturate():
 def test_one_packet_runs_fold_exactly_as_grouped_runs(monkeypatch, chunk):
     """fold_runs merges runs of one packet directly (flowfold._fold_single); folding them
     with the per-run reductions instead must give the same bits in every column."""
-    import quietwire.agent.flowfold as flowfold
+    import quietwire.agent.flow.fold as flowfold
 
     path = "quietwire/data/sample.pcap"
     direct = meter_file(path, chunk_bytes=chunk, keep_interim=True)

@@ -1,4 +1,4 @@
-"""The generator (trainer/generator.py) and the fidelity report (trainer/fidelity.py): the
+"""The generator (trainer/synthesis/generator.py) and the fidelity report (trainer/synthesis/fidelity.py): the
 schema's rules hold on real flows and on generated ones, the two-sample test can tell garbage
 from flows and cannot tell two halves of one set apart, the written flow table carries only
 documentation addresses, and `quietwire train --augment N` adds N flows."""
@@ -16,18 +16,18 @@ from onnx import numpy_helper
 
 pytest.importorskip("torch")
 
-from quietwire.agent.features import FEATURE_NAMES  # noqa: E402
-from quietwire.agent.flowfile import read_flow_table  # noqa: E402
+from quietwire.agent.features.schema import FEATURE_NAMES  # noqa: E402
+from quietwire.agent.output.flowtable import read_flow_table  # noqa: E402
 from quietwire.cli import main  # noqa: E402
 from quietwire.trainer.data import load_labels  # noqa: E402
-from quietwire.trainer.evaluate import _features  # noqa: E402
-from quietwire.trainer.fidelity import (  # noqa: E402
+from quietwire.trainer.evaluation.evaluate import _features  # noqa: E402
+from quietwire.trainer.synthesis.fidelity import (  # noqa: E402
     classifier_auc,
     compare,
     constraint_violations,
     violation_share,
 )
-from quietwire.trainer.generator import (  # noqa: E402
+from quietwire.trainer.synthesis.generator import (  # noqa: E402
     Encoding,
     FlowGenerator,
     GeneratorConfig,
@@ -37,7 +37,7 @@ from quietwire.trainer.generator import (  # noqa: E402
     generator_path,
     write_flow_table,
 )
-from quietwire.trainer.trafficgen import flow_kinds, generate, read_labels  # noqa: E402
+from quietwire.trainer.traffic.trafficgen import flow_kinds, generate, read_labels  # noqa: E402
 
 J = {name: j for j, name in enumerate(FEATURE_NAMES)}
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from scapy.all import IP, TCP, UDP, Ether
 
-from quietwire.agent.alerts import AlertSink, BudgetSettings, LineBudget
-from quietwire.agent.engine import Engine
-from quietwire.agent.incidents import IncidentSettings
-from quietwire.agent.model import ScoringModel
-from quietwire.agent.rules import load_rules
+from quietwire.agent.detect.incidents import IncidentSettings
+from quietwire.agent.detect.model import ScoringModel
+from quietwire.agent.detect.rules import load_rules
+from quietwire.agent.output.alerts import AlertSink, BudgetSettings, LineBudget
+from quietwire.agent.service.engine import Engine
 from quietwire.cli import main
 
 from .conftest import write_pcap
@@ -69,7 +69,7 @@ def engine_for(tmp_path, rules_text, incidents=None, budget=None, clock=None):
 
 
 def replay_into(engine, sink, pcap):
-    from quietwire.agent.capture import read_capture
+    from quietwire.agent.capture.pcap import read_capture
 
     for batch in read_capture(pcap, chunk_bytes=4096):  # many small batches
         engine.process(batch)
@@ -108,7 +108,7 @@ def test_evidence_past_max_open_is_counted_when_dropped(tmp_path):
         p.time = 1.0 + 0.001 * i
     wrpcap(str(second), pkts)
     engine, sink, out = engine_for(tmp_path, ANY_FLOW, IncidentSettings(max_open=1))
-    from quietwire.agent.capture import read_capture
+    from quietwire.agent.capture.pcap import read_capture
 
     for path in (first, second):  # one time line: both floods' flows end in the flush
         for batch in read_capture(path):
@@ -135,7 +135,7 @@ def test_updates_at_most_once_per_interval_and_close_after_quiet(tmp_path):
     pcap = slow_scan(tmp_path)
     settings = IncidentSettings(update_interval_s=60, quiet_s=120)
     engine, sink, out = engine_for(tmp_path, ANY_FLOW, settings)
-    from quietwire.agent.capture import read_capture
+    from quietwire.agent.capture.pcap import read_capture
 
     # Flows end after 120 s idle; expire as a live sensor would, once per traffic second.
     for batch in read_capture(pcap, chunk_bytes=256):
@@ -253,10 +253,10 @@ def test_one_source_udp_or_syn_flood(tmp_path, proto):
 def test_every_generated_attack_is_named(tmp_path):
     """trafficgen's capture (benign office traffic and eleven attacks) through `replay` with
     the default rules: each attack type has an incident with its cause, on the right host."""
-    from quietwire.agent.capture import read_capture
-    from quietwire.agent.flowfile import format_ips
-    from quietwire.agent.meter import FlowMeter
-    from quietwire.trainer.trafficgen import (
+    from quietwire.agent.capture.pcap import read_capture
+    from quietwire.agent.features.meter import FlowMeter
+    from quietwire.agent.flow.identity import format_ips
+    from quietwire.trainer.traffic.trafficgen import (
         ATTACKS,
         EXPECTED_CAUSE,
         flow_kinds,

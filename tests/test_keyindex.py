@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from quietwire.agent.keyindex import KeyIndex
+from quietwire.agent.flow.keyindex import KeyIndex
 
 
 def test_agrees_with_a_dict_through_inserts_removals_and_rebuilds():

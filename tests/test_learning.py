@@ -1,4 +1,4 @@
-"""The learning period (agent/learning.py): the config key, the state machine driven by a fake
+"""The learning period (agent/site/learning.py): the config key, the state machine driven by a fake
 clock (the traffic time of replayed captures), a restart that resumes the period, too few
 flows, a failed calibration, the state file; and `quietwire run` on a veth pair learning for a
 few seconds, then switching its thresholds without a restart, its flow log training a model."""
@@ -18,15 +18,18 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from quietwire import DATA
-from quietwire.agent.alerts import AlertSink
-from quietwire.agent.calibrate import calibrate
-from quietwire.agent.capture import read_capture
-from quietwire.agent.config import ConfigError, load_config
-from quietwire.agent.engine import Engine
-from quietwire.agent.features import FEATURE_NAMES
-from quietwire.agent.flowlog import FlowLog, FlowLogSettings
-from quietwire.agent.flows import FlowConfig
-from quietwire.agent.learning import (
+from quietwire.agent.capture.pcap import read_capture
+from quietwire.agent.detect.model import DEFAULT_MODEL, ScoringModel
+from quietwire.agent.detect.rules import load_rules
+from quietwire.agent.features.schema import FEATURE_NAMES
+from quietwire.agent.flow.table import FlowConfig
+from quietwire.agent.output.alerts import AlertSink
+from quietwire.agent.output.flowlog import FlowLog, FlowLogSettings
+from quietwire.agent.service.config import ConfigError, load_config
+from quietwire.agent.service.engine import Engine
+from quietwire.agent.service.metrics import Metrics
+from quietwire.agent.site.calibrate import calibrate
+from quietwire.agent.site.learning import (
     Learner,
     LearnSettings,
     format_duration,
@@ -34,10 +37,7 @@ from quietwire.agent.learning import (
     parse_duration,
     state_path,
 )
-from quietwire.agent.metrics import Metrics
-from quietwire.agent.model import DEFAULT_MODEL, ScoringModel
-from quietwire.agent.rules import load_rules
-from quietwire.agent.siteflows import period_records
+from quietwire.agent.site.sources import period_records
 from quietwire.cli import main
 
 from .test_daemon import PY, netns, start_daemon, total  # noqa: F401 - netns: the fixture

@@ -16,7 +16,12 @@ import urllib.request
 
 import pytest
 
-from quietwire.agent.metrics import Metrics, MetricsServer, MetricsServerError, ServerSettings
+from quietwire.agent.service.metrics import (
+    Metrics,
+    MetricsServer,
+    MetricsServerError,
+    ServerSettings,
+)
 from quietwire.cli import main
 
 from .conftest import free_port
@@ -189,7 +194,7 @@ def test_bulk_histogram_matches_prometheus_client():
     from prometheus_client import CollectorRegistry, Histogram
     from prometheus_client.exposition import generate_latest
 
-    from quietwire.agent.metrics import SCORE_BUCKETS, BulkHistogram
+    from quietwire.agent.service.metrics import SCORE_BUCKETS, BulkHistogram
 
     values = np.r_[np.random.default_rng(0).gamma(2.0, 20.0, 5000), 1.0, 300.0, -2.0, 1e9]
     one, bulk = CollectorRegistry(), CollectorRegistry()

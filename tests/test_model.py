@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scapy.all import IP, TCP, Ether
 
-import quietwire.agent.model as model_module
-from quietwire.agent.model import ScoringModel, round_mantissa
+import quietwire.agent.detect.model as model_module
+from quietwire.agent.detect.model import ScoringModel, round_mantissa
 
 from .conftest import meter_file, write_pcap
 
@@ -70,7 +70,7 @@ def test_bulk_scores_a_flood_by_its_distinct_shapes(tmp_path):
 def test_mixed_scoring_is_bulk_where_asked_and_exact_elsewhere(tmp_path):
     """The rest of a flood after emergency mode ended: its flows scored as in bulk, the
     others exactly, each row where it was."""
-    from quietwire.agent.model import ScoringModel
+    from quietwire.agent.detect.model import ScoringModel
 
     x = flood_features(tmp_path)[:500]
     model = ScoringModel()
@@ -89,7 +89,7 @@ def test_a_model_of_the_previous_schema_is_refused_with_how_to_retrain(tmp_path)
     command that makes a matching one."""
     import onnx
 
-    from quietwire.agent.model import DEFAULT_MODEL, ModelError, ScoringModel
+    from quietwire.agent.detect.model import DEFAULT_MODEL, ModelError, ScoringModel
 
     model = onnx.load(str(DEFAULT_MODEL))
     for prop in model.metadata_props:
@@ -109,7 +109,7 @@ def test_a_model_of_the_previous_schema_is_refused_with_how_to_retrain(tmp_path)
 def test_features_that_do_not_apply_are_never_named(tmp_path):
     """A SYN probe has no payload (its payload statistics are NaN): none of them is among
     the features that explain its score, though the model's error touches their inputs."""
-    from quietwire.agent.features import FEATURE_NAMES
+    from quietwire.agent.features.schema import FEATURE_NAMES
 
     pkts = [
         Ether() / IP(src="10.0.0.1", dst="10.0.0.2") / TCP(sport=40000 + i, dport=i + 1, flags="S")

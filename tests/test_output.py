@@ -1,5 +1,5 @@
-"""Flow table output (agent/tableformat.py, agent/flowfile.py, agent/flowparquet.py) and
-many files on many cores (agent/filepool.py): the vectorised text against Python's own
+"""Flow table output (agent/output/columntext.py, agent/output/flowtable.py, agent/output/parquet.py) and
+many files on many cores (agent/parallel/filepool.py): the vectorised text against Python's own
 formatting of the same flows, Parquet round trips, --workers against one process."""
 
 from __future__ import annotations
@@ -13,19 +13,14 @@ import sys
 import numpy as np
 import pytest
 
-from quietwire.agent.capture import read_capture
-from quietwire.agent.features import FEATURE_NAMES, SCHEMA_HASH, SCHEMA_VERSION
-from quietwire.agent.flowfile import (
-    ID_FIELDS,
-    FlowFileError,
-    FlowWriter,
-    identity_columns,
-    read_stored_flows,
-)
-from quietwire.agent.flowrecords import FlowRecords
-from quietwire.agent.meter import FlowMeter, MeteredFlows
-from quietwire.agent.model import DEFAULT_MODEL, ScoringModel
-from quietwire.agent.tableformat import assemble, g9, integers, replace
+from quietwire.agent.capture.pcap import read_capture
+from quietwire.agent.detect.model import DEFAULT_MODEL, ScoringModel
+from quietwire.agent.features.meter import FlowMeter
+from quietwire.agent.features.schema import FEATURE_NAMES, SCHEMA_HASH, SCHEMA_VERSION, MeteredFlows
+from quietwire.agent.flow.records import FlowRecords
+from quietwire.agent.output.columntext import assemble, g9, integers, replace
+from quietwire.agent.output.flowtable import FlowWriter, read_stored_flows
+from quietwire.agent.output.tablefields import ID_FIELDS, FlowFileError, identity_columns
 from quietwire.cli import DEFAULT_CAPTURE, main
 
 from .conftest import meter_file
@@ -263,7 +258,7 @@ def test_missing_pyarrow_is_one_line(tmp_path, monkeypatch, capsys):
 
 def test_train_and_calibrate_read_parquet(tmp_path):
     _pq()
-    from quietwire.agent.siteflows import read_site_flows
+    from quietwire.agent.site.sources import read_site_flows
     from quietwire.trainer.data import load_benign
 
     table = tmp_path / "benign.parquet"

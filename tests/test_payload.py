@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from scapy.all import IP, TCP, UDP, Ether
 
-from quietwire.agent.features import FEATURE_NAMES
-from quietwire.agent.flowfile import identity_columns
-from quietwire.agent.payload import DIRECTION_STATS, HTTP_STATS, PAYLOAD_WINDOW
+from quietwire.agent.features.schema import FEATURE_NAMES
+from quietwire.agent.flow.payload import DIRECTION_STATS, HTTP_STATS, PAYLOAD_WINDOW
+from quietwire.agent.output.tablefields import identity_columns
 from quietwire.cli import main
 
 from .conftest import meter_file, write_pcap
@@ -100,7 +100,7 @@ def test_binary_payloads_entropy_and_classes(tmp_path):
 def test_path_traversal_counts_decoded_dots():
     """ ".." in a URI, sent plainly or %-encoded (one dot, both, mixed case), counted once per
     pair; a dot in a name is not one; the headers do not count."""
-    from quietwire.agent.payload import http_stats
+    from quietwire.agent.flow.payload import http_stats
 
     requests = [
         b"GET /a/../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n",
@@ -224,7 +224,7 @@ def test_no_payload_byte_reaches_any_output(tmp_path):
 def test_window_statistics_match_a_per_window_reference():
     """direction_stats on many random windows (binary, text, all-printable, none, mixed, with
     %XX escapes, empty) against plain Python over each window's bytes."""
-    from quietwire.agent.payload import CLASS_OF, CLASSES, PRINTABLE, direction_stats
+    from quietwire.agent.flow.payload import CLASS_OF, CLASSES, PRINTABLE, direction_stats
 
     rng = np.random.default_rng(11)
     alphabets = [
@@ -260,7 +260,7 @@ def test_window_statistics_match_a_per_window_reference():
 
 def test_byte_classes_are_printable_or_not_as_a_whole():
     """_direction_stats counts printable bytes by class (PRINTABLE_CLASSES)."""
-    from quietwire.agent.payload import CLASS_OF, PRINTABLE, PRINTABLE_CLASSES
+    from quietwire.agent.flow.payload import CLASS_OF, PRINTABLE, PRINTABLE_CLASSES
 
     assert np.array_equal(np.isin(CLASS_OF, PRINTABLE_CLASSES), PRINTABLE)
 
@@ -268,7 +268,7 @@ def test_byte_classes_are_printable_or_not_as_a_whole():
 def test_windows_are_the_bytes_at_each_offset_up_to_the_buffers_end():
     """window() against indexing the buffer byte by byte, its last byte repeated past its end:
     windows inside, ending at and running past the end, and a buffer shorter than a window."""
-    from quietwire.agent.payload import window
+    from quietwire.agent.flow.payload import window
 
     rng = np.random.default_rng(2)
     for size in (3000, 200, 7):

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from scapy.all import IP, TCP, Ether
 
-from quietwire.agent.config import DEFAULT_RULES
-from quietwire.agent.model import ScoringModel
-from quietwire.agent.rules import RuleEngine, RuleError, load_rules
+from quietwire.agent.detect.model import ScoringModel
+from quietwire.agent.detect.rules import RuleEngine, RuleError, load_rules
+from quietwire.agent.service.config import DEFAULT_RULES
 from quietwire.cli import main
 
 from .conftest import meter_file, write_pcap

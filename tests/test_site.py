@@ -16,7 +16,7 @@ from onnx import numpy_helper
 pytest.importorskip("torch", reason="the trainer extra (torch) is not installed")
 
 from quietwire import DATA  # noqa: E402
-from quietwire.agent.model import DEFAULT_MODEL, ScoringModel  # noqa: E402
+from quietwire.agent.detect.model import DEFAULT_MODEL, ScoringModel  # noqa: E402
 from quietwire.cli import main  # noqa: E402
 
 from .conftest import REPO  # noqa: E402
@@ -131,7 +131,7 @@ def test_site_figures(bench_site, tmp_path, capsys):
     train and train --init; every model on the second half. The bundled model's figures agree
     with the scores replay wrote into the flow log; the models learnt from the site's flow log
     find more of the attacks than the bundled model at their own FPR-1e-2 thresholds."""
-    from quietwire.trainer.trafficgen import read_labels
+    from quietwire.trainer.traffic.trafficgen import read_labels
 
     r = bench_site.site_figures(
         # dte_clean needs more steps than dte did: at 200, a model trained from scratch on

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from scapy.all import DNS
 
-from quietwire.trainer import trafficgen
-from quietwire.trainer.trafficgen import WEB_ATTACKS, generate, read_labels
+from quietwire.trainer.traffic import trafficgen
+from quietwire.trainer.traffic.trafficgen import WEB_ATTACKS, generate, read_labels
 
 
 def read_sessions(pcap, labels) -> dict[tuple, dict]:

@@ -8,13 +8,13 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the trainer extra (torch) is not installed")
 
-from quietwire.agent.features import FEATURE_NAMES, SCHEMA, SCHEMA_HASH  # noqa: E402
-from quietwire.agent.model import ModelError, ScoringModel  # noqa: E402
+from quietwire.agent.detect.model import ModelError, ScoringModel  # noqa: E402
+from quietwire.agent.features.schema import FEATURE_NAMES, SCHEMA, SCHEMA_HASH  # noqa: E402
 from quietwire.trainer.data import load_benign, load_labels  # noqa: E402
-from quietwire.trainer.detector import DiffusionDetector, TrainConfig, TrainingError  # noqa: E402
-from quietwire.trainer.export import export, load_detector  # noqa: E402
-from quietwire.trainer.fidelity import auroc, ks_statistic  # noqa: E402
-from quietwire.trainer.preprocess import Preprocessor  # noqa: E402
+from quietwire.trainer.model.detector import DiffusionDetector, TrainConfig, TrainingError  # noqa: E402
+from quietwire.trainer.model.export import export, load_detector  # noqa: E402
+from quietwire.trainer.model.preprocess import Preprocessor  # noqa: E402
+from quietwire.trainer.synthesis.fidelity import auroc, ks_statistic  # noqa: E402
 
 from .conftest import meter_file  # noqa: E402
 

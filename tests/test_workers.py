@@ -1,4 +1,4 @@
-"""Capture workers (agent/workers.py, workerpool.py, central.py): the report transport, the
+"""Capture workers (agent/parallel/workers.py, workerpool.py, central.py): the report transport, the
 central stage's merge against one meter on real captures, capture.workers in the config, and
 `quietwire run` with 2 workers on a veth pair against `quietwire replay` of the same capture
 (SIGTERM drains every worker, SIGHUP leaves them running, a killed worker is started again)."""
@@ -16,15 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from quietwire.agent.capture import read_capture
-from quietwire.agent.central import WorkerReport
-from quietwire.agent.config import ConfigError, default_workers, load_config
-from quietwire.agent.context import CONTEXT_FEATURES
-from quietwire.agent.features import FEATURE_NAMES, SCHEMA
-from quietwire.agent.flowrecords import END_REASONS, FlowRecords
-from quietwire.agent.meter import FlowMeter
-from quietwire.agent.workerpool import WorkerPool
-from quietwire.agent.workers import WorkerTable, recv_report, send_report
+from quietwire.agent.capture.pcap import read_capture
+from quietwire.agent.features.context import CONTEXT_FEATURES
+from quietwire.agent.features.meter import FlowMeter
+from quietwire.agent.features.schema import FEATURE_NAMES, SCHEMA
+from quietwire.agent.flow.records import END_REASONS, FlowRecords
+from quietwire.agent.parallel.central import WorkerReport
+from quietwire.agent.parallel.workerpool import WorkerPool
+from quietwire.agent.parallel.workers import WorkerTable, recv_report, send_report
+from quietwire.agent.service.config import ConfigError, default_workers, load_config
 from quietwire.cli import main
 
 from .test_daemon import netns, send_at_top_speed, start_daemon  # noqa: F401  (the fixture)
@@ -129,8 +129,8 @@ def test_one_merge_across_a_clock_jump(ndpi):
     """Everything a worker reported merged at once (its watermark held back to the end):
     1kxun.pcap's flows from 2016 and 2022 get their features in one call, as one meter gives
     them batch by batch (the host windows pack times in 40 bits: about 12.7 days)."""
-    from quietwire.agent.central import CentralMeter
-    from quietwire.agent.flowrecords import NEVER
+    from quietwire.agent.flow.records import NEVER
+    from quietwire.agent.parallel.central import CentralMeter
 
     path = ndpi / "pcap" / "1kxun.pcap"
     table, central = WorkerTable(), CentralMeter()
@@ -154,7 +154,7 @@ def test_one_merge_across_a_clock_jump(ndpi):
 def _held(report: WorkerReport) -> WorkerReport:
     from dataclasses import replace
 
-    from quietwire.agent.flowrecords import NEVER
+    from quietwire.agent.flow.records import NEVER
 
     return replace(report, watermark_ns=-NEVER + 1, prune_ns=-NEVER + 1)
 

@@ -1,5 +1,5 @@
 """Training data: benign captures through the agent's own extractor (train/serve parity),
-flow tables that `quietwire flows` wrote, and flow logs the agent wrote (agent/flowlog.py:
+flow tables that `quietwire flows` wrote, and flow logs the agent wrote (agent/output/flowlog.py:
 live, rotated and gzipped files, read by the agent's own reader).
 
 However much comes in, memory is bounded: the flows go through a seeded, host-balanced
@@ -18,13 +18,14 @@ import numpy as np
 import yaml
 
 from quietwire import DATA
-from quietwire.agent.capture import CaptureError, read_capture
-from quietwire.agent.features import FEATURE_NAMES
-from quietwire.agent.flowfile import FlowFileError, format_ips, read_stored_flows
-from quietwire.agent.flowlog import FlowLogStats, is_flow_log, read_flow_log
-from quietwire.agent.meter import FlowMeter
-
-from .detector import TrainingError
+from quietwire.agent.capture.pcap import CaptureError, read_capture
+from quietwire.agent.features.meter import FlowMeter
+from quietwire.agent.features.schema import FEATURE_NAMES
+from quietwire.agent.flow.identity import format_ips
+from quietwire.agent.output.flowlog import FlowLogStats, is_flow_log, read_flow_log
+from quietwire.agent.output.flowtable import read_stored_flows
+from quietwire.agent.output.tablefields import FlowFileError
+from quietwire.trainer.model.detector import TrainingError
 
 LABELS = DATA / "ndpi_labels.yaml"
 CAPTURE_SUFFIXES = {".pcap", ".pcapng", ".cap"}

@@ -10,7 +10,7 @@ import os
 import sys
 
 from quietwire import __version__
-from quietwire.agent.flowfile import FlowFileError
+from quietwire.agent.output.tablefields import FlowFileError
 
 from .common import DEFAULT_CAPTURE, error
 

@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING
 from .common import error
 
 if TYPE_CHECKING:
-    from quietwire.agent.calibrate import CalibrationReport
+    from quietwire.agent.site.calibrate import CalibrationReport
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     # Imported here: onnx (to edit the model file) is needed by this command only.
-    from quietwire.agent.calibrate import CalibrationError, TooFewFlowsError, calibrate
-    from quietwire.agent.model import ModelError
-    from quietwire.agent.siteflows import SiteFlowsError, read_site_flows
+    from quietwire.agent.detect.model import ModelError
+    from quietwire.agent.site.calibrate import CalibrationError, TooFewFlowsError, calibrate
+    from quietwire.agent.site.sources import SiteFlowsError, read_site_flows
 
     try:
         site = read_site_flows(list(args.inputs))

@@ -13,7 +13,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 2
     import json
 
-    from quietwire.trainer import evaluate as ev
+    from quietwire.trainer.evaluation import evaluate as ev
 
     if args.seeds < 1:
         error(f"--seeds {args.seeds}: need at least 1")
@@ -117,14 +117,19 @@ def register(sub) -> None:
 def _incidents(name: str, det, out: Path, args: argparse.Namespace) -> dict:
     """Incident-level results: the set's captures replayed by the agent with the first
     seed's diffusion model (exported to ONNX) and the default rules."""
-    from quietwire.trainer import evaluate as ev
-    from quietwire.trainer.export import export
-    from quietwire.trainer.incident_eval import (
+    from quietwire.trainer.evaluation import evaluate as ev
+    from quietwire.trainer.evaluation.incidents import (
         REAL_EXPECTED_CAUSE,
         evaluate_incidents,
         every_flow,
     )
-    from quietwire.trainer.trafficgen import EXPECTED_CAUSE, flow_kinds, generate, read_labels
+    from quietwire.trainer.model.export import export
+    from quietwire.trainer.traffic.trafficgen import (
+        EXPECTED_CAUSE,
+        flow_kinds,
+        generate,
+        read_labels,
+    )
 
     model = export(det, out / f"{name}.onnx")
     if name == "generated":

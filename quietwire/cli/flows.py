@@ -9,14 +9,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from quietwire.agent.capture import CaptureError, read_capture
-from quietwire.agent.context import ContextConfig
-from quietwire.agent.features import SCHEMA, SCHEMA_HASH, SCHEMA_NAME, SCHEMA_VERSION
-from quietwire.agent.filepool import default_workers, ordered_map
-from quietwire.agent.flowfile import FORMATS, FlowWriter
-from quietwire.agent.flows import FlowConfig
-from quietwire.agent.meter import FlowMeter
-from quietwire.agent.model import DEFAULT_MODEL, ModelError, ScoringModel
+from quietwire.agent.capture.pcap import CaptureError, read_capture
+from quietwire.agent.detect.model import DEFAULT_MODEL, ModelError, ScoringModel
+from quietwire.agent.features.context import ContextConfig
+from quietwire.agent.features.meter import FlowMeter
+from quietwire.agent.features.schema import SCHEMA, SCHEMA_HASH, SCHEMA_NAME, SCHEMA_VERSION
+from quietwire.agent.flow.table import FlowConfig
+from quietwire.agent.output.flowtable import FlowWriter
+from quietwire.agent.output.tablefields import FORMATS
+from quietwire.agent.parallel.filepool import default_workers, ordered_map
 
 from .common import DEFAULT_CAPTURE, Progress, error
 

@@ -6,14 +6,14 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
-from quietwire.agent.alerts import BudgetSettings
-from quietwire.agent.config import DEFAULT_RULES
-from quietwire.agent.flowlog import FlowLogSettings
-from quietwire.agent.flows import FlowConfig
-from quietwire.agent.incidents import IncidentSettings
-from quietwire.agent.metrics import MetricsServerError, ServerSettings
-from quietwire.agent.model import DEFAULT_MODEL, ModelError, ScoringModel
-from quietwire.agent.rules import RuleError, load_rules
+from quietwire.agent.detect.incidents import IncidentSettings
+from quietwire.agent.detect.model import DEFAULT_MODEL, ModelError, ScoringModel
+from quietwire.agent.detect.rules import RuleError, load_rules
+from quietwire.agent.flow.table import FlowConfig
+from quietwire.agent.output.alerts import BudgetSettings
+from quietwire.agent.output.flowlog import FlowLogSettings
+from quietwire.agent.service.config import DEFAULT_RULES
+from quietwire.agent.service.metrics import MetricsServerError, ServerSettings
 
 from .common import DEFAULT_CAPTURE, error
 
@@ -24,7 +24,7 @@ def _listen(text: str) -> ServerSettings:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from quietwire.agent.daemon import ReplayOptions, replay
+    from quietwire.agent.service.daemon import ReplayOptions, replay
 
     try:
         flow_config = FlowConfig(
@@ -71,9 +71,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from quietwire.agent.config import ConfigError, load_config
-    from quietwire.agent.daemon import run
-    from quietwire.agent.livecapture import CaptureSetupError
+    from quietwire.agent.capture.live import CaptureSetupError
+    from quietwire.agent.service.config import ConfigError, load_config
+    from quietwire.agent.service.daemon import run
 
     try:
         settings = load_config(args.config)
@@ -91,8 +91,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from quietwire.agent.config import ConfigError, load_config
-    from quietwire.agent.learning import format_duration
+    from quietwire.agent.service.config import ConfigError, load_config
+    from quietwire.agent.site.learning import format_duration
 
     try:
         settings = load_config(args.config)

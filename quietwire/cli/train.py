@@ -8,7 +8,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from quietwire.agent.features import FEATURE_NAMES
+from quietwire.agent.features.schema import FEATURE_NAMES
 
 from .common import Reading, Steps, error, trainer_or_error
 
@@ -17,8 +17,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if trainer_or_error() is None:
         return 2
     from quietwire.trainer.data import load_benign, load_labels
-    from quietwire.trainer.detector import DiffusionDetector, TrainConfig, TrainingError
-    from quietwire.trainer.export import export
+    from quietwire.trainer.model.detector import DiffusionDetector, TrainConfig, TrainingError
+    from quietwire.trainer.model.export import export
 
     init = None
     if args.init:
@@ -111,8 +111,8 @@ def _init_model(path: Path, score: str | None):
     line (a model of another schema is refused as the agent refuses it)."""
     from datetime import UTC, datetime
 
-    from quietwire.agent.model import ModelError, ScoringModel
-    from quietwire.trainer.export import load_detector
+    from quietwire.agent.detect.model import ModelError, ScoringModel
+    from quietwire.trainer.model.export import load_detector
 
     try:
         model = ScoringModel(path)
@@ -147,7 +147,7 @@ def _generator(args: argparse.Namespace, benign, detector_steps: int):
     benign ones plus --augment synthetic ones)."""
     import numpy as np
 
-    from quietwire.trainer.generator import FlowGenerator, GeneratorConfig, GeneratorError
+    from quietwire.trainer.synthesis.generator import FlowGenerator, GeneratorConfig, GeneratorError
 
     steps = 5 * detector_steps if args.generator_steps is None else args.generator_steps
     if args.augment < 0 or steps < 0:
@@ -170,7 +170,7 @@ def _generator(args: argparse.Namespace, benign, detector_steps: int):
 
 
 def _write_generator(gen, model: Path) -> None:
-    from quietwire.trainer.generator import generator_path
+    from quietwire.trainer.synthesis.generator import generator_path
 
     if gen is not None:
         path = gen.export(generator_path(model))
@@ -186,11 +186,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
         return 2
     import numpy as np
 
-    from quietwire.agent.flowfile import FlowFileError
+    from quietwire.agent.output.tablefields import FlowFileError
     from quietwire.trainer.data import load_benign
-    from quietwire.trainer.detector import TrainingError
-    from quietwire.trainer.fidelity import compare, utility
-    from quietwire.trainer.generator import (
+    from quietwire.trainer.model.detector import TrainingError
+    from quietwire.trainer.synthesis.fidelity import compare, utility
+    from quietwire.trainer.synthesis.generator import (
         FlowGenerator,
         GeneratorError,
         generator_path,

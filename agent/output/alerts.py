@@ -1,0 +1,248 @@
+"""Alert lines as EVE-style JSON (the shape SIEMs already ingest from Suricata): one per
+incident open/update/close, or (an option) per flow and rule; the line budget that caps them;
+the sink that writes them to a file, stdout, or both. The file is reopened on request (SIGHUP)
+so logrotate can move it."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+
+from quietwire.agent.detect.incidents import Incident
+from quietwire.agent.detect.model import Scores
+from quietwire.agent.detect.rules import Rule
+from quietwire.agent.features.schema import FEATURE_NAMES
+from quietwire.agent.flow.identity import iso_times
+from quietwire.agent.flow.records import FlowRecords
+from quietwire.agent.output.tablefields import identity_columns
+
+
+def eve_alerts(
+    flows: FlowRecords,
+    scores: Scores,
+    hits: list[tuple[int, Rule, int]],
+    model_version: str,
+    interface: str | None = None,
+) -> list[dict]:
+    """One EVE alert record per (flow index, rule, suppressed repeats)."""
+    if not hits:
+        return []
+    idx = sorted({i for i, _, _ in hits})
+    sub = flows.take(idx)
+    ident = identity_columns(sub)
+    row_of = {flow: row for row, flow in enumerate(idx)}
+    top = Scores(
+        scores.score[idx], scores.tail_probability[idx], scores.contributions[idx]
+    ).top_features(5)
+    out = []
+    for i, rule, repeats in hits:
+        r = row_of[i]
+        record = {
+            "timestamp": ident["end"][r],
+            "flow_id": ident["flow_id"][r],
+            "community_id": ident["community_id"][r],
+            "event_type": "alert",
+            "src_ip": ident["src_ip"][r],
+            "src_port": ident["src_port"][r],
+            "dest_ip": ident["dest_ip"][r],
+            "dest_port": ident["dest_port"][r],
+            "proto": ident["proto"][r],
+            "alert": {
+                "action": "allowed",
+                "signature_id": rule.id,
+                "signature": rule.name,
+                "severity": rule.severity,
+                "category": rule.category,
+            },
+            "flow": {
+                "pkts_toserver": ident["pkts_toserver"][r],
+                "pkts_toclient": ident["pkts_toclient"][r],
+                "bytes_toserver": ident["bytes_toserver"][r],
+                "bytes_toclient": ident["bytes_toclient"][r],
+                "start": ident["start"][r],
+                "end": ident["end"][r],
+                "reason": ident["end_reason"][r],
+            },
+            "quietwire": {
+                "score": round(float(scores.score[i]), 6),
+                "tail_probability": float(scores.tail_probability[i]),
+                "model_version": model_version,
+                "top_features": [{"name": n, "contribution": round(v, 4)} for n, v in top[r]],
+                "suppressed_count": repeats,
+            },
+        }
+        if interface:
+            record["in_iface"] = interface
+        out.append(record)
+    return out
+
+
+@dataclass(frozen=True)
+class BudgetSettings:
+    """The global cap on alert lines (config key ``alert_budget``): a token bucket."""
+
+    lines_per_s: float = 50.0
+    burst: int = 200
+
+    def __post_init__(self) -> None:
+        if not self.lines_per_s > 0 or self.burst < 1:
+            raise ValueError("alert_budget: lines_per_s must be > 0 and burst >= 1")
+
+
+class LineBudget:
+    """A token bucket on alert lines, in wall-clock time (it protects the SIEM). Lines it
+    holds back are counted by cause, and the next line that gets through says how many."""
+
+    def __init__(self, settings: BudgetSettings | None = None, clock=time.monotonic) -> None:
+        self.settings = settings or BudgetSettings()
+        self._clock = clock
+        self._tokens = float(self.settings.burst)
+        self._at = clock()
+        self._pending: Counter = Counter()  # held back since the last line written
+        self.held: Counter = Counter()  # held back in all, by cause
+
+    def grant(self, causes: list[str]) -> int:
+        """How many of these lines (in order) may be written now; the rest are held back."""
+        now = self._clock()
+        s = self.settings
+        self._tokens = min(float(s.burst), self._tokens + (now - self._at) * s.lines_per_s)
+        self._at = now
+        k = min(len(causes), int(self._tokens))
+        self._tokens -= k
+        if k < len(causes):
+            rest = Counter(causes[k:])
+            self._pending.update(rest)
+            self.held.update(rest)
+        return k
+
+    def note(self, record: dict) -> None:
+        """Tell a line that is about to be written what was held back before it."""
+        if self._pending:
+            record["quietwire"]["held_back"] = {
+                "lines": sum(self._pending.values()),
+                "by_cause": dict(sorted(self._pending.items())),
+            }
+            self._pending.clear()
+
+
+def _distinct(seen: set, sample: list, cap: int) -> dict:
+    out = {"distinct": len(seen), "sample": list(sample)}
+    if len(seen) >= cap:
+        out["distinct_at_least"] = True  # counting stopped at the cap
+    return out
+
+
+def eve_incident(inc: Incident, state: str, model_version: str, cap: int) -> dict:
+    """One EVE alert line for an incident's open, update or close; marks the line written."""
+    inc.lines += 1
+    first, last, now = iso_times(
+        np.array([inc.first_ns, inc.last_ns, inc.line_ns or inc.last_ns], dtype=np.int64)
+    )
+    top = []
+    if inc.contributions is not None:
+        mean = inc.contributions / max(inc.flows, 1)
+        for k in np.argsort(-mean)[:5].tolist():
+            top.append({"name": FEATURE_NAMES[k], "contribution": round(float(mean[k]), 4)})
+    record: dict = {"timestamp": now, "event_type": "alert"}
+    if inc.role == "source":
+        record["src_ip"] = inc.ip
+    else:
+        record["dest_ip"] = inc.ip
+        if inc.port is not None:
+            record["dest_port"] = inc.port
+            record["proto"] = inc.proto
+    record["alert"] = {
+        "action": "allowed",
+        "signature_id": inc.rule.id,
+        "signature": inc.rule.name,
+        "severity": inc.rule.severity,
+        "category": inc.rule.category,
+    }
+    record["quietwire"] = {
+        "model_version": model_version,
+        "incident": {
+            "id": inc.id,
+            "state": state,
+            "cause": inc.cause,
+            "entity": {
+                "ip": inc.ip,
+                "role": inc.role,
+                **({"proto": inc.proto, "port": inc.port} if inc.port is not None else {}),
+            },
+            "first_seen": first,
+            "last_seen": last,
+            "flows": inc.flows,
+            "packets": inc.packets,
+            "bytes": inc.bytes,
+            "peers": _distinct(inc.peers, inc.peer_sample, cap),
+            "ports": _distinct(inc.ports, inc.port_sample, cap),
+            "score": {
+                "max": round(inc.max_score, 6),
+                "min_tail_probability": round(inc.min_tail, 6),
+                "flows_over_threshold": {f"{fpr:g}": n for fpr, n in sorted(inc.over.items())},
+            },
+            "top_features": top,
+            "examples": list(inc.examples),
+            "rules": sorted(inc.rules),
+            "lines": inc.lines,
+        },
+    }
+    if inc.merged_into:
+        record["quietwire"]["incident"]["merged_into"] = inc.merged_into
+    return record
+
+
+class AlertSink:
+    """Where alerts go: a JSON-lines file (appended), stdout, or both."""
+
+    def __init__(
+        self,
+        path: Path | None = None,
+        stdout: bool = False,
+        stream: IO[str] | None = None,
+        host: str | None = None,
+    ) -> None:
+        self.path = path
+        self.host = host  # the sensor's name in every line (EVE's "host"), the daemon's
+        self._stdout = stream if stream is not None else (sys.stdout if stdout else None)
+        self._file: IO[str] | None = None
+        self.written = 0
+        self.reopen()
+
+    def reopen(self) -> None:
+        """(Re)open the file, e.g. after logrotate moved it."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a", buffering=1 << 16)
+
+    def write(self, records: list[dict]) -> None:
+        if not records:
+            return
+        if self.host is not None:
+            records = [{**r, "host": self.host} for r in records]
+        text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+        for out in (self._file, self._stdout):
+            if out is not None:
+                out.write(text)
+        self.written += len(records)
+
+    def flush(self) -> None:
+        for out in (self._file, self._stdout):
+            if out is not None:
+                out.flush()
+
+    def close(self) -> None:
+        self.flush()
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -1,0 +1,2 @@
+"""Evaluation: detectors ranked on generated and real sets, and incident-level results from the
+agent replaying captures."""

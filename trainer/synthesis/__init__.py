@@ -1,0 +1,2 @@
+"""Synthetic benign flows: the generator, the categorical flow columns it writes, and its fidelity
+measures."""
