@@ -8,8 +8,10 @@ from typing import Any
 
 import yaml
 
+from quietwire.agent.errors import QuietwireError
 
-class YamlError(Exception):
+
+class YamlError(QuietwireError):
     """A YAML document is malformed or does not match what was expected (file:line: ...)."""
 
 

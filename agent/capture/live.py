@@ -26,6 +26,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from quietwire.agent.capture.pcap import PAD, PacketBatch
+from quietwire.agent.errors import QuietwireError
 
 SOL_PACKET = 263
 PACKET_ADD_MEMBERSHIP = 1
@@ -49,7 +50,7 @@ _BLOCK = struct.Struct("=IIIII")  # version, offset_to_priv, block_status, num_p
 _PACKET = struct.Struct("=IIIIIIHH")  # next, sec, nsec, snaplen, len, status, mac, net
 
 
-class CaptureSetupError(Exception):
+class CaptureSetupError(QuietwireError):
     """A live source cannot start (no such interface, no permission, bad filter)."""
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from quietwire.agent.errors import QuietwireError
+
 CHUNK_BYTES = 8 << 20
 PAD = 64  # zero bytes after each buffer's data (see PacketBatch.data; decode.HEADER_BYTES)
 # No real capture has a packet this large; a bigger length means the file is damaged.
@@ -40,7 +42,7 @@ PCAPNG_SHB = 0x0A0D0D0A
 PCAPNG_BOM = 0x1A2B3C4D
 
 
-class CaptureError(Exception):
+class CaptureError(QuietwireError):
     """A capture file cannot be read (further); the message names the file and the offset."""
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from quietwire import DATA
+from quietwire.agent.errors import QuietwireError
 from quietwire.agent.features.schema import FEATURE_NAMES, SCHEMA_HASH, SCHEMA_VERSION
 
 DEFAULT_MODEL = DATA / "default.onnx"
@@ -22,7 +23,7 @@ SCORE_BATCH = 8192
 BULK_MANTISSA_BITS = 5
 
 
-class ModelError(Exception):
+class ModelError(QuietwireError):
     """A model file cannot be used; the message names the file and the reason."""
 
 

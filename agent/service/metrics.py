@@ -22,6 +22,7 @@ from prometheus_client.utils import floatToGoString
 
 from quietwire import __version__
 from quietwire.agent.capture.decode import DECODE_ERROR_REASONS
+from quietwire.agent.errors import QuietwireError
 from quietwire.agent.flow.records import END_REASONS
 from quietwire.agent.flow.table import EVICTION_REASONS
 from quietwire.agent.service.drift import ScoreDrift
@@ -247,7 +248,7 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class MetricsServerError(Exception):
+class MetricsServerError(QuietwireError):
     """The metrics endpoint cannot start (address in use, bad certificate, unsafe settings)."""
 
 

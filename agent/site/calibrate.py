@@ -42,6 +42,7 @@ from onnx import numpy_helper
 
 from quietwire import __version__
 from quietwire.agent.detect.model import ModelError, ScoringModel
+from quietwire.agent.errors import QuietwireError
 from quietwire.agent.features.schema import FEATURE_NAMES
 from quietwire.agent.site.balance import burst_weights
 
@@ -53,7 +54,7 @@ SCORE_CHUNK = 1 << 16
 MAX_RECORDED_INPUTS = 100
 
 
-class CalibrationError(Exception):
+class CalibrationError(QuietwireError):
     """A model cannot be calibrated on these flows; the message names the file and why."""
 
 

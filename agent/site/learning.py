@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from quietwire.agent.detect.model import ModelError, ScoringModel
+from quietwire.agent.errors import QuietwireError
 from quietwire.agent.flow.identity import iso_times
 from quietwire.agent.site.sources import period_records
 
@@ -44,7 +45,7 @@ UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 LEARNING, CALIBRATED, TOO_FEW_FLOWS, FAILED = "learning", "calibrated", "too_few_flows", "failed"
 
 
-class LearningStateError(Exception):
+class LearningStateError(QuietwireError):
     """The learning state file cannot be read; the message names the file."""
 
 

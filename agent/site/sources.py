@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from quietwire.agent.capture.pcap import CaptureError, read_capture
+from quietwire.agent.errors import QuietwireError
 from quietwire.agent.features.meter import FlowMeter
 from quietwire.agent.features.schema import FEATURE_NAMES
 from quietwire.agent.flow.identity import iso_times
@@ -33,7 +34,7 @@ LOG_SUFFIXES = (".json", ".log", ".gz")  # and a .jsonl whose lines are flow eve
 KNOWN = ", ".join((*CAPTURE_SUFFIXES, *TABLE_SUFFIXES, *LOG_SUFFIXES))
 
 
-class SiteFlowsError(Exception):
+class SiteFlowsError(QuietwireError):
     """An input cannot be read as site flows; the message names the file."""
 
 

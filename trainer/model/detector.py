@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from quietwire.agent.errors import QuietwireError
 from quietwire.agent.site.balance import burst_weights
 from quietwire.trainer.model.diffusion import Denoiser, NoiseSchedule, noise_loss, time_loss
 from quietwire.trainer.model.preprocess import CLIP, Preprocessor
@@ -42,7 +43,7 @@ DTE_SCORES = ("dte", "dte_noise", "dte_clean")  # the scores that use the time e
 MAX_CALIBRATION_POINTS = 4096
 
 
-class TrainingError(Exception):
+class TrainingError(QuietwireError):
     """The training data cannot give a model (too few flows, no finite values, ...)."""
 
 
