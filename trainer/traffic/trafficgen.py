@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import ipaddress
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -305,111 +306,175 @@ def _web_exploit(cap: _Capture, kind: str, t: float) -> None:
     cap.tcp_session(t, c, server, 80, kind, [request], response)
 
 
-def _attack(cap: _Capture, kind: str, t0: float, duration: float) -> None:
+@dataclass(frozen=True)
+class _Attack:
+    """One attack instance: its kind (the flows' label), the two hosts drawn for it and when."""
+
+    kind: str
+    attacker: str
+    target: str
+    t0: float
+    duration: float
+
+
+def _syn_scan(cap: _Capture, a: _Attack) -> None:
+    rng = cap.rng
+    sp = cap.port()
+    for i, port in enumerate(rng.choice(np.arange(1, 10000), 200, replace=False).tolist()):
+        t = a.t0 + i * 0.01
+        cap.add(t, a.attacker, a.target, TCP_P, sp, port, a.kind, "S")
+        r = rng.random()
+        if r < 0.7:
+            cap.add(t + 0.001, a.target, a.attacker, TCP_P, port, sp, a.kind, "RA")
+        elif r < 0.75:
+            cap.add(t + 0.001, a.target, a.attacker, TCP_P, port, sp, a.kind, "SA")
+            cap.add(t + 0.002, a.attacker, a.target, TCP_P, sp, port, a.kind, "R")
+
+
+def _udp_scan(cap: _Capture, a: _Attack) -> None:
+    rng = cap.rng
+    sp = cap.port()
+    for i, port in enumerate(rng.choice(np.arange(1, 2000), 100, replace=False).tolist()):
+        t = a.t0 + i * 0.02
+        cap.add(t, a.attacker, a.target, UDP_P, sp, port, a.kind)
+        if rng.random() < 0.8:  # port unreachable, quoting the probe's headers
+            cap.add(
+                t + 0.001,
+                a.target,
+                a.attacker,
+                ICMP_P,
+                label=a.kind,
+                icmp=(3, 3),
+                payload=_frame(a.attacker, a.target, UDP_P, sp, port, "", b"", (0, 0))[14:42],
+            )
+
+
+def _ping_sweep(cap: _Capture, a: _Attack) -> None:
+    for i in range(100):
+        host = f"10.2.1.{i + 1}"
+        echo = protocolbytes.ping_payload(a.t0 + i * 0.01)
+        cap.add(a.t0 + i * 0.01, a.attacker, host, ICMP_P, label=a.kind, icmp=(8, 0), payload=echo)
+        if cap.rng.random() < 0.3:
+            cap.add(
+                a.t0 + i * 0.01 + 0.001,
+                host,
+                a.attacker,
+                ICMP_P,
+                label=a.kind,
+                icmp=(0, 0),
+                payload=echo,
+            )
+
+
+def _syn_flood(cap: _Capture, a: _Attack) -> None:
+    rng = cap.rng
+    for i in range(600):
+        src = f"198.18.{int(rng.integers(0, 256))}.{int(rng.integers(1, 255))}"
+        sp = cap.port()
+        t = a.t0 + i * 0.0005
+        cap.add(t, src, WEB, TCP_P, sp, 80, a.kind, "S")
+        if rng.random() < 0.5:
+            cap.add(t + 0.0002, WEB, src, TCP_P, 80, sp, a.kind, "SA")
+
+
+def _udp_flood(cap: _Capture, a: _Attack) -> None:
+    rng = cap.rng
+    sp = cap.port()
+    for i in range(600):
+        dport = int(rng.integers(1, 65535))
+        payload = cap.fill.bytes(int(rng.integers(512, 1400)))
+        cap.add(a.t0 + i * 0.0005, a.attacker, a.target, UDP_P, sp, dport, a.kind, payload=payload)
+
+
+def _ssh_bruteforce(cap: _Capture, a: _Attack) -> None:
+    for i in range(40):
+        up, down = protocolbytes.ssh_session(
+            cap.fill, [40, 600, 80, 96], [40, 700, 60, 52], protocolbytes.SSH_TOOLS
+        )
+        cap.tcp_session(a.t0 + i * 1.5, a.attacker, SSH_SERVER, 22, a.kind, up, down, gap=0.01)
+
+
+def _http_bruteforce(cap: _Capture, a: _Attack) -> None:
+    fill = cap.fill
+    for i in range(60):
+        request = httpbytes.login_request(fill, 420, WEB_HOST)
+        status = protocolbytes.pick(fill, ("401 Unauthorized", "200 OK"))
+        response = httpbytes.response(fill, [310], "html", status)
+        cap.tcp_session(a.t0 + i * 0.5, a.attacker, WEB, 80, a.kind, [request], response, gap=0.005)
+
+
+def _dns_tunnel(cap: _Capture, a: _Attack) -> None:
+    rng = cap.rng
+    sp = cap.port()
+    client = _client(rng)
+    letters = list("abcdefghijklmnopqrstuvwxyz0123456789")
+    base32 = str.maketrans("0189", "4567")  # the drawn labels, in base32's alphabet
+    for i in range(300):
+        t = a.t0 + i * 0.2
+        name = "".join(rng.choice(letters, 60)).translate(base32) + ".t.evil.example"
+        cap.add(t, client, RESOLVER, UDP_P, sp, 53, a.kind, payload=_dns(name, False, "TXT"))
+        response = _dns(name, True, "TXT")
+        answer = protocolbytes.dns_txt_answer(cap.fill, response, int(rng.integers(150, 400)))
+        cap.add(t + 0.02, RESOLVER, client, UDP_P, 53, sp, a.kind, payload=answer)
+
+
+def _slow_exfil(cap: _Capture, a: _Attack) -> None:
+    client = _client(cap.rng)
+    n = max(4, int(a.duration / 20))
+    up, down = protocolbytes.tls_session(cap.fill, [1000] * n, [], "backup.example-files.net")
+    cap.tcp_session(a.t0, client, "198.51.100.7", 443, a.kind, up, down, gap=20.0)
+
+
+def _c2_beacon(cap: _Capture, a: _Attack) -> None:
     rng, fill = cap.rng, cap.fill
+    client = _client(rng)
+    sni = f"cdn-{protocolbytes.token(fill, 8, protocolbytes.LOWER_ALNUM)}.example-cloud.net"
+    t = a.t0
+    while t < a.t0 + a.duration - 5:
+        up, down = protocolbytes.tls_session(fill, [300], [200], sni)
+        cap.tcp_session(t, client, "198.51.100.66", 443, a.kind, up, down, gap=0.03)
+        t += 60 + float(rng.normal(0, 2))
+
+
+def _slowloris(cap: _Capture, a: _Attack) -> None:
+    for i in range(80):
+        n = max(3, int(a.duration / 30))
+        stream = httpbytes.slowloris_stream(cap.fill, 15 * n, WEB_HOST)
+        up = [stream[j : j + 15] for j in range(0, 15 * n, 15)]
+        cap.tcp_session(a.t0 + i * 0.05, a.attacker, WEB, 80, a.kind, up, [], gap=10.0, close=False)
+
+
+def _web_exploits(cap: _Capture, a: _Attack) -> None:
+    for t in np.sort(cap.rng.uniform(a.t0, a.t0 + a.duration, WEB_EXPLOIT_SESSIONS)).tolist():
+        _web_exploit(cap, a.kind, t)
+
+
+# How each attack kind writes its packets.
+_ATTACK_WRITERS: dict[str, Callable[[_Capture, _Attack], None]] = {
+    "syn_scan": _syn_scan,
+    "udp_scan": _udp_scan,
+    "ping_sweep": _ping_sweep,
+    "syn_flood": _syn_flood,
+    "udp_flood": _udp_flood,
+    "ssh_bruteforce": _ssh_bruteforce,
+    "http_bruteforce": _http_bruteforce,
+    "dns_tunnel": _dns_tunnel,
+    "slow_exfil": _slow_exfil,
+    "c2_beacon": _c2_beacon,
+    "slowloris": _slowloris,
+    **{kind: _web_exploits for kind in WEB_ATTACKS},
+}
+
+
+def _attack(cap: _Capture, kind: str, t0: float, duration: float) -> None:
+    # every kind draws an attacker and a target first, so the draws after them do not depend
+    # on which kinds use them
+    rng = cap.rng
     attacker = rng.choice([_client(rng), f"203.0.113.{int(rng.integers(2, 250))}"])
     target = f"10.2.0.{int(rng.integers(100, 200))}"
-    if kind == "syn_scan":
-        sp = cap.port()
-        for i, port in enumerate(rng.choice(np.arange(1, 10000), 200, replace=False).tolist()):
-            t = t0 + i * 0.01
-            cap.add(t, attacker, target, TCP_P, sp, port, kind, "S")
-            r = rng.random()
-            if r < 0.7:
-                cap.add(t + 0.001, target, attacker, TCP_P, port, sp, kind, "RA")
-            elif r < 0.75:
-                cap.add(t + 0.001, target, attacker, TCP_P, port, sp, kind, "SA")
-                cap.add(t + 0.002, attacker, target, TCP_P, sp, port, kind, "R")
-    elif kind == "udp_scan":
-        sp = cap.port()
-        for i, port in enumerate(rng.choice(np.arange(1, 2000), 100, replace=False).tolist()):
-            t = t0 + i * 0.02
-            cap.add(t, attacker, target, UDP_P, sp, port, kind)
-            if rng.random() < 0.8:  # port unreachable, quoting the probe's headers
-                cap.add(
-                    t + 0.001,
-                    target,
-                    attacker,
-                    ICMP_P,
-                    label=kind,
-                    icmp=(3, 3),
-                    payload=_frame(attacker, target, UDP_P, sp, port, "", b"", (0, 0))[14:42],
-                )
-    elif kind == "ping_sweep":
-        for i in range(100):
-            host = f"10.2.1.{i + 1}"
-            echo = protocolbytes.ping_payload(t0 + i * 0.01)
-            cap.add(t0 + i * 0.01, attacker, host, ICMP_P, label=kind, icmp=(8, 0), payload=echo)
-            if rng.random() < 0.3:
-                cap.add(
-                    t0 + i * 0.01 + 0.001,
-                    host,
-                    attacker,
-                    ICMP_P,
-                    label=kind,
-                    icmp=(0, 0),
-                    payload=echo,
-                )
-    elif kind == "syn_flood":
-        for i in range(600):
-            src = f"198.18.{int(rng.integers(0, 256))}.{int(rng.integers(1, 255))}"
-            sp = cap.port()
-            t = t0 + i * 0.0005
-            cap.add(t, src, WEB, TCP_P, sp, 80, kind, "S")
-            if rng.random() < 0.5:
-                cap.add(t + 0.0002, WEB, src, TCP_P, 80, sp, kind, "SA")
-    elif kind == "udp_flood":
-        sp = cap.port()
-        for i in range(600):
-            dport = int(rng.integers(1, 65535))
-            payload = fill.bytes(int(rng.integers(512, 1400)))
-            cap.add(t0 + i * 0.0005, attacker, target, UDP_P, sp, dport, kind, payload=payload)
-    elif kind == "ssh_bruteforce":
-        for i in range(40):
-            up, down = protocolbytes.ssh_session(
-                fill, [40, 600, 80, 96], [40, 700, 60, 52], protocolbytes.SSH_TOOLS
-            )
-            cap.tcp_session(t0 + i * 1.5, attacker, SSH_SERVER, 22, kind, up, down, gap=0.01)
-    elif kind == "http_bruteforce":
-        for i in range(60):
-            request = httpbytes.login_request(fill, 420, WEB_HOST)
-            status = protocolbytes.pick(fill, ("401 Unauthorized", "200 OK"))
-            response = httpbytes.response(fill, [310], "html", status)
-            cap.tcp_session(t0 + i * 0.5, attacker, WEB, 80, kind, [request], response, gap=0.005)
-    elif kind == "dns_tunnel":
-        sp = cap.port()
-        client = _client(rng)
-        letters = list("abcdefghijklmnopqrstuvwxyz0123456789")
-        base32 = str.maketrans("0189", "4567")  # the drawn labels, in base32's alphabet
-        for i in range(300):
-            t = t0 + i * 0.2
-            name = "".join(rng.choice(letters, 60)).translate(base32) + ".t.evil.example"
-            cap.add(t, client, RESOLVER, UDP_P, sp, 53, kind, payload=_dns(name, False, "TXT"))
-            response = _dns(name, True, "TXT")
-            answer = protocolbytes.dns_txt_answer(fill, response, int(rng.integers(150, 400)))
-            cap.add(t + 0.02, RESOLVER, client, UDP_P, 53, sp, kind, payload=answer)
-    elif kind == "slow_exfil":
-        client = _client(rng)
-        n = max(4, int(duration / 20))
-        up, down = protocolbytes.tls_session(fill, [1000] * n, [], "backup.example-files.net")
-        cap.tcp_session(t0, client, "198.51.100.7", 443, kind, up, down, gap=20.0)
-    elif kind == "c2_beacon":
-        client = _client(rng)
-        sni = f"cdn-{protocolbytes.token(fill, 8, protocolbytes.LOWER_ALNUM)}.example-cloud.net"
-        t = t0
-        while t < t0 + duration - 5:
-            up, down = protocolbytes.tls_session(fill, [300], [200], sni)
-            cap.tcp_session(t, client, "198.51.100.66", 443, kind, up, down, gap=0.03)
-            t += 60 + float(rng.normal(0, 2))
-    elif kind == "slowloris":
-        for i in range(80):
-            n = max(3, int(duration / 30))
-            stream = httpbytes.slowloris_stream(fill, 15 * n, WEB_HOST)
-            up = [stream[j : j + 15] for j in range(0, 15 * n, 15)]
-            cap.tcp_session(t0 + i * 0.05, attacker, WEB, 80, kind, up, [], gap=10.0, close=False)
-    elif kind in WEB_ATTACKS:
-        for t in np.sort(rng.uniform(t0, t0 + duration, WEB_EXPLOIT_SESSIONS)).tolist():
-            _web_exploit(cap, kind, t)
+    writer = _ATTACK_WRITERS.get(kind)
+    if writer is not None:
+        writer(cap, _Attack(kind, attacker, target, t0, duration))
 
 
 def generate(
