@@ -202,119 +202,26 @@ class Decoder:
         rd = _Bytes(batch.data, int(end.max()) if len(end) else 0)
         n = len(batch)
 
-        l3, ethertype, link_ok = _link_layer(batch, rd)
-        stats.errors["unknown_link_type"] += int((~link_ok).sum())
-        link_cut = link_ok & (l3 >= end)  # not even the first byte after the link header
-        stats.errors["truncated"] += int(link_cut.sum())
-        link_ok &= ~link_cut
-        is_ip = link_ok & ((ethertype == ETH_IPV4) | (ethertype == ETH_IPV6))
-        stats.errors["non_ip"] += int((link_ok & ~is_ip).sum())
-
-        ip = rd.header(l3, HEADER_BYTES)  # an IPv4 header's fixed part, or the IPv6 header
-        version = ip.u8(0) >> 4
-        v4 = is_ip & (version == 4)
-        v6 = is_ip & (version == 6)
-        v4_ok = v4 & (l3 + 20 <= end)
-        v6_ok = v6 & (l3 + 40 <= end)
-        stats.errors["truncated"] += int((v4 & ~v4_ok).sum() + (v6 & ~v6_ok).sum())
-        ihl = (ip.u8(0) & 0x0F).astype(np.int64) * 4
-        bad_v4 = v4_ok & (ihl < 20)
-        stats.errors["bad_ip_header"] += int(bad_v4.sum() + (is_ip & ~v4 & ~v6).sum())
-        v4_ok &= ~bad_v4
-
-        proto = np.where(v4, ip.u8(9), ip.u8(6))
-        ttl = np.where(v4, ip.u8(8), ip.u8(7)).astype(np.int16)
-        length_field = np.where(v4, ip.be16(2), ip.be16(4))
-        ip_len = np.where(v4, length_field, length_field + 40)
-        # Segmentation offload and jumbograms capture a length field of 0: fall back to caplen.
-        ip_len = np.where(length_field == 0, end - l3, ip_len)
-        l4 = np.where(v4, l3 + ihl, l3 + 40)
-        frag_word = ip.be16(6)
-        frag_offset = np.where(v4, frag_word & 0x1FFF, 0)
-        more_frags = v4 & ((frag_word & 0x2000) > 0)
-        frag_id = np.where(v4, ip.be16(4), 0).astype(np.uint64)
-        v4_src, v4_dst = ip.be32(12), ip.be32(16)
-        src_hi = np.where(v4, np.uint64(0), ip.be64(8))
-        src_lo = np.where(v4, V4_MAPPED | v4_src, ip.be64(16))
-        dst_hi = np.where(v4, np.uint64(0), ip.be64(24))
-        dst_lo = np.where(v4, V4_MAPPED | v4_dst, ip.be64(32))
-
-        # IPv6 extension headers (hop-by-hop, routing, fragment, AH, destination options).
-        ext = v6_ok & IS_IPV6_EXTENSION[proto]
-        for _ in range(6):
-            if not ext.any():
-                break
-            sel = np.flatnonzero(ext)
-            at = l4[sel]
-            eh_ok = at + 8 <= end[sel]
-            nh = proto[sel]
-            is_frag = nh == 44
-            hlen = rd.u8(at + 1).astype(np.int64)
-            length = np.where(is_frag, 8, np.where(nh == 51, (hlen + 2) * 4, (hlen + 1) * 8))
-            word = rd.be16(at + 2)
-            frag_offset[sel] = np.where(is_frag, word >> 3, frag_offset[sel])
-            more_frags[sel] |= is_frag & ((word & 1) > 0)
-            frag_id[sel] = np.where(is_frag, rd.be32(at + 4), frag_id[sel])
-            proto[sel] = rd.u8(at)
-            l4[sel] += length
-            bad = ~eh_ok
-            v6_ok[sel[bad]] = False
-            stats.errors["truncated"] += int(bad.sum())
-            ext[sel] = eh_ok & IS_IPV6_EXTENSION[proto[sel]]
-        if ext.any():  # more extension headers than any real stack sends
-            stats.errors["bad_ip_header"] += int(ext.sum())
-            v6_ok &= ~ext
-
-        ip_ok = v4_ok | v6_ok
-        later_fragment = ip_ok & (frag_offset > 0)
-        first_fragment = ip_ok & (frag_offset == 0) & more_frags
-
-        avail = end - l4
-        is_tcp = proto == IPPROTO_TCP
-        has_ports = HAS_PORTS[proto]
-        is_icmp = (proto == IPPROTO_ICMP) | (proto == IPPROTO_ICMPV6)
-        need = np.where(is_tcp, 20, np.where(has_ports, 4, np.where(is_icmp, 2, 0)))
-        transport_cut = ip_ok & ~later_fragment & (avail < need)
-        stats.errors["truncated"] += int(transport_cut.sum())
-        ok = ip_ok & ~transport_cut
-
-        transport = rd.header(l4, 16)  # ports (or ICMP type and code), TCP flags and window
-        ports = transport.be32(0).astype(np.int64)
-        sport = np.where(has_ports, ports >> 16, 0).astype(np.int32)
-        dport = np.where(has_ports, ports & 0xFFFF, 0).astype(np.int32)
-        tcp_word = transport.be32(12).astype(np.int64)  # data offset, flags, window
-        tcp_flags = np.where(is_tcp, (tcp_word >> 16) & 0xFF, 0).astype(np.uint8)
-        tcp_window = np.where(is_tcp & ~later_fragment, tcp_word & 0xFFFF, -1).astype(np.int32)
-        icmp = is_icmp & ~later_fragment
-        icmp_type = np.where(icmp, ports >> 24, -1).astype(np.int16)
-        icmp_code = np.where(icmp, (ports >> 16) & 0xFF, -1).astype(np.int16)
-        l4_hdr = np.where(
-            is_tcp,
-            (tcp_word >> 28) * 4,
-            np.where((proto == IPPROTO_UDP) | is_icmp, 8, np.where(has_ports, 12, 0)),
-        )
-        l4_hdr = np.where(later_fragment, 0, l4_hdr)
-        hdr_len = (l4 - l3) + l4_hdr
-        payload_len = np.maximum(ip_len - hdr_len, 0)
-        payload_offset = l4 + l4_hdr
-        captured = np.minimum(np.maximum(end - payload_offset, 0), payload_len)
-        payload_captured = np.where(later_fragment, 0, captured)
-
-        if later_fragment.any() or first_fragment.any():
+        l3, is_ip = _network_start(batch, rd, end, stats)
+        ip = _ip_header(rd, l3, end, is_ip, stats)
+        _ipv6_extensions(rd, end, ip, stats)
+        tp = _transport_header(rd, l3, end, ip, stats)
+        ok = tp.ok
+        if tp.later_fragment.any() or tp.first_fragment.any():
             matched = self._match_fragments(
-                first_fragment & ok,
-                later_fragment,
-                src_lo,
-                dst_lo,
-                src_hi,
-                dst_hi,
-                proto,
-                frag_id,
-                sport,
-                dport,
-                tcp_flags,
+                tp.first_fragment & ok,
+                tp.later_fragment,
+                ip.src_lo,
+                ip.dst_lo,
+                ip.src_hi,
+                ip.dst_hi,
+                ip.proto,
+                ip.frag_id,
+                tp.sport,
+                tp.dport,
+                tp.tcp_flags,
             )
-            lost = later_fragment & ~matched
+            lost = tp.later_fragment & ~matched
             stats.errors["fragment_unmatched"] += int(lost.sum())
             ok &= ~lost
 
@@ -322,31 +229,7 @@ class Decoder:
         # Most batches drop nothing: their columns are taken as they are, not copied.
         keep = slice(None) if stats.decoded == n else np.flatnonzero(ok)
         assert stats.decoded + sum(stats.errors.values()) == n, "every packet has one fate"
-        packets = Packets(
-            ts_ns=batch.ts_ns[keep],
-            wirelen=batch.wirelen[keep],
-            interface=batch.interface[keep],
-            ip_version=np.where(v4[keep], 4, 6).astype(np.uint8),
-            src_hi=src_hi[keep],
-            src_lo=src_lo[keep],
-            dst_hi=dst_hi[keep],
-            dst_lo=dst_lo[keep],
-            proto=proto[keep],
-            sport=sport[keep],
-            dport=dport[keep],
-            icmp_type=icmp_type[keep],
-            icmp_code=icmp_code[keep],
-            ip_len=ip_len[keep],
-            hdr_len=hdr_len[keep],
-            payload_len=payload_len[keep],
-            ttl=ttl[keep],
-            tcp_flags=tcp_flags[keep],
-            tcp_window=tcp_window[keep],
-            payload_offset=payload_offset[keep],
-            payload_captured=payload_captured[keep],
-            raw=batch.data,
-        )
-        return packets, stats
+        return _packets(batch, keep, ip, tp), stats
 
     def _match_fragments(
         self, first, later, src_lo, dst_lo, src_hi, dst_hi, proto, frag_id, sport, dport, flags
@@ -380,6 +263,210 @@ class Decoder:
                     flags[i] = 0
                     matched[i] = True
         return matched
+
+
+@dataclass
+class _IpFields:
+    """Each packet's network-layer fields, IPv4 and IPv6 alike (meaningless where not IP).
+    The IPv6 extension header walk moves ``proto``, ``l4`` and the fragment fields on."""
+
+    v4: np.ndarray  # bool: an IPv4 packet (valid or not)
+    v4_ok: np.ndarray  # bool: a whole, well-formed IPv4 header
+    v6_ok: np.ndarray  # bool: a whole IPv6 header (and extension headers)
+    proto: np.ndarray  # uint8
+    ttl: np.ndarray  # int16
+    ip_len: np.ndarray  # int64
+    l4: np.ndarray  # int64, where the transport header starts
+    frag_offset: np.ndarray
+    more_frags: np.ndarray  # bool
+    frag_id: np.ndarray  # uint64
+    src_hi: np.ndarray
+    src_lo: np.ndarray
+    dst_hi: np.ndarray
+    dst_lo: np.ndarray
+
+
+@dataclass(frozen=True)
+class _TransportFields:
+    """Each packet's transport-layer fields, and which packets decoded so far."""
+
+    ok: np.ndarray  # bool: link, IP and transport headers all there
+    later_fragment: np.ndarray  # bool: an IP fragment after the first (no transport header)
+    first_fragment: np.ndarray  # bool: the first of several IP fragments
+    sport: np.ndarray
+    dport: np.ndarray
+    tcp_flags: np.ndarray
+    tcp_window: np.ndarray
+    icmp_type: np.ndarray
+    icmp_code: np.ndarray
+    hdr_len: np.ndarray
+    payload_len: np.ndarray
+    payload_offset: np.ndarray
+    payload_captured: np.ndarray
+
+
+def _network_start(
+    batch: PacketBatch, rd: _Bytes, end: np.ndarray, stats: DecodeStats
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per packet: where its network header starts, and whether it is IP behind a known,
+    whole link header (the others are counted in ``stats``)."""
+    l3, ethertype, link_ok = _link_layer(batch, rd)
+    stats.errors["unknown_link_type"] += int((~link_ok).sum())
+    link_cut = link_ok & (l3 >= end)  # not even the first byte after the link header
+    stats.errors["truncated"] += int(link_cut.sum())
+    link_ok &= ~link_cut
+    is_ip = link_ok & ((ethertype == ETH_IPV4) | (ethertype == ETH_IPV6))
+    stats.errors["non_ip"] += int((link_ok & ~is_ip).sum())
+    return l3, is_ip
+
+
+def _ip_header(
+    rd: _Bytes, l3: np.ndarray, end: np.ndarray, is_ip: np.ndarray, stats: DecodeStats
+) -> _IpFields:
+    """The fixed IPv4 or IPv6 header of every packet; truncated and malformed ones counted."""
+    ip = rd.header(l3, HEADER_BYTES)  # an IPv4 header's fixed part, or the IPv6 header
+    version = ip.u8(0) >> 4
+    v4 = is_ip & (version == 4)
+    v6 = is_ip & (version == 6)
+    v4_ok = v4 & (l3 + 20 <= end)
+    v6_ok = v6 & (l3 + 40 <= end)
+    stats.errors["truncated"] += int((v4 & ~v4_ok).sum() + (v6 & ~v6_ok).sum())
+    ihl = (ip.u8(0) & 0x0F).astype(np.int64) * 4
+    bad_v4 = v4_ok & (ihl < 20)
+    stats.errors["bad_ip_header"] += int(bad_v4.sum() + (is_ip & ~v4 & ~v6).sum())
+    v4_ok &= ~bad_v4
+
+    length_field = np.where(v4, ip.be16(2), ip.be16(4))
+    ip_len = np.where(v4, length_field, length_field + 40)
+    # Segmentation offload and jumbograms capture a length field of 0: fall back to caplen.
+    ip_len = np.where(length_field == 0, end - l3, ip_len)
+    frag_word = ip.be16(6)
+    v4_src, v4_dst = ip.be32(12), ip.be32(16)
+    return _IpFields(
+        v4=v4,
+        v4_ok=v4_ok,
+        v6_ok=v6_ok,
+        proto=np.where(v4, ip.u8(9), ip.u8(6)),
+        ttl=np.where(v4, ip.u8(8), ip.u8(7)).astype(np.int16),
+        ip_len=ip_len,
+        l4=np.where(v4, l3 + ihl, l3 + 40),
+        frag_offset=np.where(v4, frag_word & 0x1FFF, 0),
+        more_frags=v4 & ((frag_word & 0x2000) > 0),
+        frag_id=np.where(v4, ip.be16(4), 0).astype(np.uint64),
+        src_hi=np.where(v4, np.uint64(0), ip.be64(8)),
+        src_lo=np.where(v4, V4_MAPPED | v4_src, ip.be64(16)),
+        dst_hi=np.where(v4, np.uint64(0), ip.be64(24)),
+        dst_lo=np.where(v4, V4_MAPPED | v4_dst, ip.be64(32)),
+    )
+
+
+def _ipv6_extensions(rd: _Bytes, end: np.ndarray, ip: _IpFields, stats: DecodeStats) -> None:
+    """Step over IPv6 extension headers (hop-by-hop, routing, fragment, AH, destination
+    options) to the transport header, taking the fragment header's fields on the way."""
+    proto, l4 = ip.proto, ip.l4
+    frag_offset, more_frags, frag_id = ip.frag_offset, ip.more_frags, ip.frag_id
+    ext = ip.v6_ok & IS_IPV6_EXTENSION[proto]
+    for _ in range(6):
+        if not ext.any():
+            break
+        sel = np.flatnonzero(ext)
+        at = l4[sel]
+        eh_ok = at + 8 <= end[sel]
+        nh = proto[sel]
+        is_frag = nh == 44
+        hlen = rd.u8(at + 1).astype(np.int64)
+        length = np.where(is_frag, 8, np.where(nh == 51, (hlen + 2) * 4, (hlen + 1) * 8))
+        word = rd.be16(at + 2)
+        frag_offset[sel] = np.where(is_frag, word >> 3, frag_offset[sel])
+        more_frags[sel] |= is_frag & ((word & 1) > 0)
+        frag_id[sel] = np.where(is_frag, rd.be32(at + 4), frag_id[sel])
+        proto[sel] = rd.u8(at)
+        l4[sel] += length
+        bad = ~eh_ok
+        ip.v6_ok[sel[bad]] = False
+        stats.errors["truncated"] += int(bad.sum())
+        ext[sel] = eh_ok & IS_IPV6_EXTENSION[proto[sel]]
+    if ext.any():  # more extension headers than any real stack sends
+        stats.errors["bad_ip_header"] += int(ext.sum())
+        ip.v6_ok &= ~ext
+
+
+def _transport_header(
+    rd: _Bytes, l3: np.ndarray, end: np.ndarray, ip: _IpFields, stats: DecodeStats
+) -> _TransportFields:
+    """Ports (or ICMP type and code), TCP flags and window, and where each payload starts."""
+    proto, l4 = ip.proto, ip.l4
+    ip_ok = ip.v4_ok | ip.v6_ok
+    later_fragment = ip_ok & (ip.frag_offset > 0)
+    first_fragment = ip_ok & (ip.frag_offset == 0) & ip.more_frags
+
+    avail = end - l4
+    is_tcp = proto == IPPROTO_TCP
+    has_ports = HAS_PORTS[proto]
+    is_icmp = (proto == IPPROTO_ICMP) | (proto == IPPROTO_ICMPV6)
+    need = np.where(is_tcp, 20, np.where(has_ports, 4, np.where(is_icmp, 2, 0)))
+    transport_cut = ip_ok & ~later_fragment & (avail < need)
+    stats.errors["truncated"] += int(transport_cut.sum())
+
+    transport = rd.header(l4, 16)  # ports (or ICMP type and code), TCP flags and window
+    ports = transport.be32(0).astype(np.int64)
+    tcp_word = transport.be32(12).astype(np.int64)  # data offset, flags, window
+    icmp = is_icmp & ~later_fragment
+    l4_hdr = np.where(
+        is_tcp,
+        (tcp_word >> 28) * 4,
+        np.where((proto == IPPROTO_UDP) | is_icmp, 8, np.where(has_ports, 12, 0)),
+    )
+    l4_hdr = np.where(later_fragment, 0, l4_hdr)
+    hdr_len = (l4 - l3) + l4_hdr
+    payload_len = np.maximum(ip.ip_len - hdr_len, 0)
+    payload_offset = l4 + l4_hdr
+    captured = np.minimum(np.maximum(end - payload_offset, 0), payload_len)
+    return _TransportFields(
+        ok=ip_ok & ~transport_cut,
+        later_fragment=later_fragment,
+        first_fragment=first_fragment,
+        sport=np.where(has_ports, ports >> 16, 0).astype(np.int32),
+        dport=np.where(has_ports, ports & 0xFFFF, 0).astype(np.int32),
+        tcp_flags=np.where(is_tcp, (tcp_word >> 16) & 0xFF, 0).astype(np.uint8),
+        tcp_window=np.where(is_tcp & ~later_fragment, tcp_word & 0xFFFF, -1).astype(np.int32),
+        icmp_type=np.where(icmp, ports >> 24, -1).astype(np.int16),
+        icmp_code=np.where(icmp, (ports >> 16) & 0xFF, -1).astype(np.int16),
+        hdr_len=hdr_len,
+        payload_len=payload_len,
+        payload_offset=payload_offset,
+        payload_captured=np.where(later_fragment, 0, captured),
+    )
+
+
+def _packets(
+    batch: PacketBatch, keep: slice | np.ndarray, ip: _IpFields, tp: _TransportFields
+) -> Packets:
+    """The decoded packets at ``keep``, as columns."""
+    return Packets(
+        ts_ns=batch.ts_ns[keep],
+        wirelen=batch.wirelen[keep],
+        interface=batch.interface[keep],
+        ip_version=np.where(ip.v4[keep], 4, 6).astype(np.uint8),
+        src_hi=ip.src_hi[keep],
+        src_lo=ip.src_lo[keep],
+        dst_hi=ip.dst_hi[keep],
+        dst_lo=ip.dst_lo[keep],
+        proto=ip.proto[keep],
+        sport=tp.sport[keep],
+        dport=tp.dport[keep],
+        icmp_type=tp.icmp_type[keep],
+        icmp_code=tp.icmp_code[keep],
+        ip_len=ip.ip_len[keep],
+        hdr_len=tp.hdr_len[keep],
+        payload_len=tp.payload_len[keep],
+        ttl=ip.ttl[keep],
+        tcp_flags=tp.tcp_flags[keep],
+        tcp_window=tp.tcp_window[keep],
+        payload_offset=tp.payload_offset[keep],
+        payload_captured=tp.payload_captured[keep],
+        raw=batch.data,
+    )
 
 
 def _link_layer(batch: PacketBatch, rd: _Bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
