@@ -20,6 +20,7 @@ Weights are stored as initializers named after the torch parameters (``denoiser/
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -143,16 +144,13 @@ def _noise_error(g: _Graph, det: DiffusionDetector, inputs: str, steps, noise, n
     )
 
 
-def build_model(det: DiffusionDetector) -> onnx.ModelProto:
-    """The ONNX model of a fitted detector."""
-    det._check_fitted()
-    cfg = det.config
-    prep = det.preprocessor
-    n_features = len(prep.center)
-    g = _Graph()
-    inputs = _preprocess(g, prep, "features")
-    k = len(cfg.noise_steps)
-    err = _noise_error(g, det, inputs, cfg.contribution_steps, det.noise_vectors[k:], "contrib")
+def _contributions(
+    g: _Graph, det: DiffusionDetector, inputs: str, n_features: int
+) -> tuple[str, str]:
+    """The contribution error [N, D] and its first n_features columns, one per feature."""
+    k = len(det.config.noise_steps)
+    steps = det.config.contribution_steps
+    err = _noise_error(g, det, inputs, steps, det.noise_vectors[k:], "contrib")
     contributions = g.op(
         "Slice",
         err,
@@ -160,49 +158,73 @@ def build_model(det: DiffusionDetector) -> onnx.ModelProto:
         g.const("out/end", np.array([n_features], np.int64)),
         g.const("out/axis", np.array([1], np.int64)),
     )
-    if cfg.score == "dte_clean":
-        # -log P(clean | x) = softplus(log-odds of not clean), + weight * log(max(error /
-        # training median, 1)); ReduceLogSumExp subtracts the maximum, so confident logits
-        # neither overflow nor underflow.
-        logits = _mlp(g, "dte", det.dte, inputs, [0], "clean")
-        axes1 = g.const("score/axes1", np.array([1], np.int64))
-        k = g.const("score/clean_bins", np.array([det.clean_bins()], np.int64))
-        begin = g.const("score/begin", np.array([0], np.int64))
-        end = g.const("score/end", np.array([cfg.dte_bins], np.int64))
-        clean = g.op("Slice", logits, begin, k, axes1)
-        noisy = g.op("Slice", logits, k, end, axes1)
-        odds = g.op(
-            "Sub",
-            g.op("ReduceLogSumExp", noisy, axes1, keepdims=0),
-            g.op("ReduceLogSumExp", clean, axes1, keepdims=0),
+    return err, contributions
+
+
+def _dte_clean_score(g: _Graph, det: DiffusionDetector, inputs: str, err: str) -> str:
+    """-log P(clean | x) = softplus(log-odds of not clean), + weight * log(max(error /
+    training median, 1)); ReduceLogSumExp subtracts the maximum, so confident logits neither
+    overflow nor underflow."""
+    cfg = det.config
+    logits = _mlp(g, "dte", det.dte, inputs, [0], "clean")
+    axes1 = g.const("score/axes1", np.array([1], np.int64))
+    k = g.const("score/clean_bins", np.array([det.clean_bins()], np.int64))
+    begin = g.const("score/begin", np.array([0], np.int64))
+    end = g.const("score/end", np.array([cfg.dte_bins], np.int64))
+    clean = g.op("Slice", logits, begin, k, axes1)
+    noisy = g.op("Slice", logits, k, end, axes1)
+    odds = g.op(
+        "Sub",
+        g.op("ReduceLogSumExp", noisy, axes1, keepdims=0),
+        g.op("ReduceLogSumExp", clean, axes1, keepdims=0),
+    )
+    surprise = g.op("Softplus", odds)
+    ratio = g.op(
+        "Div",
+        g.op("ReduceMean", err, axes1, keepdims=0),
+        g.const("score/noise_reference", np.float32(det.noise_reference_)),
+    )
+    ratio = g.op("Log", g.op("Max", ratio, g.const("score/one", np.float32(1.0))))
+    weight = g.const("score/noise_weight", np.float32(cfg.dte_clean_noise_weight))
+    return g.op("Add", surprise, g.op("Mul", weight, ratio))
+
+
+def _dte_score(g: _Graph, det: DiffusionDetector, inputs: str, err: str) -> str:
+    """The expected diffusion step; for dte_noise, times the mean contribution error over its
+    training median."""
+    cfg = det.config
+    logits = _mlp(g, "dte", det.dte, inputs, [0], "clean")
+    centers = (np.arange(cfg.dte_bins, dtype=np.float32) + 0.5) * (cfg.dte_max_step / cfg.dte_bins)
+    score = g.op("MatMul", g.op("Softmax", logits, axis=1), g.const("dte/bin_steps", centers))
+    if cfg.score == "dte_noise":
+        mean_err = g.op(
+            "ReduceMean", err, g.const("score/axes1", np.array([1], np.int64)), keepdims=0
         )
-        surprise = g.op("Softplus", odds)
-        ratio = g.op(
-            "Div",
-            g.op("ReduceMean", err, axes1, keepdims=0),
-            g.const("score/noise_reference", np.float32(det.noise_reference_)),
-        )
-        ratio = g.op("Log", g.op("Max", ratio, g.const("score/one", np.float32(1.0))))
-        weight = g.const("score/noise_weight", np.float32(cfg.dte_clean_noise_weight))
-        score = g.op("Add", surprise, g.op("Mul", weight, ratio))
-    elif cfg.score in ("dte", "dte_noise"):
-        logits = _mlp(g, "dte", det.dte, inputs, [0], "clean")
-        centers = (np.arange(cfg.dte_bins, dtype=np.float32) + 0.5) * (
-            cfg.dte_max_step / cfg.dte_bins
-        )
-        score = g.op("MatMul", g.op("Softmax", logits, axis=1), g.const("dte/bin_steps", centers))
-        if cfg.score == "dte_noise":
-            mean_err = g.op(
-                "ReduceMean", err, g.const("score/axes1", np.array([1], np.int64)), keepdims=0
-            )
-            ref = g.const("score/noise_reference", np.float32(det.noise_reference_))
-            score = g.op("Div", g.op("Mul", score, mean_err), ref)
-    else:
-        score_err = _noise_error(g, det, inputs, cfg.noise_steps, det.noise_vectors[:k], "score")
-        score = g.op(
-            "ReduceMean", score_err, g.const("score/axes1", np.array([1], np.int64)), keepdims=0
-        )
-    # Tail probability: (held-out benign scores >= this score, + 1) / (held-out + 1).
+        ref = g.const("score/noise_reference", np.float32(det.noise_reference_))
+        score = g.op("Div", g.op("Mul", score, mean_err), ref)
+    return score
+
+
+def _noise_score(g: _Graph, det: DiffusionDetector, inputs: str, err: str) -> str:
+    """The denoiser's squared error at the score's steps, averaged over the inputs."""
+    k = len(det.config.noise_steps)
+    score_err = _noise_error(g, det, inputs, det.config.noise_steps, det.noise_vectors[:k], "score")
+    return g.op(
+        "ReduceMean", score_err, g.const("score/axes1", np.array([1], np.int64)), keepdims=0
+    )
+
+
+# The graph of each score kind: (graph, detector, inputs, contribution error) -> score [N].
+SCORE_GRAPHS: dict[str, Callable[[_Graph, DiffusionDetector, str, str], str]] = {
+    "dte_clean": _dte_clean_score,
+    "dte": _dte_score,
+    "dte_noise": _dte_score,
+    "noise": _noise_score,
+}
+
+
+def _tail_probability(g: _Graph, det: DiffusionDetector, score: str) -> str:
+    """(held-out benign scores >= this score, + 1) / (held-out + 1)."""
     cal = det.calibration_scores_
     ge = g.op(
         "GreaterOrEqual",
@@ -215,11 +237,40 @@ def build_model(det: DiffusionDetector) -> onnx.ModelProto:
         g.const("calibration/axes1", np.array([1], np.int64)),
         keepdims=0,
     )
-    tail = g.op(
+    return g.op(
         "Div",
         g.op("Add", count, g.const("calibration/one", np.float32(1.0))),
         g.const("calibration/n_plus_1", np.float32(len(cal) + 1)),
     )
+
+
+def _metadata(det: DiffusionDetector) -> dict[str, str]:
+    """The model file's metadata: schema, score, thresholds, training summary and config."""
+    cfg = det.config
+    return {
+        "quietwire_version": __version__,
+        "schema_name": SCHEMA_NAME,
+        "schema_version": str(SCHEMA_VERSION),
+        "schema_hash": SCHEMA_HASH,
+        "feature_names": json.dumps(list(FEATURE_NAMES)),
+        "score": cfg.score,
+        "thresholds": json.dumps({f"{k:g}": v for k, v in det.threshold_.items()}),
+        "training": json.dumps(det.summary_.__dict__ if det.summary_ else {}),
+        "config": json.dumps(
+            {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()}
+        ),
+    }
+
+
+def build_model(det: DiffusionDetector) -> onnx.ModelProto:
+    """The ONNX model of a fitted detector."""
+    det._check_fitted()
+    n_features = len(det.preprocessor.center)
+    g = _Graph()
+    inputs = _preprocess(g, det.preprocessor, "features")
+    err, contributions = _contributions(g, det, inputs, n_features)
+    score = SCORE_GRAPHS[det.config.score](g, det, inputs, err)
+    tail = _tail_probability(g, det, score)
     for name, src in (
         ("score", score),
         ("tail_probability", tail),
@@ -245,20 +296,7 @@ def build_model(det: DiffusionDetector) -> onnx.ModelProto:
         producer_version=__version__,
     )
     model.ir_version = 8
-    meta = {
-        "quietwire_version": __version__,
-        "schema_name": SCHEMA_NAME,
-        "schema_version": str(SCHEMA_VERSION),
-        "schema_hash": SCHEMA_HASH,
-        "feature_names": json.dumps(list(FEATURE_NAMES)),
-        "score": cfg.score,
-        "thresholds": json.dumps({f"{k:g}": v for k, v in det.threshold_.items()}),
-        "training": json.dumps(det.summary_.__dict__ if det.summary_ else {}),
-        "config": json.dumps(
-            {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()}
-        ),
-    }
-    for key, value in meta.items():
+    for key, value in _metadata(det).items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     onnx.checker.check_model(model)
     return model
