@@ -32,35 +32,15 @@ from quietwire import __version__
 from quietwire.agent.features.schema import FEATURE_NAMES, SCHEMA_HASH, SCHEMA_NAME, SCHEMA_VERSION
 from quietwire.trainer.model.detector import DTE_SCORES, DiffusionDetector, TrainConfig
 from quietwire.trainer.model.diffusion import Denoiser, timestep_embedding
+from quietwire.trainer.model.onnxgraph import OnnxGraph
 from quietwire.trainer.model.preprocess import CLIP, Preprocessor
 
 OPSET = 18
 
 
-class _Graph:
-    """A tiny builder: named constants, nodes with generated output names."""
-
-    def __init__(self) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-        self._names: set[str] = set()
-        self._n = 0
-
-    def const(self, name: str, value) -> str:
-        """A named constant; asking again for a name reuses the first one (shared weights)."""
-        if name not in self._names:
-            self._names.add(name)
-            self.inits.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
-
-    def op(self, op_type: str, *inputs: str, **attrs) -> str:
-        self._n += 1
-        out = f"{op_type.lower()}_{self._n}"
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
-        return out
-
-
-def _mlp(g: _Graph, prefix: str, model: Denoiser, x: str, step_values: list[int], tag: str) -> str:
+def _mlp(
+    g: OnnxGraph, prefix: str, model: Denoiser, x: str, step_values: list[int], tag: str
+) -> str:
     """The Denoiser on x ([..., N, D]) at fixed steps: the time projection of each step's
     embedding is computed in the graph from the stored weights, shaped to broadcast over x."""
     sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
@@ -102,7 +82,7 @@ def _mlp(g: _Graph, prefix: str, model: Denoiser, x: str, step_values: list[int]
     return g.op("Add", g.op("MatMul", a, w("out")), b("out"))
 
 
-def _preprocess(g: _Graph, prep: Preprocessor, features: str) -> str:
+def _preprocess(g: OnnxGraph, prep: Preprocessor, features: str) -> str:
     zero = g.const("pre/zero", np.float32(0.0))
     missing = g.op("IsNaN", features)
     x0 = g.op("Where", missing, zero, features)
@@ -122,7 +102,7 @@ def _preprocess(g: _Graph, prep: Preprocessor, features: str) -> str:
     return g.op("Concat", z, indicators, axis=1)
 
 
-def _noise_error(g: _Graph, det: DiffusionDetector, inputs: str, steps, noise, name: str) -> str:
+def _noise_error(g: OnnxGraph, det: DiffusionDetector, inputs: str, steps, noise, name: str) -> str:
     """Mean over steps of the squared noise-prediction error: [N, D]."""
     abar = det.schedule.alpha_bar.numpy()[list(steps)]
     k = len(steps)
@@ -145,7 +125,7 @@ def _noise_error(g: _Graph, det: DiffusionDetector, inputs: str, steps, noise, n
 
 
 def _contributions(
-    g: _Graph, det: DiffusionDetector, inputs: str, n_features: int
+    g: OnnxGraph, det: DiffusionDetector, inputs: str, n_features: int
 ) -> tuple[str, str]:
     """The contribution error [N, D] and its first n_features columns, one per feature."""
     k = len(det.config.noise_steps)
@@ -161,7 +141,7 @@ def _contributions(
     return err, contributions
 
 
-def _dte_clean_score(g: _Graph, det: DiffusionDetector, inputs: str, err: str) -> str:
+def _dte_clean_score(g: OnnxGraph, det: DiffusionDetector, inputs: str, err: str) -> str:
     """-log P(clean | x) = softplus(log-odds of not clean), + weight * log(max(error /
     training median, 1)); ReduceLogSumExp subtracts the maximum, so confident logits neither
     overflow nor underflow."""
@@ -189,7 +169,7 @@ def _dte_clean_score(g: _Graph, det: DiffusionDetector, inputs: str, err: str) -
     return g.op("Add", surprise, g.op("Mul", weight, ratio))
 
 
-def _dte_score(g: _Graph, det: DiffusionDetector, inputs: str, err: str) -> str:
+def _dte_score(g: OnnxGraph, det: DiffusionDetector, inputs: str, err: str) -> str:
     """The expected diffusion step; for dte_noise, times the mean contribution error over its
     training median."""
     cfg = det.config
@@ -205,7 +185,7 @@ def _dte_score(g: _Graph, det: DiffusionDetector, inputs: str, err: str) -> str:
     return score
 
 
-def _noise_score(g: _Graph, det: DiffusionDetector, inputs: str, err: str) -> str:
+def _noise_score(g: OnnxGraph, det: DiffusionDetector, inputs: str, err: str) -> str:
     """The denoiser's squared error at the score's steps, averaged over the inputs."""
     k = len(det.config.noise_steps)
     score_err = _noise_error(g, det, inputs, det.config.noise_steps, det.noise_vectors[:k], "score")
@@ -215,7 +195,7 @@ def _noise_score(g: _Graph, det: DiffusionDetector, inputs: str, err: str) -> st
 
 
 # The graph of each score kind: (graph, detector, inputs, contribution error) -> score [N].
-SCORE_GRAPHS: dict[str, Callable[[_Graph, DiffusionDetector, str, str], str]] = {
+SCORE_GRAPHS: dict[str, Callable[[OnnxGraph, DiffusionDetector, str, str], str]] = {
     "dte_clean": _dte_clean_score,
     "dte": _dte_score,
     "dte_noise": _dte_score,
@@ -223,7 +203,7 @@ SCORE_GRAPHS: dict[str, Callable[[_Graph, DiffusionDetector, str, str], str]] = 
 }
 
 
-def _tail_probability(g: _Graph, det: DiffusionDetector, score: str) -> str:
+def _tail_probability(g: OnnxGraph, det: DiffusionDetector, score: str) -> str:
     """(held-out benign scores >= this score, + 1) / (held-out + 1)."""
     cal = det.calibration_scores_
     ge = g.op(
@@ -266,7 +246,7 @@ def build_model(det: DiffusionDetector) -> onnx.ModelProto:
     """The ONNX model of a fitted detector."""
     det._check_fitted()
     n_features = len(det.preprocessor.center)
-    g = _Graph()
+    g = OnnxGraph()
     inputs = _preprocess(g, det.preprocessor, "features")
     err, contributions = _contributions(g, det, inputs, n_features)
     score = SCORE_GRAPHS[det.config.score](g, det, inputs, err)

@@ -41,12 +41,18 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from quietwire.agent.features.schema import FEATURE_NAMES, SCHEMA_HASH
 from quietwire.trainer.model.detector import TrainingError
 from quietwire.trainer.synthesis.flowcolumns import _J, _UNIT, INTEGER_UNITS, assemble, free_columns  # noqa: F401
+
+if TYPE_CHECKING:  # onnx is imported on export and load only
+    import onnx
+
+    from quietwire.trainer.model.onnxgraph import OnnxGraph
 
 MAX_CATEGORIES = 16  # an integer column with at most this many values is a category
 QUANTILES = 512
@@ -421,88 +427,59 @@ def generator_path(model: str | Path) -> Path:
     return model.with_name(model.stem + ".gen.onnx")
 
 
-def _graph(gen: FlowGenerator):
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+def _linear(g: OnnxGraph, sd: dict[str, np.ndarray], x: str, name: str) -> str:
+    w = g.const(f"gen/{name}.weight_t", sd[f"{name}.weight"].T.copy())
+    return g.op("Add", g.op("MatMul", x, w), g.const(f"gen/{name}.bias", sd[f"{name}.bias"]))
 
-    from quietwire import __version__
 
-    if gen.denoiser is None:
-        raise GeneratorError("the generator is not fitted")
-    net, cfg = gen.denoiser, gen.config
+def _norm(g: OnnxGraph, sd: dict[str, np.ndarray], x: str, name: str) -> str:
+    w = g.const(f"gen/{name}.weight", sd[f"{name}.weight"])
+    return g.op(
+        "LayerNormalization",
+        x,
+        w,
+        g.const(f"gen/{name}.bias", sd[f"{name}.bias"]),
+        axis=-1,
+        epsilon=1e-5,
+    )
+
+
+def _silu(g: OnnxGraph, x: str) -> str:
+    return g.op("Mul", x, g.op("Sigmoid", x))
+
+
+def _denoiser_nodes(g: OnnxGraph, net, cfg: GeneratorConfig) -> str:
+    """x_t [N, D] and t [N] -> the network's output [N, D], from its fitted weights
+    (``gen/<torch parameter name>``, MatMul weights transposed): sinusoidal step embedding,
+    input and time projections, residual blocks, output layer."""
     sd = {k: v.detach().numpy().astype(np.float32) for k, v in net.state_dict().items()}
-    nodes, inits, counter = [], [], [0]
-
-    def const(name, value):
-        arr = np.asarray(value)
-        inits.append(numpy_helper.from_array(arr, name))
-        return name
-
-    def op(kind, *inputs, **attrs):
-        counter[0] += 1
-        out = f"{kind.lower()}_{counter[0]}"
-        nodes.append(helper.make_node(kind, list(inputs), [out], **attrs))
-        return out
-
-    def linear(x, name):
-        w = const(f"gen/{name}.weight_t", sd[f"{name}.weight"].T.copy())
-        return op("Add", op("MatMul", x, w), const(f"gen/{name}.bias", sd[f"{name}.bias"]))
-
-    def norm(x, name):
-        w = const(f"gen/{name}.weight", sd[f"{name}.weight"])
-        return op(
-            "LayerNormalization",
-            x,
-            w,
-            const(f"gen/{name}.bias", sd[f"{name}.bias"]),
-            axis=-1,
-            epsilon=1e-5,
-        )
-
-    def silu(x):
-        return op("Mul", x, op("Sigmoid", x))
-
     half = cfg.time_dim // 2
     freqs = np.exp(-np.log(10_000.0) * np.arange(half, dtype=np.float32) / half)
     freqs = (freqs * (1000.0 / cfg.steps)).astype(np.float32).reshape(1, half)
-    angles = op(
+    angles = g.op(
         "MatMul",
-        op("Unsqueeze", "t", const("gen/axis1", np.array([1], np.int64))),
-        const("gen/freqs", freqs),
+        g.op("Unsqueeze", "t", g.const("gen/axis1", np.array([1], np.int64))),
+        g.const("gen/freqs", freqs),
     )
-    emb = op("Concat", op("Sin", angles), op("Cos", angles), axis=1)
-    h = op("Add", linear("x_t", "inp"), linear(emb, "time"))
+    emb = g.op("Concat", g.op("Sin", angles), g.op("Cos", angles), axis=1)
+    h = g.op("Add", _linear(g, sd, "x_t", "inp"), _linear(g, sd, emb, "time"))
     for i in range(cfg.depth):
         p = f"blocks.{i}"
-        h = op("Add", h, linear(silu(linear(norm(h, f"{p}.norm"), f"{p}.fc1")), f"{p}.fc2"))
-    out = linear(silu(norm(h, "norm")), "out")
-    nodes.append(helper.make_node("Identity", [out], ["out"]))
+        hidden = _silu(g, _linear(g, sd, _norm(g, sd, h, f"{p}.norm"), f"{p}.fc1"))
+        h = g.op("Add", h, _linear(g, sd, hidden, f"{p}.fc2"))
+    return _linear(g, sd, _silu(g, _norm(g, sd, h, "norm")), "out")
+
+
+def _generator_metadata(gen: FlowGenerator) -> dict[str, str]:
+    """The generator file's metadata: its kind, schema, config, column layout and training."""
+    from quietwire import __version__
+
     enc = gen.encoding
-    inits.append(numpy_helper.from_array(enc.scores.astype(np.float32), "encoding/scores"))
-    inits.append(numpy_helper.from_array(enc.tables.astype(np.float32), "encoding/tables"))
-    d = enc.width
-    graph = helper.make_graph(
-        nodes,
-        "quietwire_generator",
-        [
-            helper.make_tensor_value_info("x_t", TensorProto.FLOAT, ["N", d]),
-            helper.make_tensor_value_info("t", TensorProto.FLOAT, ["N"]),
-        ],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", d])],
-        inits,
-    )
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", 18)],
-        producer_name="quietwire",
-        producer_version=__version__,
-    )
-    model.ir_version = 8
-    meta = {
+    return {
         "quietwire_generator": "2",  # 2: categories as logits of their class (1: one-hots)
         "quietwire_version": __version__,
         "schema_hash": SCHEMA_HASH,
-        "config": json.dumps(cfg.__dict__),
+        "config": json.dumps(gen.config.__dict__),
         "layout": json.dumps(
             {
                 "numeric": enc.numeric,
@@ -513,7 +490,44 @@ def _graph(gen: FlowGenerator):
         ),
         "training": json.dumps({"seconds": round(gen.fit_seconds, 2), "loss": gen.final_loss}),
     }
-    for key, value in meta.items():
+
+
+def _graph(gen: FlowGenerator) -> onnx.ModelProto:
+    """The generator's ONNX model: the denoiser's graph, the encoding's tables as initializers
+    and the column layout as metadata."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quietwire import __version__
+    from quietwire.trainer.model.onnxgraph import OnnxGraph
+
+    if gen.denoiser is None:
+        raise GeneratorError("the generator is not fitted")
+    g = OnnxGraph()
+    out = _denoiser_nodes(g, gen.denoiser, gen.config)
+    g.nodes.append(helper.make_node("Identity", [out], ["out"]))
+    enc = gen.encoding
+    g.inits.append(numpy_helper.from_array(enc.scores.astype(np.float32), "encoding/scores"))
+    g.inits.append(numpy_helper.from_array(enc.tables.astype(np.float32), "encoding/tables"))
+    d = enc.width
+    graph = helper.make_graph(
+        g.nodes,
+        "quietwire_generator",
+        [
+            helper.make_tensor_value_info("x_t", TensorProto.FLOAT, ["N", d]),
+            helper.make_tensor_value_info("t", TensorProto.FLOAT, ["N"]),
+        ],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", d])],
+        g.inits,
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 18)],
+        producer_name="quietwire",
+        producer_version=__version__,
+    )
+    model.ir_version = 8
+    for key, value in _generator_metadata(gen).items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     onnx.checker.check_model(model)
     return model
