@@ -47,99 +47,121 @@ def constraint_violations(x: np.ndarray) -> dict[str, np.ndarray]:
     x = np.asarray(x, dtype=np.float64)
     c = {name: x[:, j] for name, j in _J.items()}
     nan = {name: np.isnan(v) for name, v in c.items()}
-    out: dict[str, np.ndarray] = {}
     with np.errstate(invalid="ignore", divide="ignore"):
-        out["finite"] = np.isinf(x).any(1)
-        out["not nullable is NaN"] = np.isnan(x[:, [not f.nullable for f in SCHEMA]]).any(1)
-        v = x[:, [_J[n] for n in INTEGERS]]
-        out["counts are non-negative integers"] = (
-            (v < 0) | ((v != np.round(v)) & ~np.isnan(v))
-        ).any(1)
-        v = x[:, [_J[n] for n in BOOLS]]
-        out["flags are 0 or 1"] = ((v != 0) & (v != 1) & ~np.isnan(v)).any(1)
-        v = x[:, [_J[n] for n in SHARES]]
-        out["shares in [0, 1]"] = ((v < 0) | (v > 1 + 1e-6)).any(1)
-        out["TTL <= 255"] = (c["src2dst_ttl_min"] > 255) | (c["dst2src_ttl_min"] > 255)
-        ent = np.stack([c[f"{d}_payload_entropy"] for d in DIRECTIONS], 1)
-        out["entropy in [0, 8]"] = ((ent < 0) | (ent > 8 + 1e-6)).any(1)
-        out["duration >= 0"] = ~(c["duration_s"] >= 0)
-        out["src2dst packets >= 1"] = ~(c["src2dst_packets"] >= 1)
-        bad = np.zeros(len(x), bool)
-        for d in DIRECTIONS:
-            p, b = c[f"{d}_packets"], c[f"{d}_bytes"]
-            bad |= (p > 0) != (b > 0)
-            bad |= ~_close(c[f"{d}_header_bytes"] + c[f"{d}_payload_bytes"], b)
-            bad |= c[f"{d}_payload_packets"] > p
-            bad |= (c[f"{d}_payload_packets"] > 0) != (c[f"{d}_payload_bytes"] > 0)
-            for flag in ("fin", "syn", "rst", "psh", "ack", "urg", "ece", "cwr"):
-                bad |= c[f"{d}_{flag}_packets"] > p
-        bad |= ~_close(c["bidirectional_packets"], c["src2dst_packets"] + c["dst2src_packets"])
-        bad |= ~_close(c["bidirectional_bytes"], c["src2dst_bytes"] + c["dst2src_bytes"])
-        out["packets and bytes add up"] = bad
-        bad = np.zeros(len(x), bool)
-        one = np.zeros(len(x), bool)
-        for d in (*DIRECTIONS, "bidirectional"):
-            p = c[f"{d}_packets"]
-            lo, mean = c[f"{d}_pkt_len_min"], c[f"{d}_pkt_len_mean"]
-            sd, hi = c[f"{d}_pkt_len_std"], c[f"{d}_pkt_len_max"]
-            has = p > 0
-            bad |= has & ~(
-                (lo <= mean * (1 + 1e-4) + 1e-3)
-                & (mean <= hi * (1 + 1e-4) + 1e-3)
-                & _close(mean * p, c[f"{d}_bytes"])
-                & (sd <= (hi - lo) / 2 * (1 + 1e-3) + 1e-3)
-            )
-            one |= (p == 1) & ~((sd == 0) & (lo == hi))
-            g = c[f"{d}_iat_min_s"], c[f"{d}_iat_mean_s"], c[f"{d}_iat_std_s"], c[f"{d}_iat_max_s"]
-            bad |= (p > 1) & ~(
-                (g[0] <= g[1] * (1 + 1e-4) + 1e-9)
-                & (g[1] <= g[3] * (1 + 1e-4) + 1e-9)
-                & (g[2] <= (g[3] - g[0]) / 2 * (1 + 1e-3) + 1e-6)
-                & (g[0] >= 0)
-            )
-            one |= (p == 2) & ~(g[2] == 0)
-        out["min <= mean <= max"] = bad
-        out["one packet (or one gap): std 0"] = one
+        out = _value_rules(x, c)
+        out["packets and bytes add up"] = _totals_broken(c, len(x))
+        out["min <= mean <= max"], out["one packet (or one gap): std 0"] = _order_broken(c, len(x))
         out["NaN where a feature does not apply"] = _nan_pattern(c, nan)
-        proto = np.stack([c["proto_tcp"], c["proto_udp"], c["proto_icmp"]], 1)
-        wk, reg = c["dst_port_well_known"], c["dst_port_registered"]
-        ported = (c["proto_tcp"] == 1) | (c["proto_udp"] == 1)
-        out["protocol and port class valid"] = (
-            (proto.sum(1) > 1)
-            | ((wk == 1) & (reg == 1))
-            | (ported & np.isnan(wk))
-            | ((c["proto_icmp"] == 1) & ~np.isnan(wk))
-            | (np.isnan(wk) != np.isnan(reg))
-        )
-        out["ratios match their parts"] = (
-            ~_close(c["dst2src_src2dst_bytes_ratio"], c["dst2src_bytes"] / c["src2dst_bytes"])
-            | ~(
-                nan["packets_per_s"]
-                | _close(c["packets_per_s"], c["bidirectional_packets"] / c["duration_s"])
-            )
-            | ~(
-                nan["bytes_per_s"]
-                | _close(c["bytes_per_s"], c["bidirectional_bytes"] / c["duration_s"])
-            )
-            | ~(
-                nan["src2dst_payload_ratio"]
-                | _close(
-                    c["src2dst_payload_ratio"], c["src2dst_payload_bytes"] / c["src2dst_bytes"]
-                )
-            )
-            | ~(
-                nan["dst2src_payload_ratio"]
-                | _close(
-                    c["dst2src_payload_ratio"], c["dst2src_payload_bytes"] / c["dst2src_bytes"]
-                )
-            )
-        )
+        out["protocol and port class valid"] = _port_class_broken(c)
+        out["ratios match their parts"] = _ratios_broken(c, nan)
         out["distinct peers <= flows"] = (
             (c["src_host_distinct_dst_hosts"] > c["src_host_flows"])
             | (c["src_host_distinct_dst_ports"] > c["src_host_flows"])
             | (c["dst_host_distinct_src_hosts"] > c["dst_host_flows"])
         )
     return out
+
+
+def _value_rules(x: np.ndarray, c: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The rules on single values: finite, present where not nullable, in their range."""
+    out: dict[str, np.ndarray] = {}
+    out["finite"] = np.isinf(x).any(1)
+    out["not nullable is NaN"] = np.isnan(x[:, [not f.nullable for f in SCHEMA]]).any(1)
+    v = x[:, [_J[n] for n in INTEGERS]]
+    out["counts are non-negative integers"] = ((v < 0) | ((v != np.round(v)) & ~np.isnan(v))).any(1)
+    v = x[:, [_J[n] for n in BOOLS]]
+    out["flags are 0 or 1"] = ((v != 0) & (v != 1) & ~np.isnan(v)).any(1)
+    v = x[:, [_J[n] for n in SHARES]]
+    out["shares in [0, 1]"] = ((v < 0) | (v > 1 + 1e-6)).any(1)
+    out["TTL <= 255"] = (c["src2dst_ttl_min"] > 255) | (c["dst2src_ttl_min"] > 255)
+    ent = np.stack([c[f"{d}_payload_entropy"] for d in DIRECTIONS], 1)
+    out["entropy in [0, 8]"] = ((ent < 0) | (ent > 8 + 1e-6)).any(1)
+    out["duration >= 0"] = ~(c["duration_s"] >= 0)
+    out["src2dst packets >= 1"] = ~(c["src2dst_packets"] >= 1)
+    return out
+
+
+def _totals_broken(c: dict[str, np.ndarray], n: int) -> np.ndarray:
+    """Rows whose packets and bytes do not add up: bytes with packets, header + payload,
+    payload and flag packets within the packets, both directions to the bidirectional."""
+    bad = np.zeros(n, bool)
+    for d in DIRECTIONS:
+        p, b = c[f"{d}_packets"], c[f"{d}_bytes"]
+        bad |= (p > 0) != (b > 0)
+        bad |= ~_close(c[f"{d}_header_bytes"] + c[f"{d}_payload_bytes"], b)
+        bad |= c[f"{d}_payload_packets"] > p
+        bad |= (c[f"{d}_payload_packets"] > 0) != (c[f"{d}_payload_bytes"] > 0)
+        for flag in ("fin", "syn", "rst", "psh", "ack", "urg", "ece", "cwr"):
+            bad |= c[f"{d}_{flag}_packets"] > p
+    bad |= ~_close(c["bidirectional_packets"], c["src2dst_packets"] + c["dst2src_packets"])
+    bad |= ~_close(c["bidirectional_bytes"], c["src2dst_bytes"] + c["dst2src_bytes"])
+    return bad
+
+
+def _order_broken(c: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows whose length or gap statistics break min <= mean <= max or bound the std, rows
+    with one packet or one gap whose std is not 0)."""
+    bad = np.zeros(n, bool)
+    one = np.zeros(n, bool)
+    for d in (*DIRECTIONS, "bidirectional"):
+        p = c[f"{d}_packets"]
+        lo, mean = c[f"{d}_pkt_len_min"], c[f"{d}_pkt_len_mean"]
+        sd, hi = c[f"{d}_pkt_len_std"], c[f"{d}_pkt_len_max"]
+        has = p > 0
+        bad |= has & ~(
+            (lo <= mean * (1 + 1e-4) + 1e-3)
+            & (mean <= hi * (1 + 1e-4) + 1e-3)
+            & _close(mean * p, c[f"{d}_bytes"])
+            & (sd <= (hi - lo) / 2 * (1 + 1e-3) + 1e-3)
+        )
+        one |= (p == 1) & ~((sd == 0) & (lo == hi))
+        g = c[f"{d}_iat_min_s"], c[f"{d}_iat_mean_s"], c[f"{d}_iat_std_s"], c[f"{d}_iat_max_s"]
+        bad |= (p > 1) & ~(
+            (g[0] <= g[1] * (1 + 1e-4) + 1e-9)
+            & (g[1] <= g[3] * (1 + 1e-4) + 1e-9)
+            & (g[2] <= (g[3] - g[0]) / 2 * (1 + 1e-3) + 1e-6)
+            & (g[0] >= 0)
+        )
+        one |= (p == 2) & ~(g[2] == 0)
+    return bad, one
+
+
+def _port_class_broken(c: dict[str, np.ndarray]) -> np.ndarray:
+    """Rows with more than one protocol, two port classes, or a port class where there is
+    no port (ICMP) or none where there is one."""
+    proto = np.stack([c["proto_tcp"], c["proto_udp"], c["proto_icmp"]], 1)
+    wk, reg = c["dst_port_well_known"], c["dst_port_registered"]
+    ported = (c["proto_tcp"] == 1) | (c["proto_udp"] == 1)
+    return (
+        (proto.sum(1) > 1)
+        | ((wk == 1) & (reg == 1))
+        | (ported & np.isnan(wk))
+        | ((c["proto_icmp"] == 1) & ~np.isnan(wk))
+        | (np.isnan(wk) != np.isnan(reg))
+    )
+
+
+def _ratios_broken(c: dict[str, np.ndarray], nan: dict[str, np.ndarray]) -> np.ndarray:
+    """Rows whose ratios and rates differ from their parts (where present)."""
+    return (
+        ~_close(c["dst2src_src2dst_bytes_ratio"], c["dst2src_bytes"] / c["src2dst_bytes"])
+        | ~(
+            nan["packets_per_s"]
+            | _close(c["packets_per_s"], c["bidirectional_packets"] / c["duration_s"])
+        )
+        | ~(
+            nan["bytes_per_s"]
+            | _close(c["bytes_per_s"], c["bidirectional_bytes"] / c["duration_s"])
+        )
+        | ~(
+            nan["src2dst_payload_ratio"]
+            | _close(c["src2dst_payload_ratio"], c["src2dst_payload_bytes"] / c["src2dst_bytes"])
+        )
+        | ~(
+            nan["dst2src_payload_ratio"]
+            | _close(c["dst2src_payload_ratio"], c["dst2src_payload_bytes"] / c["dst2src_bytes"])
+        )
+    )
 
 
 def _nan_pattern(c: dict, nan: dict) -> np.ndarray:

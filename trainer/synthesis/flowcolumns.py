@@ -119,57 +119,89 @@ def std_bounds(lo, mean, hi, count) -> tuple[np.ndarray, np.ndarray]:
 # ---- the schema's rules: computing what is defined, repairing what is not ----------------------
 
 
+class _Repairs:
+    """Moves the values of a column that break a rule to valid ones, counting them per rule."""
+
+    def __init__(self, c: dict[str, np.ndarray]) -> None:
+        self.c = c
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, rule: str, bad: np.ndarray, col: str, value) -> None:
+        if bad.any():
+            self.counts[rule] = self.counts.get(rule, 0) + int(bad.sum())
+            self.c[col] = np.where(bad, value, self.c[col])
+
+
 def assemble(free: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, int]]:
     """Raw features (n, F) float32 from decoded free columns, and the values each repair rule
     moved. Every row of the result satisfies fidelity.constraint_violations' rules."""
     n = len(free["proto"])
     c = {k: np.asarray(v, np.float64).copy() for k, v in free.items()}
-    repairs: dict[str, int] = {}
-
-    def fix(rule: str, bad: np.ndarray, col: str, value) -> None:
-        if bad.any():
-            repairs[rule] = repairs.get(rule, 0) + int(bad.sum())
-            c[col] = np.where(bad, value, c[col])
-
+    fix = _Repairs(c)
     for name, v in c.items():
         if _UNIT.get(name) in INTEGER_UNITS and not name.endswith(("_mean", "_std")):
             c[name] = np.maximum(np.round(v), 0)
     proto = c["proto"].astype(int)
     tcp = proto == 0
-    ported = proto <= 1
     fix("src2dst packets >= 1", ~(c["src2dst_packets"] >= 1), "src2dst_packets", 1)
     for d in DIRECTIONS:
-        p = c[f"{d}_packets"]
-        fix("payload packets <= packets", c[f"{d}_payload_packets"] > p, f"{d}_payload_packets", p)
-        pp = c[f"{d}_payload_packets"]
-        fix(
-            "no payload packets, no payload",
-            (pp == 0) & (c[f"{d}_payload_bytes"] > 0),
-            f"{d}_payload_bytes",
-            0,
-        )
-        fix(
-            "payload packets carry payload",
-            (pp > 0) & (c[f"{d}_payload_bytes"] < pp),
-            f"{d}_payload_bytes",
-            pp,
-        )
-        header = np.round(np.nan_to_num(c[f"{d}_header_per_packet"], nan=40.0) * p)
-        c[f"{d}_header_bytes"] = header
-        c[f"{d}_bytes"] = header + c[f"{d}_payload_bytes"]
-        bytes_ = c[f"{d}_bytes"]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.where(p > 0, bytes_ / np.maximum(p, 1), np.nan)
-        c[f"{d}_pkt_len_mean"] = mean
-        _order_stats(c, f"{d}_pkt_len", p, mean, fix, integer=True, total=bytes_)
-        without = np.round(c[f"{d}_packets_without_ack"])
-        c[f"{d}_ack_packets"] = np.clip(p - without, 0, p)
-        without = np.round(c[f"{d}_payload_packets_without_psh"])
-        c[f"{d}_psh_packets"] = np.clip(pp - without, 0, p)
-        for flag in FLAGS:
-            name = f"{d}_{flag}_packets"
-            fix("flag counts <= packets", tcp & (c[name] > p), name, np.minimum(c[name], p))
+        _direction_columns(c, d, tcp, fix)
     total = c["src2dst_packets"] + c["dst2src_packets"]
+    _gap_columns(c, total, fix)
+    c["bidirectional_packets"] = total
+    c["bidirectional_bytes"] = c["src2dst_bytes"] + c["dst2src_bytes"]
+    _combined_lengths(c, total)
+    _rates(c, total)
+    _protocol_columns(c, proto)
+    for a, b in (
+        ("src_host_distinct_dst_hosts", "src_host_flows"),
+        ("src_host_distinct_dst_ports", "src_host_flows"),
+        ("dst_host_distinct_src_hosts", "dst_host_flows"),
+    ):
+        fix("distinct peers <= flows", c[a] > c[b], a, c[b])
+    _missing(c, tcp, total)
+    out = np.empty((n, len(FEATURE_NAMES)), np.float32)
+    for j, name in enumerate(FEATURE_NAMES):
+        out[:, j] = c[name]
+    return out, fix.counts
+
+
+def _direction_columns(c: dict, d: str, tcp: np.ndarray, fix: _Repairs) -> None:
+    """One direction's payload, header and total bytes, packet lengths and flag counts."""
+    p = c[f"{d}_packets"]
+    fix("payload packets <= packets", c[f"{d}_payload_packets"] > p, f"{d}_payload_packets", p)
+    pp = c[f"{d}_payload_packets"]
+    fix(
+        "no payload packets, no payload",
+        (pp == 0) & (c[f"{d}_payload_bytes"] > 0),
+        f"{d}_payload_bytes",
+        0,
+    )
+    fix(
+        "payload packets carry payload",
+        (pp > 0) & (c[f"{d}_payload_bytes"] < pp),
+        f"{d}_payload_bytes",
+        pp,
+    )
+    header = np.round(np.nan_to_num(c[f"{d}_header_per_packet"], nan=40.0) * p)
+    c[f"{d}_header_bytes"] = header
+    c[f"{d}_bytes"] = header + c[f"{d}_payload_bytes"]
+    bytes_ = c[f"{d}_bytes"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(p > 0, bytes_ / np.maximum(p, 1), np.nan)
+    c[f"{d}_pkt_len_mean"] = mean
+    _order_stats(c, f"{d}_pkt_len", p, mean, fix, integer=True, total=bytes_)
+    without = np.round(c[f"{d}_packets_without_ack"])
+    c[f"{d}_ack_packets"] = np.clip(p - without, 0, p)
+    without = np.round(c[f"{d}_payload_packets_without_psh"])
+    c[f"{d}_psh_packets"] = np.clip(pp - without, 0, p)
+    for flag in FLAGS:
+        name = f"{d}_{flag}_packets"
+        fix("flag counts <= packets", tcp & (c[name] > p), name, np.minimum(c[name], p))
+
+
+def _gap_columns(c: dict, total: np.ndarray, fix: _Repairs) -> None:
+    """The duration, and each direction's and the flow's gap statistics from it."""
     fix("one packet, no duration", (total == 1) & (c["duration_s"] != 0), "duration_s", 0.0)
     c["duration_s"] = np.maximum(c["duration_s"], 0)
     dur = c["duration_s"]
@@ -182,9 +214,10 @@ def assemble(free: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, int]]:
         for s in ("min", "max"):
             c[f"{d}_iat_{s}_s"] = np.maximum(c[f"{d}_iat_{s}_to_mean"], 0) * mean
         _order_stats(c, f"{d}_iat", gaps, mean, fix, suffix="_s")
-    c["bidirectional_packets"] = total
-    c["bidirectional_bytes"] = c["src2dst_bytes"] + c["dst2src_bytes"]
-    _combined_lengths(c, total)
+
+
+def _rates(c: dict, total: np.ndarray) -> None:
+    """The byte ratio of the directions, packets and bytes per second, payload ratios."""
     with np.errstate(invalid="ignore", divide="ignore"):
         dur = c["duration_s"]
         c["dst2src_src2dst_bytes_ratio"] = c["dst2src_bytes"] / c["src2dst_bytes"]
@@ -193,6 +226,11 @@ def assemble(free: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, int]]:
         for d in DIRECTIONS:
             b = c[f"{d}_bytes"]
             c[f"{d}_payload_ratio"] = np.where(b > 0, c[f"{d}_payload_bytes"] / b, np.nan)
+
+
+def _protocol_columns(c: dict, proto: np.ndarray) -> None:
+    """Protocol and port-class flags, and the TCP handshake's answer and reset."""
+    ported = proto <= 1
     for k, name in enumerate(("proto_tcp", "proto_udp", "proto_icmp")):
         c[name] = (proto == k).astype(np.float64)
     pc = c["port_class"]
@@ -200,17 +238,6 @@ def assemble(free: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, int]]:
     c["dst_port_registered"] = np.where(ported, pc == 1, np.nan)
     c["tcp_answered"] = (c["dst2src_syn_packets"] > 0).astype(np.float64)
     c["tcp_reset"] = ((c["src2dst_rst_packets"] + c["dst2src_rst_packets"]) > 0).astype(float)
-    for a, b in (
-        ("src_host_distinct_dst_hosts", "src_host_flows"),
-        ("src_host_distinct_dst_ports", "src_host_flows"),
-        ("dst_host_distinct_src_hosts", "dst_host_flows"),
-    ):
-        fix("distinct peers <= flows", c[a] > c[b], a, c[b])
-    _missing(c, tcp, total)
-    out = np.empty((n, len(FEATURE_NAMES)), np.float32)
-    for j, name in enumerate(FEATURE_NAMES):
-        out[:, j] = c[name]
-    return out, repairs
 
 
 def _order_stats(c, prefix, count, mean, fix, integer=False, total=None, suffix="") -> None:
