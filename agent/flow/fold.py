@@ -1,4 +1,4 @@
-"""Folding one batch's packets into the flow table's columns (see flows.py for the rules).
+"""Folding one batch's packets into the flow table's columns (see table.py for the rules).
 
 Packets arrive grouped by flow key (segments of a sort by key hash). ``split_runs`` finds
 where a flow ends and a new one of the same key starts inside a segment (idle, active timeout,
@@ -9,6 +9,8 @@ merged directly.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,77 +29,111 @@ from quietwire.agent.flow.records import (
 )
 
 
+@dataclass(frozen=True)
+class GroupedBatch:
+    """A batch's packets grouped by flow key: sorted by key hash (a segment per key), each
+    key's packets in capture order. Per sorted packet unless said otherwise."""
+
+    order: np.ndarray  # index of the packet in the batch
+    key_hash: np.ndarray  # uint64, the packet's flow key hash
+    seg_first: np.ndarray  # bool: the first packet of its key's segment
+    seg_start: np.ndarray  # per segment: the position of its first packet
+    seg_of: np.ndarray  # the segment the packet belongs to
+    ts: np.ndarray  # int64 capture time, ns
+    swapped: np.ndarray  # bool: sent from the key's second endpoint
+    flags: np.ndarray  # uint8 TCP flags
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+
+@dataclass(frozen=True)
+class _TableFlows:
+    """Per segment: the table flow its key had before this batch (zeros when ``known`` is
+    False), with FIN counts in canonical orientation (``fin_a``: from the key's first
+    endpoint)."""
+
+    known: np.ndarray
+    last_ns: np.ndarray
+    first_ns: np.ndarray
+    fin_a: np.ndarray
+    fin_b: np.ndarray
+    rst: np.ndarray
+
+
+def _table_flows(cols: dict[str, np.ndarray], seg_slot: np.ndarray) -> _TableFlows:
+    """The table state "before" each segment's first packet (slot -1: a new key)."""
+    c = cols
+    known = seg_slot >= 0
+    ks = np.where(known, seg_slot, 0)
+    t_sw = c["swapped"][ks]
+    t_fin = take_rows(c["fin_packets"], ks)  # (segments, 2) in client/server orientation
+    return _TableFlows(
+        known=known,
+        last_ns=np.where(known, c["last_ns"][ks], 0),
+        first_ns=np.where(known, c["first_ns"][ks], 0),
+        fin_a=np.where(known, np.where(t_sw, t_fin[:, 1], t_fin[:, 0]) > 0, False),
+        fin_b=np.where(known, np.where(t_sw, t_fin[:, 0], t_fin[:, 1]) > 0, False),
+        rst=np.where(known, either_direction(take_rows(c["rst_packets"], ks)), False),
+    )
+
+
+@dataclass(frozen=True)
+class _CloseMarks:
+    """Per sorted packet: the TCP flags that close a flow (0/1, with running sums over the
+    batch), whether it is a bare SYN, and its gap to the key's previous packet."""
+
+    fin_a: np.ndarray
+    fin_b: np.ndarray
+    rst: np.ndarray
+    cum_fin_a: np.ndarray
+    cum_fin_b: np.ndarray
+    cum_rst: np.ndarray
+    syn_only: np.ndarray
+    gap: np.ndarray
+
+
+def _close_marks(batch: GroupedBatch, table: _TableFlows) -> _CloseMarks:
+    flags, sw, ts = batch.flags, batch.swapped, batch.ts
+    is_fin = (flags & FIN) > 0
+    fin_a = (is_fin & ~sw).astype(np.int64)
+    fin_b = (is_fin & sw).astype(np.int64)
+    rst = ((flags & RST) > 0).astype(np.int64)
+    prev_ts = np.empty(len(ts), dtype=np.int64)
+    prev_ts[1:] = ts[:-1]
+    prev_ts[batch.seg_start] = table.last_ns
+    return _CloseMarks(
+        fin_a=fin_a,
+        fin_b=fin_b,
+        rst=rst,
+        cum_fin_a=np.cumsum(fin_a),
+        cum_fin_b=np.cumsum(fin_b),
+        cum_rst=np.cumsum(rst),
+        syn_only=(flags & (SYN | ACK)) == SYN,
+        gap=ts - prev_ts,
+    )
+
+
 def split_runs(
     cols: dict[str, np.ndarray],
     timeouts_ns: dict[str, int],
-    seg_first,
-    seg_start,
-    seg_of,
-    seg_slot,
-    ts,
-    sw,
-    flags,
-):
-    """Where a new flow starts inside each key's packets, and why the previous one ended.
+    batch: GroupedBatch,
+    seg_slot: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Where a new flow starts inside each key's packets, and why the previous one ended
+    (per sorted packet: a bool, and an int8 end reason). ``seg_slot`` is each segment's
+    table slot, -1 for a key not in the table.
 
     The rules depend on the flow a packet would join (its first time, its TCP close
     state), which depends on the earlier splits, so iterate to the fixed point; each round
     settles at least the next split from the left, and real traffic needs two or three.
     """
-    n = len(ts)
-    c = cols
-    known = seg_slot >= 0
-    ks = np.where(known, seg_slot, 0)
-    # State "before" each segment's first packet: the table flow's, for known keys.
-    t_last = np.where(known, c["last_ns"][ks], 0)
-    t_first = np.where(known, c["first_ns"][ks], 0)
-    t_sw = c["swapped"][ks]
-    t_fin = take_rows(c["fin_packets"], ks)  # (segments, 2) in client/server orientation
-    # Convert the table's FIN counts to canonical orientation (0: from endpoint a).
-    t_fin_a = np.where(known, np.where(t_sw, t_fin[:, 1], t_fin[:, 0]) > 0, False)
-    t_fin_b = np.where(known, np.where(t_sw, t_fin[:, 0], t_fin[:, 1]) > 0, False)
-    t_rst = np.where(known, either_direction(take_rows(c["rst_packets"], ks)), False)
-
-    is_fin = (flags & FIN) > 0
-    fin_a = (is_fin & ~sw).astype(np.int64)
-    fin_b = (is_fin & sw).astype(np.int64)
-    rst = ((flags & RST) > 0).astype(np.int64)
-    syn_only = (flags & (SYN | ACK)) == SYN
-    idle, active, linger = timeouts_ns["idle"], timeouts_ns["active"], timeouts_ns["linger"]
-
-    prev_ts = np.empty(n, dtype=np.int64)
-    prev_ts[1:] = ts[:-1]
-    prev_ts[seg_start] = t_last
-    gap = ts - prev_ts
-    idx = np.arange(n)
-    cum_fin_a, cum_fin_b, cum_rst = np.cumsum(fin_a), np.cumsum(fin_b), np.cumsum(rst)
-    starts = seg_first & ~known[seg_of]
-    for _ in range(n + 1):
-        run_begin = np.maximum.accumulate(np.where(starts | seg_first, idx, 0))
-        continuing = ~starts[run_begin] & known[seg_of]
-        first_ts = np.where(continuing, t_first[seg_of], ts[run_begin])
-
-        def seen(per_packet, cumulative, table_flag, run_begin=run_begin, cont=continuing):
-            """Whether the flag was seen in packet i's run up to and including i."""
-            in_run = cumulative - cumulative[run_begin] + per_packet[run_begin]
-            return (in_run > 0) | (cont & table_flag[seg_of])
-
-        closed = seen(rst, cum_rst, t_rst) | (
-            seen(fin_a, cum_fin_a, t_fin_a) & seen(fin_b, cum_fin_b, t_fin_b)
-        )
-        # Values "before packet i": from packet i-1 in the same segment, else the table.
-        before_first = np.empty(n, dtype=np.int64)
-        before_first[1:] = first_ts[:-1]
-        before_closed = np.empty(n, dtype=bool)
-        before_closed[1:] = closed[:-1]
-        before_first[seg_start] = t_first
-        before_closed[seg_start] = t_rst | (t_fin_a & t_fin_b)
-        can_join = ~seg_first | known[seg_of]
-        ends_by_close = before_closed & (syn_only | (gap >= linger))
-        ends_by_idle = gap >= idle
-        ends_by_active = ts - before_first >= active
-        new_starts = (seg_first & ~known[seg_of]) | (
-            can_join & (ends_by_close | ends_by_idle | ends_by_active)
+    table = _table_flows(cols, seg_slot)
+    marks = _close_marks(batch, table)
+    starts = batch.seg_first & ~table.known[batch.seg_of]
+    for _ in range(len(batch) + 1):
+        new_starts, ends_by_close, ends_by_idle = _next_starts(
+            batch, table, marks, starts, timeouts_ns
         )
         if np.array_equal(new_starts, starts):
             break
@@ -106,16 +142,56 @@ def split_runs(
     return starts, reason.astype(np.int8)
 
 
+def _next_starts(
+    batch: GroupedBatch,
+    table: _TableFlows,
+    marks: _CloseMarks,
+    starts: np.ndarray,
+    timeouts_ns: dict[str, int],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One round of split_runs: the flow starts the rules give when flows start at
+    ``starts``, and per packet whether it ends the flow before it by a TCP close or by the
+    idle timeout (else, where it starts one, by the active timeout)."""
+    seg_first, seg_start, seg_of, ts = batch.seg_first, batch.seg_start, batch.seg_of, batch.ts
+    known = table.known
+    idx = np.arange(len(ts))
+    run_begin = np.maximum.accumulate(np.where(starts | seg_first, idx, 0))
+    continuing = ~starts[run_begin] & known[seg_of]
+    first_ts = np.where(continuing, table.first_ns[seg_of], ts[run_begin])
+
+    def seen(per_packet, cumulative, table_flag):
+        """Whether the flag was seen in packet i's run up to and including i."""
+        in_run = cumulative - cumulative[run_begin] + per_packet[run_begin]
+        return (in_run > 0) | (continuing & table_flag[seg_of])
+
+    m = marks
+    closed = seen(m.rst, m.cum_rst, table.rst) | (
+        seen(m.fin_a, m.cum_fin_a, table.fin_a) & seen(m.fin_b, m.cum_fin_b, table.fin_b)
+    )
+    # Values "before packet i": from packet i-1 in the same segment, else the table.
+    before_first = np.empty(len(ts), dtype=np.int64)
+    before_first[1:] = first_ts[:-1]
+    before_closed = np.empty(len(ts), dtype=bool)
+    before_closed[1:] = closed[:-1]
+    before_first[seg_start] = table.first_ns
+    before_closed[seg_start] = table.rst | (table.fin_a & table.fin_b)
+    can_join = ~seg_first | known[seg_of]
+    ends_by_close = before_closed & (m.syn_only | (m.gap >= timeouts_ns["linger"]))
+    ends_by_idle = m.gap >= timeouts_ns["idle"]
+    ends_by_active = ts - before_first >= timeouts_ns["active"]
+    new_starts = (seg_first & ~known[seg_of]) | (
+        can_join & (ends_by_close | ends_by_idle | ends_by_active)
+    )
+    return new_starts, ends_by_close, ends_by_idle
+
+
 def fold_runs(
     cols: dict[str, np.ndarray],
     p: Packets,
-    order,
-    ts,
-    sw,
-    flags,
-    run_start,
-    run_of,
-    run_slot,
+    batch: GroupedBatch,
+    run_start: np.ndarray,
+    run_of: np.ndarray,
+    run_slot: np.ndarray,
     payload: bool = True,
 ) -> None:
     """Reduce each run's packets and merge the results into its table slot; with
@@ -125,7 +201,8 @@ def fold_runs(
     batch) are merged directly, without the per-run reductions; each run has its own slot,
     so the two kinds fold independently and give the same values either way."""
     c = cols
-    d = (sw != c["swapped"][run_slot[run_of]]).astype(np.int64)  # 0: client to server
+    order, ts, flags = batch.order, batch.ts, batch.flags
+    d = (batch.swapped != c["swapped"][run_slot[run_of]]).astype(np.int64)  # 0: client to server
     if payload and p.raw is not None:
         _fold_payload(c, p, order, d, run_of, run_slot)
     lengths = np.diff(np.r_[run_start, len(ts)])
@@ -165,9 +242,7 @@ def _fold_single(c, p: Packets, order, ts, d, flags, slots) -> None:
     ip_len = p.ip_len[order]
     payload = p.payload_len[order]
 
-    def col(name: str) -> np.ndarray:
-        return np.reshape(c[name], -1, copy=False)  # a view: writes reach the table
-
+    col = _flat_view(c)
     fresh = col("packets")[at] == 0  # the direction's first packet sets its initial TCP window
     col("packets")[at] += 1
     col("bytes")[at] += p.wirelen[order]
@@ -201,15 +276,65 @@ def _fold_single(c, p: Packets, order, ts, d, flags, slots) -> None:
 
 def _fold_grouped(c, p: Packets, order, ts, d, flags, run_start, run_of, run_slot) -> None:
     """fold_runs for runs of any length: per-run reductions (reduceat) merged into the slots."""
+    packets_before = take_rows(c["packets"], run_slot)  # (runs, 2): before this batch
+    _fold_run_times(c, ts, d, flags, run_start, run_of, run_slot, packets_before)
+
+    # Per-direction state: the packets of each (run, direction) together, still in order (a
+    # stable sort; runs are contiguous already), reduced once into the flat (slot, direction)
+    # index 2 * slot + direction. The sums regrouped here are of whole numbers (exact in any
+    # order); the inter-arrival times keep each direction's packets in their order.
+    key = 2 * run_of + d
+    g = np.argsort(key, kind="stable")
+    key = key[g]
+    bounds = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    group = key[bounds]
+    at = 2 * run_slot[group >> 1] + (group & 1)
+    pick = order[g]
+
+    fresh = np.reshape(packets_before, -1)[group] == 0  # (runs, 2) flat: 2 * run + direction
+    ip_len = p.ip_len[pick]
+    payload = p.payload_len[pick]
+    col = _flat_view(c)
+    col("packets")[at] += np.diff(np.r_[bounds, len(g)])
+    col("bytes")[at] += np.add.reduceat(p.wirelen[pick], bounds, dtype=np.int64)
+    col("ip_bytes")[at] += np.add.reduceat(ip_len, bounds, dtype=np.int64)
+    col("header_bytes")[at] += np.add.reduceat(p.hdr_len[pick], bounds, dtype=np.int64)
+    col("payload_bytes")[at] += np.add.reduceat(payload, bounds, dtype=np.int64)
+    with_payload = (payload > 0).astype(np.int64)
+    _add_count(col("payload_packets"), at, np.add.reduceat(with_payload, bounds))
+    lf = ip_len.astype(np.float64)
+    col("len_sum")[at] += np.add.reduceat(lf, bounds)
+    col("len_sumsq")[at] += np.add.reduceat(lf * lf, bounds)
+    _fold_extreme(col("len_min"), at, np.minimum, ip_len, bounds)
+    _fold_extreme(col("len_max"), at, np.maximum, ip_len, bounds)
+    _fold_extreme(col("ttl_min"), at, np.minimum, p.ttl[pick], bounds)
+    _fold_flag_counts(col, at, flags[g], bounds)
+    _fold_direction_times(col, at, ts[g], bounds)
+    # The first packet of a direction sets its initial TCP window.
+    init = col("init_window")
+    init[at] = np.where(fresh, p.tcp_window[pick][bounds], init[at])
+
+
+def _flat_view(c: dict[str, np.ndarray]):
+    """A lookup of per-direction (slots, 2) columns as flat views, indexed at
+    2 * slot + direction (writes reach the table)."""
+
+    def col(name: str) -> np.ndarray:
+        return np.reshape(c[name], -1, copy=False)
+
+    return col
+
+
+def _fold_run_times(c, ts, d, flags, run_start, run_of, run_slot, packets_before) -> None:
+    """Bidirectional inter-arrival times (within the run, and from the table's last packet),
+    last packet times and the server's first answer of each run."""
     first_of_run = np.zeros(len(ts), dtype=bool)
     first_of_run[run_start] = True
-    packets_before = take_rows(c["packets"], run_slot)  # (runs, 2): before this batch
 
     def add(col, values):
         sums = np.add.reduceat(values, run_start)
         c[col][run_slot] += sums.astype(c[col].dtype)
 
-    # Bidirectional inter-arrival times: within the run, and from the table's last packet.
     prev = np.empty(len(ts), dtype=np.int64)
     prev[1:] = ts[:-1]
     prev[run_start] = c["last_ns"][run_slot]
@@ -224,40 +349,10 @@ def _fold_grouped(c, p: Packets, order, ts, d, flags, run_start, run_of, run_slo
     answer = np.where((d == 1) & ((flags & RST) == 0), ts, NEVER)
     _fold_extreme(c["answered_ns"], run_slot, np.minimum, answer, run_start)
 
-    # Per-direction state: the packets of each (run, direction) together, still in order (a
-    # stable sort; runs are contiguous already), reduced once into the flat (slot, direction)
-    # index 2 * slot + direction. The sums regrouped here are of whole numbers (exact in any
-    # order); the inter-arrival times keep each direction's packets in their order.
-    key = 2 * run_of + d
-    g = np.argsort(key, kind="stable")
-    key = key[g]
-    bounds = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-    group = key[bounds]
-    at = 2 * run_slot[group >> 1] + (group & 1)
-    pick = order[g]
 
-    def col(name: str) -> np.ndarray:
-        return np.reshape(c[name], -1, copy=False)  # a view: writes reach the table
-
-    fresh = np.reshape(packets_before, -1)[group] == 0  # (runs, 2) flat: 2 * run + direction
-    ip_len = p.ip_len[pick]
-    payload = p.payload_len[pick]
-    col("packets")[at] += np.diff(np.r_[bounds, len(g)])
-    col("bytes")[at] += np.add.reduceat(p.wirelen[pick], bounds, dtype=np.int64)
-    col("ip_bytes")[at] += np.add.reduceat(ip_len, bounds, dtype=np.int64)
-    col("header_bytes")[at] += np.add.reduceat(p.hdr_len[pick], bounds, dtype=np.int64)
-    col("payload_bytes")[at] += np.add.reduceat(payload, bounds, dtype=np.int64)
-    with_payload = (payload > 0).astype(np.int64)
-    _add_count(col("payload_packets"), at, np.add.reduceat(with_payload, bounds))
-    lf = ip_len.astype(np.float64)
-    col("len_sum")[at] += np.add.reduceat(lf, bounds)
-    col("len_sumsq")[at] += np.add.reduceat(lf * lf, bounds)
-    _fold_extreme(col("len_min"), at, np.minimum, ip_len, bounds)
-    _fold_extreme(col("len_max"), at, np.maximum, ip_len, bounds)
-    _fold_extreme(col("ttl_min"), at, np.minimum, p.ttl[pick], bounds)
-    # The counts of the TCP flags seen in the batch (adding 0 changes no count) in one
-    # (flags, n) reduction.
-    flags = flags[g]
+def _fold_flag_counts(col, at: np.ndarray, flags: np.ndarray, bounds: np.ndarray) -> None:
+    """The counts of the TCP flags seen in the batch (adding 0 changes no count), per
+    (slot, direction) group, in one (flags, n) reduction."""
     seen = int(np.bitwise_or.reduce(flags))
     bits = [bit for bit in range(8) if seen >> bit & 1]
     flag_bits = (flags[None, :] >> np.array(bits, dtype=np.uint8)[:, None]) & 1
@@ -265,8 +360,10 @@ def _fold_grouped(c, p: Packets, order, ts, d, flags, run_start, run_of, run_slo
     for row, bit in enumerate(bits):
         _add_count(col(f"{TCP_FLAG_NAMES[bit]}_packets"), at, flag_sums[row])
 
-    # Per-direction times.
-    t = ts[g]
+
+def _fold_direction_times(col, at: np.ndarray, t: np.ndarray, bounds: np.ndarray) -> None:
+    """Per-direction inter-arrival times and last times, per (slot, direction) group of
+    packets ``t`` (each group's in capture order)."""
     dir_last = col("dir_last_ns")
     prev_d = np.empty(len(t), dtype=np.int64)
     prev_d[1:] = t[:-1]
@@ -280,9 +377,6 @@ def _fold_grouped(c, p: Packets, order, ts, d, flags, run_start, run_of, run_slo
     _fold_extreme(col("dir_iat_min"), at, np.minimum, np.where(has_prev_d, diat, NEVER), bounds)
     _fold_extreme(col("dir_iat_max"), at, np.maximum, np.where(has_prev_d, diat, -1), bounds)
     dir_last[at] = np.maximum.reduceat(t, bounds)
-    # The first packet of a direction sets its initial TCP window.
-    init = col("init_window")
-    init[at] = np.where(fresh, p.tcp_window[pick][bounds], init[at])
 
 
 def _fold_payload(c, p: Packets, order, d, run_of, run_slot) -> None:
