@@ -16,8 +16,7 @@ from .common import Reading, Steps, error, trainer_or_error
 def cmd_train(args: argparse.Namespace) -> int:
     if trainer_or_error() is None:
         return 2
-    from quietwire.trainer.data import load_benign, load_labels
-    from quietwire.trainer.model.detector import DiffusionDetector, TrainConfig, TrainingError
+    from quietwire.trainer.model.detector import DiffusionDetector, TrainingError
     from quietwire.trainer.model.export import export
 
     init = None
@@ -25,10 +24,36 @@ def cmd_train(args: argparse.Namespace) -> int:
         init = _init_model(args.init, args.score)
         if init is None:
             return 2
+    config = _train_config(args, init)
+    if config is None:
+        return 2
     try:
-        # Fine-tuning keeps the initial model's networks' shapes and score (its config).
+        benign = _read_benign(args)
+        if benign is None:
+            return 2
+        gen, features = _generator(args, benign, config.train_steps)
+        det = DiffusionDetector(config).fit(
+            features, progress=Steps(sys.stderr.isatty()), init=init[0] if init else None
+        )
+        if init:
+            det.summary_.fine_tuned_from = init[1]
+        export(det, args.out)
+        _write_generator(gen, args.out)
+    except TrainingError as exc:
+        error(str(exc))
+        return 2
+    _print_trained(args, config, det, init)
+    return 0
+
+
+def _train_config(args: argparse.Namespace, init):
+    """The TrainConfig the options ask for, or None after an error line. Fine-tuning keeps the
+    initial model's networks' shapes and score (its config)."""
+    from quietwire.trainer.model.detector import TrainConfig
+
+    try:
         base = init[0].config if init else TrainConfig(score=args.score or TrainConfig.score)
-        config = replace(
+        return replace(
             base,
             train_steps=args.train_steps or (INIT_TRAIN_STEPS if init else TRAIN_STEPS),
             trim=args.trim,
@@ -41,46 +66,46 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         error(str(exc))
-        return 2
-    try:
-        labels = load_labels(args.labels) if args.labels else load_labels()
-        paths = list(args.benign)
-        if args.labels:
-            paths += [args.pcap_dir / name for name in labels["benign"]]
-        if not paths:
-            error("no benign input: give --benign PATH... or --labels FILE")
-            return 2
-        if args.max_flows < 0:
-            error(f"--max-flows: expected 0 (all) or more, got {args.max_flows}")
-            return 2
-        reading = Reading(sys.stderr.isatty())
-        data = load_benign(
-            paths, labels["malicious"], reading, max_flows=args.max_flows or None, seed=args.seed
-        )
-        reading.done()
-        if len(data.features) < data.flows_read:
-            print(
-                f"sampled {len(data.features):,} of {data.flows_read:,} flows (host-balanced "
-                f"over {data.hosts:,} client hosts, seed {args.seed}; --max-flows)",
-                file=sys.stderr,
-            )
-        interim = int(data.features[:, FEATURE_NAMES.index("flow_open")].sum())
+        return None
+
+
+def _read_benign(args: argparse.Namespace):
+    """The benign training records (features), or None after an error line; how many were
+    read and sampled goes to stderr."""
+    from quietwire.trainer.data import load_benign, load_labels
+
+    labels = load_labels(args.labels) if args.labels else load_labels()
+    paths = list(args.benign)
+    if args.labels:
+        paths += [args.pcap_dir / name for name in labels["benign"]]
+    if not paths:
+        error("no benign input: give --benign PATH... or --labels FILE")
+        return None
+    if args.max_flows < 0:
+        error(f"--max-flows: expected 0 (all) or more, got {args.max_flows}")
+        return None
+    reading = Reading(sys.stderr.isatty())
+    data = load_benign(
+        paths, labels["malicious"], reading, max_flows=args.max_flows or None, seed=args.seed
+    )
+    reading.done()
+    if len(data.features) < data.flows_read:
         print(
-            f"benign records: {len(data.features)} ({len(data.features) - interim} flows, "
-            f"{interim} interim records of open flows) from {len(data.sources)} files",
+            f"sampled {len(data.features):,} of {data.flows_read:,} flows (host-balanced "
+            f"over {data.hosts:,} client hosts, seed {args.seed}; --max-flows)",
             file=sys.stderr,
         )
-        gen, features = _generator(args, data.features, config.train_steps)
-        det = DiffusionDetector(config).fit(
-            features, progress=Steps(sys.stderr.isatty()), init=init[0] if init else None
-        )
-        if init:
-            det.summary_.fine_tuned_from = init[1]
-        export(det, args.out)
-        _write_generator(gen, args.out)
-    except TrainingError as exc:
-        error(str(exc))
-        return 2
+    interim = int(data.features[:, FEATURE_NAMES.index("flow_open")].sum())
+    print(
+        f"benign records: {len(data.features)} ({len(data.features) - interim} flows, "
+        f"{interim} interim records of open flows) from {len(data.sources)} files",
+        file=sys.stderr,
+    )
+    return data.features
+
+
+def _print_trained(args: argparse.Namespace, config, det, init) -> None:
+    """The trained model's summary: file, records, time, losses, thresholds, lineage."""
     s = det.summary_
     print(
         f"model: {args.out} (score {config.score}, {s.inputs} inputs from {s.features} "
@@ -99,7 +124,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"on {f['trained_flows']:,} flows) in {config.train_steps} steps per network; its "
             "preprocessing kept, thresholds from the new data's held-out flows"
         )
-    return 0
 
 
 TRAIN_STEPS = 2000  # optimiser steps per network, from scratch
@@ -184,41 +208,15 @@ def _write_generator(gen, model: Path) -> None:
 def cmd_sample(args: argparse.Namespace) -> int:
     if trainer_or_error() is None:
         return 2
-    import numpy as np
-
-    from quietwire.agent.output.tablefields import FlowFileError
-    from quietwire.trainer.data import load_benign
-    from quietwire.trainer.model.detector import TrainingError
-    from quietwire.trainer.synthesis.fidelity import compare, utility
-    from quietwire.trainer.synthesis.generator import (
-        FlowGenerator,
-        GeneratorError,
-        generator_path,
-        write_flow_table,
-    )
+    from quietwire.trainer.synthesis.generator import write_flow_table
 
     if args.n < 1:
         error(f"-n: expected at least 1 flow, got {args.n}")
         return 2
-    try:
-        import onnx
-
-        onnx.load(str(args.model), load_external_data=False)
-    except Exception as exc:  # onnx raises several types for a bad file
-        error(f"{args.model}: cannot load model ({str(exc).splitlines()[0][:200]})")
+    loaded = _load_generator(args)
+    if loaded is None:
         return 2
-    path = args.generator or generator_path(args.model)
-    if not path.exists():
-        error(
-            f"{path}: no generator beside the model (quietwire train writes one unless "
-            "--generator-steps 0; or give --generator FILE)"
-        )
-        return 2
-    try:
-        gen = FlowGenerator.load(path)
-    except GeneratorError as exc:
-        error(str(exc))
-        return 2
+    gen, path = loaded
     synthetic = gen.sample(args.n, seed=args.seed)
     repaired = ", ".join(f"{k} {v}" for k, v in gen.last_repairs.items()) or "none"
     print(
@@ -233,32 +231,69 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if not args.compare:
             error("--attacks needs --compare (real benign flows to score and to train on)")
             return 2
-        try:
-            real = load_benign(list(args.compare), known_malicious={}).features
-            attacks = (
-                load_benign(list(args.attacks), known_malicious={}).features
-                if args.attacks
-                else None
-            )
-        except (TrainingError, FlowFileError) as exc:
-            error(str(exc))
+        return _compare_with_real(args, synthetic)
+    return 0
+
+
+def _load_generator(args: argparse.Namespace):
+    """(the generator of --model or --generator, its path), or None after an error line."""
+    from quietwire.trainer.synthesis.generator import FlowGenerator, GeneratorError, generator_path
+
+    try:
+        import onnx
+
+        onnx.load(str(args.model), load_external_data=False)
+    except Exception as exc:  # onnx raises several types for a bad file
+        error(f"{args.model}: cannot load model ({str(exc).splitlines()[0][:200]})")
+        return None
+    path = args.generator or generator_path(args.model)
+    if not path.exists():
+        error(
+            f"{path}: no generator beside the model (quietwire train writes one unless "
+            "--generator-steps 0; or give --generator FILE)"
+        )
+        return None
+    try:
+        return FlowGenerator.load(path), path
+    except GeneratorError as exc:
+        error(str(exc))
+        return None
+
+
+def _compare_with_real(args: argparse.Namespace, synthetic) -> int:
+    """--compare: the fidelity table of the synthetic flows against real ones; --attacks: the
+    utility test. The exit status."""
+    import numpy as np
+
+    from quietwire.agent.output.tablefields import FlowFileError
+    from quietwire.trainer.data import load_benign
+    from quietwire.trainer.model.detector import TrainingError
+    from quietwire.trainer.synthesis.fidelity import compare, utility
+
+    try:
+        real = load_benign(list(args.compare), known_malicious={}).features
+        attacks = (
+            load_benign(list(args.attacks), known_malicious={}).features if args.attacks else None
+        )
+    except (TrainingError, FlowFileError) as exc:
+        error(str(exc))
+        return 2
+    rng = np.random.default_rng(args.seed)
+    real = real[rng.permutation(len(real))[: args.n]]
+    print(compare(real, synthetic[: max(len(real), 1)], seed=args.seed).table())
+    if attacks is not None:
+        # the real-trained detector learns from one half of the real flows; both are
+        # scored on the other half and the attacks
+        half = len(real) // 2
+        if half < 50:
+            error(f"--attacks: need at least 100 real benign flows, got {len(real)}")
             return 2
-        rng = np.random.default_rng(args.seed)
-        real = real[rng.permutation(len(real))[: args.n]]
-        print(compare(real, synthetic[: max(len(real), 1)], seed=args.seed).table())
-        if attacks is not None:
-            # the real-trained detector learns from one half of the real flows; both are
-            # scored on the other half and the attacks
-            half = len(real) // 2
-            if half < 50:
-                error(f"--attacks: need at least 100 real benign flows, got {len(real)}")
-                return 2
-            u = utility(synthetic[:half], real[:half], real[half:], attacks, args.utility_steps)
-            print(
-                f"utility: detector AUROC trained on {half} synthetic flows {u['synthetic']:.3f}, "
-                f"on {half} real flows {u['real']:.3f} (ratio {u['ratio']:.3f}); scored on "
-                f"{len(real) - half} real benign flows and {len(attacks)} attack flows"
-            )
+        u = utility(synthetic[:half], real[:half], real[half:], attacks, args.utility_steps)
+        print(
+            f"utility: detector AUROC trained on {half} synthetic flows {u['synthetic']:.3f}, "
+            f"on {half} real flows {u['real']:.3f} (ratio {u['ratio']:.3f}); scored on "
+            f"{len(real) - half} real benign flows and {len(attacks)} attack flows"
+        )
     return 0
 
 
@@ -280,6 +315,18 @@ def register(sub) -> None:
         description="Extract flows from benign captures (or read flow tables), fit the "
         "diffusion model, calibrate thresholds on held-out flows, write one ONNX file.",
     )
+    _add_train_inputs(train)
+    _add_model_options(train)
+    _add_robust_training(train)
+    _add_training_data(train)
+    _add_generator_options(train)
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(func=cmd_train)
+    _add_sample(sub)
+
+
+def _add_train_inputs(train: argparse.ArgumentParser) -> None:
+    """What to train on and what to write: benign inputs, the ONNX file, a model to fine-tune."""
     train.add_argument(
         "--benign",
         nargs="*",
@@ -305,6 +352,10 @@ def register(sub) -> None:
         "of training from scratch: its networks, preprocessing and score are kept, its "
         "thresholds recomputed on the new data's held-out flows",
     )
+
+
+def _add_model_options(train: argparse.ArgumentParser) -> None:
+    """The anomaly score and the optimiser steps."""
     train.add_argument(
         "--score",
         choices=("dte_clean", "dte", "noise", "dte_noise"),
@@ -319,6 +370,10 @@ def register(sub) -> None:
         metavar="N",
         help=f"optimiser steps per network ({TRAIN_STEPS}; {INIT_TRAIN_STEPS} with --init)",
     )
+
+
+def _add_robust_training(train: argparse.ArgumentParser) -> None:
+    """Robust training: what keeps attacks hidden in the benign data from being learnt."""
     train.add_argument(
         "--trim",
         type=float,
@@ -360,6 +415,10 @@ def register(sub) -> None:
         "are encoded as missing, so features missing at random are no anomaly (0.15; 0 = off, "
         "the default with --init)",
     )
+
+
+def _add_training_data(train: argparse.ArgumentParser) -> None:
+    """How the benign flows are split and sampled."""
     train.add_argument(
         "--holdout",
         type=float,
@@ -375,6 +434,10 @@ def register(sub) -> None:
         help="train on at most N flows: a seeded sample balanced across client hosts, in "
         "bounded memory however many flows the inputs hold (%(default)d; 0 = all)",
     )
+
+
+def _add_generator_options(train: argparse.ArgumentParser) -> None:
+    """The generator written beside the model, and synthetic flows added to training."""
     train.add_argument(
         "--generator-steps",
         type=int,
@@ -390,9 +453,10 @@ def register(sub) -> None:
         help="add N synthetic flows from the generator (fitted on the benign flows first) to "
         "the detector's training flows, for scarce benign data (0)",
     )
-    train.add_argument("--seed", type=int, default=0)
-    train.set_defaults(func=cmd_train)
 
+
+def _add_sample(sub) -> None:
+    """The `sample` subcommand."""
     sample = sub.add_parser(
         "sample",
         help="draw synthetic benign flows from a model's generator; report their fidelity",
