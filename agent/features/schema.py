@@ -2,7 +2,7 @@
 
 This is the one extractor: the trainer fits on it and the agent scores with it, and a model
 records ``SCHEMA_HASH`` so the agent can refuse a model made for another schema. The records
-are ended flows and interim records of flows still open (flowrecords.INTERIM_FIRST_S; feature
+are ended flows and interim records of flows still open (records.INTERIM_FIRST_S; feature
 ``flow_open``); version 3 added them. Version 4 added payload statistics (payload.py): no
 payload byte leaves the flow table, only these numbers. NaN means
 "does not apply" (TCP fields of a UDP flow, inter-arrival times of a one-packet direction),
@@ -23,6 +23,7 @@ import numpy as np
 from quietwire.agent.capture.decode import (
     IPPROTO_ICMP,
     IPPROTO_ICMPV6,
+    IPPROTO_SCTP,
     IPPROTO_TCP,
     IPPROTO_UDP,
     TCP_FLAG_NAMES,
@@ -187,85 +188,15 @@ def extract(flows: FlowRecords, context: np.ndarray) -> np.ndarray:
     """The (len(flows), len(SCHEMA)) float32 feature matrix, columns in SCHEMA order (the
     transpose of a (feature, flow) matrix: not C-contiguous)."""
     c = flows.columns
-    v: dict[str, np.ndarray] = {}
     pk = c["packets"].astype(np.float64)
     ipb = c["ip_bytes"].astype(np.float64)
     tcp = c["proto"] == IPPROTO_TCP
     duration = (c["last_ns"] - c["first_ns"]).astype(np.float64) / NS
-    v["duration_s"] = duration
+    v: dict[str, np.ndarray] = {"duration_s": duration}
     for i, d in enumerate(DIRECTIONS):
-        v[f"{d}_packets"] = pk[:, i]
-        v[f"{d}_bytes"] = ipb[:, i]
-        for s, x in zip(
-            ("min", "mean", "std", "max"),
-            _stats(
-                pk[:, i],
-                c["len_sum"][:, i],
-                c["len_sumsq"][:, i],
-                c["len_min"][:, i],
-                c["len_max"][:, i],
-            ),
-        ):
-            v[f"{d}_pkt_len_{s}"] = x
-        for s, x in zip(
-            ("min", "mean", "std", "max"),
-            _stats(
-                np.maximum(pk[:, i] - 1, 0),
-                c["dir_iat_sum"][:, i],
-                c["dir_iat_sumsq"][:, i],
-                c["dir_iat_min"][:, i],
-                c["dir_iat_max"][:, i],
-                scale=NS,
-            ),
-        ):
-            v[f"{d}_iat_{s}_s"] = x
-        v[f"{d}_payload_bytes"] = c["payload_bytes"][:, i]
-        v[f"{d}_header_bytes"] = c["header_bytes"][:, i]
-        v[f"{d}_payload_packets"] = c["payload_packets"][:, i]
-        v[f"{d}_payload_ratio"] = _div(c["payload_bytes"][:, i].astype(np.float64), ipb[:, i])
-        v[f"{d}_ttl_min"] = np.where(pk[:, i] > 0, c["ttl_min"][:, i], np.nan)
-        v[f"{d}_init_window"] = np.where(tcp & (pk[:, i] > 0), c["init_window"][:, i], np.nan)
-        for flag in TCP_FLAG_NAMES:
-            v[f"{d}_{flag}_packets"] = np.where(tcp, c[f"{flag}_packets"][:, i], np.nan)
-    total = pk.sum(1)
-    v["bidirectional_packets"] = total
-    v["bidirectional_bytes"] = ipb.sum(1)
-    for s, x in zip(
-        ("min", "mean", "std", "max"),
-        _stats(
-            total,
-            c["len_sum"].sum(1),
-            c["len_sumsq"].sum(1),
-            c["len_min"].min(1),
-            c["len_max"].max(1),
-        ),
-    ):
-        v[f"bidirectional_pkt_len_{s}"] = x
-    for s, x in zip(
-        ("min", "mean", "std", "max"),
-        _stats(
-            np.maximum(total - 1, 0),
-            c["iat_sum"],
-            c["iat_sumsq"],
-            c["iat_min"],
-            c["iat_max"],
-            scale=NS,
-        ),
-    ):
-        v[f"bidirectional_iat_{s}_s"] = x
-    v["dst2src_src2dst_bytes_ratio"] = _div(ipb[:, 1], ipb[:, 0])
-    v["packets_per_s"] = _div(total, duration)
-    v["bytes_per_s"] = _div(ipb.sum(1), duration)
-    v["proto_tcp"] = tcp
-    v["proto_udp"] = c["proto"] == IPPROTO_UDP
-    v["proto_icmp"] = (c["proto"] == IPPROTO_ICMP) | (c["proto"] == IPPROTO_ICMPV6)
-    has_ports = tcp | (c["proto"] == IPPROTO_UDP) | (c["proto"] == 132)
-    port = c["dst_port"]
-    v["dst_port_well_known"] = np.where(has_ports, port < 1024, np.nan)
-    v["dst_port_registered"] = np.where(has_ports, (port >= 1024) & (port < 49152), np.nan)
-    v["tcp_answered"] = np.where(tcp, c["syn_packets"][:, 1] > 0, np.nan)
-    v["tcp_reset"] = np.where(tcp, c["rst_packets"].sum(1) > 0, np.nan)
-    v["flow_open"] = c["end_reason"] == INTERIM
+        _direction_features(v, c, i, d, pk, ipb, tcp)
+    _bidirectional_features(v, c, pk, ipb, duration)
+    _protocol_features(v, c, tcp)
     for i, d in enumerate(DIRECTIONS):
         for j, stat in enumerate(DIRECTION_STATS):
             v[f"{d}_payload_{stat}"] = c["payload_stats"][:, i, j]
@@ -274,12 +205,104 @@ def extract(flows: FlowRecords, context: np.ndarray) -> np.ndarray:
     for j, name in enumerate(CONTEXT_FEATURES):
         v[name] = context[:, j]
     # Each feature is written as one contiguous row of a (feature, flow) matrix: written as a
-    # column of the (flow, feature) one, every value of it touches its own cache line (half
-    # the time of the extraction, for 65,536 flows). The caller's copy transposes it.
+    # column of the (flow, feature) one, every value of it touches its own cache line. The
+    # caller's copy transposes it.
     out = np.empty((len(SCHEMA), len(flows)), dtype=np.float32)
     for j, name in enumerate(FEATURE_NAMES):
         out[j] = v[name]
     return out.T
+
+
+def _direction_features(
+    v: dict[str, np.ndarray],
+    c: dict[str, np.ndarray],
+    i: int,
+    d: str,
+    pk: np.ndarray,
+    ipb: np.ndarray,
+    tcp: np.ndarray,
+) -> None:
+    """The features of direction ``i`` (named ``d``): counts, packet lengths, inter-arrival
+    times, header and payload bytes, TTL, initial window and TCP flag counts."""
+    v[f"{d}_packets"] = pk[:, i]
+    v[f"{d}_bytes"] = ipb[:, i]
+    lengths = _stats(
+        pk[:, i],
+        c["len_sum"][:, i],
+        c["len_sumsq"][:, i],
+        c["len_min"][:, i],
+        c["len_max"][:, i],
+    )
+    for s, x in zip(("min", "mean", "std", "max"), lengths):
+        v[f"{d}_pkt_len_{s}"] = x
+    gaps = _stats(
+        np.maximum(pk[:, i] - 1, 0),
+        c["dir_iat_sum"][:, i],
+        c["dir_iat_sumsq"][:, i],
+        c["dir_iat_min"][:, i],
+        c["dir_iat_max"][:, i],
+        scale=NS,
+    )
+    for s, x in zip(("min", "mean", "std", "max"), gaps):
+        v[f"{d}_iat_{s}_s"] = x
+    v[f"{d}_payload_bytes"] = c["payload_bytes"][:, i]
+    v[f"{d}_header_bytes"] = c["header_bytes"][:, i]
+    v[f"{d}_payload_packets"] = c["payload_packets"][:, i]
+    v[f"{d}_payload_ratio"] = _div(c["payload_bytes"][:, i].astype(np.float64), ipb[:, i])
+    v[f"{d}_ttl_min"] = np.where(pk[:, i] > 0, c["ttl_min"][:, i], np.nan)
+    v[f"{d}_init_window"] = np.where(tcp & (pk[:, i] > 0), c["init_window"][:, i], np.nan)
+    for flag in TCP_FLAG_NAMES:
+        v[f"{d}_{flag}_packets"] = np.where(tcp, c[f"{flag}_packets"][:, i], np.nan)
+
+
+def _bidirectional_features(
+    v: dict[str, np.ndarray],
+    c: dict[str, np.ndarray],
+    pk: np.ndarray,
+    ipb: np.ndarray,
+    duration: np.ndarray,
+) -> None:
+    """Both directions together: counts, packet lengths, inter-arrival times and rates."""
+    total = pk.sum(1)
+    v["bidirectional_packets"] = total
+    v["bidirectional_bytes"] = ipb.sum(1)
+    lengths = _stats(
+        total,
+        c["len_sum"].sum(1),
+        c["len_sumsq"].sum(1),
+        c["len_min"].min(1),
+        c["len_max"].max(1),
+    )
+    for s, x in zip(("min", "mean", "std", "max"), lengths):
+        v[f"bidirectional_pkt_len_{s}"] = x
+    gaps = _stats(
+        np.maximum(total - 1, 0),
+        c["iat_sum"],
+        c["iat_sumsq"],
+        c["iat_min"],
+        c["iat_max"],
+        scale=NS,
+    )
+    for s, x in zip(("min", "mean", "std", "max"), gaps):
+        v[f"bidirectional_iat_{s}_s"] = x
+    v["dst2src_src2dst_bytes_ratio"] = _div(ipb[:, 1], ipb[:, 0])
+    v["packets_per_s"] = _div(total, duration)
+    v["bytes_per_s"] = _div(ipb.sum(1), duration)
+
+
+def _protocol_features(v: dict[str, np.ndarray], c: dict[str, np.ndarray], tcp: np.ndarray) -> None:
+    """The protocol, the server port's range, the TCP handshake and whether the record is
+    an interim one."""
+    v["proto_tcp"] = tcp
+    v["proto_udp"] = c["proto"] == IPPROTO_UDP
+    v["proto_icmp"] = (c["proto"] == IPPROTO_ICMP) | (c["proto"] == IPPROTO_ICMPV6)
+    has_ports = tcp | (c["proto"] == IPPROTO_UDP) | (c["proto"] == IPPROTO_SCTP)
+    port = c["dst_port"]
+    v["dst_port_well_known"] = np.where(has_ports, port < 1024, np.nan)
+    v["dst_port_registered"] = np.where(has_ports, (port >= 1024) & (port < 49152), np.nan)
+    v["tcp_answered"] = np.where(tcp, c["syn_packets"][:, 1] > 0, np.nan)
+    v["tcp_reset"] = np.where(tcp, c["rst_packets"].sum(1) > 0, np.nan)
+    v["flow_open"] = c["end_reason"] == INTERIM
 
 
 @dataclass(frozen=True)
