@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -35,6 +36,103 @@ class MeterStats:
     ended_by_reason: dict[str, int] = field(default_factory=lambda: dict.fromkeys(END_REASONS, 0))
 
 
+class DecodeTotals(Protocol):
+    """Running decode totals of a meter (DecodeStats or a stand-in)."""
+
+    @property
+    def packets(self) -> int:
+        """Packets seen."""
+        ...
+
+    @property
+    def bytes(self) -> int:
+        """Bytes on the wire of the packets seen."""
+        ...
+
+    @property
+    def errors(self) -> Counter:
+        """Packets dropped, by decode.DECODE_ERROR_REASONS."""
+        ...
+
+
+class MeterTotals(Protocol):
+    """A meter's running totals as the Engine reads them (MeterStats or a stand-in)."""
+
+    @property
+    def decode(self) -> DecodeTotals:
+        """What the decoder saw and dropped."""
+        ...
+
+
+class TableSize(Protocol):
+    """What the Engine reads of a meter's flow table: its size and its settings."""
+
+    @property
+    def config(self) -> FlowConfig:
+        """The table's limits and timeouts (max_flows, emergency mode's timeouts)."""
+        ...
+
+    def __len__(self) -> int:
+        """Flows open now."""
+        ...
+
+
+class Meter(Protocol):
+    """What the service's Engine needs of the meter of one interface (Engine.attach): a
+    FlowMeter, or what stands in for one where the packets are metered elsewhere
+    (central.CentralMeter, whose flows come in through Engine.handle, and
+    filepool.PlaybackMeter, which replays a worker's meter).
+
+    The Engine ends flows through ``expire`` and ``drain`` and, after each call, folds the
+    running totals (``stats``, ``evictions``, ``emergency``, ``len(table)``) into its summary
+    and metrics as deltas, so the totals only grow.
+    """
+
+    @property
+    def emergency(self) -> bool:
+        """The flow table is in emergency mode now: flows are scored in bulk."""
+        ...
+
+    @property
+    def evictions(self) -> Counter:
+        """Flows ended early under table pressure so far, by expiry.EVICTION_REASONS."""
+        ...
+
+    @property
+    def stats(self) -> MeterTotals:
+        """Running totals (packets, bytes and decode errors)."""
+        ...
+
+    @property
+    def table(self) -> TableSize:
+        """The flow table's size and settings."""
+        ...
+
+    def flood_flows(self, flows: FlowRecords) -> np.ndarray:
+        """Which of ``flows`` (the records of flows this meter just returned) started in a
+        flood, that is while the flow table was in emergency mode: scored in bulk."""
+        ...
+
+    def expire(self, now_ns: int) -> MeteredFlows:
+        """End the flows timed out by ``now_ns`` (time passing without packets), with the
+        interim records then due."""
+        ...
+
+    def drain(self) -> Iterator[MeteredFlows]:
+        """End every open flow (end of input or shutdown), in parts."""
+        ...
+
+
+class BatchMeter(Meter, Protocol):
+    """A Meter that the Engine feeds itself (Engine.process): a FlowMeter, or
+    filepool.PlaybackMeter with a worker's replay steps."""
+
+    def add(self, batch: Any) -> MeteredFlows:
+        """Meter one batch (a PacketBatch for a FlowMeter); return the flows that ended and
+        the interim records due."""
+        ...
+
+
 class FlowMeter:
     """Decoder + FlowTable + HostContext + features: feed PacketBatches, get MeteredFlows."""
 
@@ -51,7 +149,7 @@ class FlowMeter:
 
     @property
     def emergency(self) -> bool:
-        """The flow table is in emergency mode now (see flows.FlowConfig)."""
+        """The flow table is in emergency mode now (see table.FlowConfig)."""
         return self.table.emergency
 
     def flood_flows(self, flows: FlowRecords) -> np.ndarray:
@@ -66,7 +164,7 @@ class FlowMeter:
 
     @property
     def evictions(self) -> Counter:
-        """Flows ended early under table pressure, by flows.EVICTION_REASONS."""
+        """Flows ended early under table pressure, by expiry.EVICTION_REASONS."""
         return self.table.evictions
 
     def add(self, batch: PacketBatch) -> MeteredFlows:
