@@ -96,54 +96,8 @@ def g9(
     chars = np.take(_SMALL_CHARS, code, axis=0)
     lens = np.take(_SMALL_LENS, code)
     idx = np.flatnonzero(regular)
-    a = a[idx].astype(np.float64)
-    exp = np.floor(np.log10(a)).astype(np.int64)
-    scaled, ok = _scale(a, exp)
-    for fix, step in ((scaled < 1e8, -1), (scaled >= 1e9, 1)):  # log10 is off by one at most
-        fix &= ok
-        if fix.any():
-            exp[fix] += step
-            scaled[fix], ok[fix] = _scale(a[fix], exp[fix])
-    mant = np.rint(scaled)
-    ok &= np.abs(scaled - np.floor(scaled) - 0.5) > _UNSURE
-    carry = mant >= 1e9  # 999999999.5 and above round up to the next power of ten
-    mant[carry] = 1e8
-    exp[carry] += 1
-    fallback = idx[~ok]
-    if not ok.all():
-        idx, exp, mant = idx[ok], exp[ok], mant[ok]
-    mant = mant.astype(np.int64)
-
-    hi, rest = np.divmod(mant, 1_000_000)
-    mid, lo = np.divmod(rest, 1000)
-    src = np.empty((len(idx), 4), dtype=np.uint32)
-    src[:, 0] = _TRIPLE[b"0"][hi]
-    src[:, 1] = _TRIPLE[b"."][mid]
-    src[:, 2] = _TRIPLE[b"-"][lo]
-    tens, ones = np.divmod(np.abs(exp).astype(np.uint32), 10)
-    sign = np.where(exp < 0, np.uint32(ord("-") << 8), np.uint32(ord("+") << 8))
-    src[:, 3] = ord("e") | sign | (tens + 48) << 16 | (ones + 48) << 24
-    zeros = np.where(
-        lo > 0,
-        _TRAILING_ZEROS[lo],
-        np.where(mid > 0, 3 + _TRAILING_ZEROS[mid], 6 + _TRAILING_ZEROS[hi]),
-    )
-    fixed = (exp >= -4) & (exp < 9)
-    code = np.where(fixed, (exp + 4) * 9, _FIXED_CODES) + (8 - zeros)
-    code += np.signbit(v[idx]) * _CODES
-
-    order = np.argsort(code.astype(np.int16), kind="stable")
-    counts = np.bincount(code, minlength=2 * _CODES)
-    src = _rows16(src)[order].view(np.uint8).reshape(-1, 16)
-    out = np.zeros((len(idx), SLOT), dtype=np.uint8)
-    out_lens = np.empty(len(idx), dtype=np.int64)
-    start = 0
-    for c in np.flatnonzero(counts).tolist():
-        end = start + int(counts[c])
-        cols = _TEMPLATES[c]
-        out[start:end, : len(cols)] = src[start:end][:, cols]
-        out_lens[start:end] = len(cols)
-        start = end
+    idx, exp, mant, fallback = _digits(a[idx].astype(np.float64), idx)
+    order, out, out_lens = _layout(mant, exp, np.signbit(v[idx]))
     where = idx[order]
     _rows16(chars)[where] = _rows16(out)
     lens[where] = out_lens
@@ -162,6 +116,69 @@ def g9(
         chars[i, : len(text)] = np.frombuffer(text, dtype=np.uint8)
         lens[i] = len(text)
     return chars, lens
+
+
+def _digits(
+    a: np.ndarray, idx: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The nine significant digits (an integer mantissa) and decimal exponent of the
+    magnitudes ``a`` (float64) of the values at ``idx``: (idx, exp, mant) of those whose
+    rounding float64 arithmetic decides, and the idx of the others (left to Python)."""
+    exp = np.floor(np.log10(a)).astype(np.int64)
+    scaled, ok = _scale(a, exp)
+    for fix, step in ((scaled < 1e8, -1), (scaled >= 1e9, 1)):  # log10 is off by one at most
+        fix &= ok
+        if fix.any():
+            exp[fix] += step
+            scaled[fix], ok[fix] = _scale(a[fix], exp[fix])
+    mant = np.rint(scaled)
+    ok &= np.abs(scaled - np.floor(scaled) - 0.5) > _UNSURE
+    carry = mant >= 1e9  # 999999999.5 and above round up to the next power of ten
+    mant[carry] = 1e8
+    exp[carry] += 1
+    fallback = idx[~ok]
+    if not ok.all():
+        idx, exp, mant = idx[ok], exp[ok], mant[ok]
+    return idx, exp, mant.astype(np.int64), fallback
+
+
+def _layout(
+    mant: np.ndarray, exp: np.ndarray, negative: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The texts of these mantissas and exponents, grouped by layout (fixed or exponent
+    notation, digits after trailing zeros go, sign): the order of the values in the groups,
+    and the texts in that order as (chars (n, SLOT), lens)."""
+    hi, rest = np.divmod(mant, 1_000_000)
+    mid, lo = np.divmod(rest, 1000)
+    src = np.empty((len(mant), 4), dtype=np.uint32)
+    src[:, 0] = _TRIPLE[b"0"][hi]
+    src[:, 1] = _TRIPLE[b"."][mid]
+    src[:, 2] = _TRIPLE[b"-"][lo]
+    tens, ones = np.divmod(np.abs(exp).astype(np.uint32), 10)
+    sign = np.where(exp < 0, np.uint32(ord("-") << 8), np.uint32(ord("+") << 8))
+    src[:, 3] = ord("e") | sign | (tens + 48) << 16 | (ones + 48) << 24
+    zeros = np.where(
+        lo > 0,
+        _TRAILING_ZEROS[lo],
+        np.where(mid > 0, 3 + _TRAILING_ZEROS[mid], 6 + _TRAILING_ZEROS[hi]),
+    )
+    fixed = (exp >= -4) & (exp < 9)
+    code = np.where(fixed, (exp + 4) * 9, _FIXED_CODES) + (8 - zeros)
+    code += negative * _CODES
+
+    order = np.argsort(code.astype(np.int16), kind="stable")
+    counts = np.bincount(code, minlength=2 * _CODES)
+    src = _rows16(src)[order].view(np.uint8).reshape(-1, 16)
+    out = np.zeros((len(mant), SLOT), dtype=np.uint8)
+    out_lens = np.empty(len(mant), dtype=np.int64)
+    start = 0
+    for c in np.flatnonzero(counts).tolist():
+        end = start + int(counts[c])
+        cols = _TEMPLATES[c]
+        out[start:end, : len(cols)] = src[start:end][:, cols]
+        out_lens[start:end] = len(cols)
+        start = end
+    return order, out, out_lens
 
 
 def _scale(a: np.ndarray, exp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
