@@ -30,7 +30,7 @@ IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMPV6, IPPROTO_SCTP = 1, 6, 17,
 PORT_PROTOCOLS = (IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP)
 IPV6_EXTENSIONS = (0, 43, 44, 51, 60)
 V4_MAPPED = np.uint64(0xFFFF_0000_0000)
-# Bytes of a header read at once (an IPv6 header's 40); capture.PAD covers them past the data.
+# Bytes of a header read at once (an IPv6 header's 40); pcap.PAD covers them past the data.
 HEADER_BYTES = 40
 
 
@@ -129,7 +129,7 @@ class _Bytes:
     """
 
     def __init__(self, data: np.ndarray, data_end: int) -> None:
-        # Sources pad their buffers (capture.PAD); copy only if one did not.
+        # Sources pad their buffers (pcap.PAD); copy only if one did not.
         if len(data) - data_end < HEADER_BYTES:
             data = np.concatenate([data[:data_end], np.zeros(HEADER_BYTES, dtype=np.uint8)])
         self._last = len(data) - 8

@@ -6,9 +6,9 @@ and handed back, so the only per-packet Python is following the packets' header 
 drops come from PACKET_STATISTICS. A BPF filter is compiled by libpcap (through scapy) and
 attached to the socket, so filtered packets never leave the kernel. Needs CAP_NET_RAW.
 
-Capture workers (workers.py) each open one ring on the same interface and join one AF_PACKET
-fanout group: PACKET_FANOUT_HASH sends each packet to the ring its flow hash picks, and the
-kernel's flow hash is symmetric, so both directions of a flow reach one worker;
+Capture workers (parallel/workers.py) each open one ring on the same interface and join one
+AF_PACKET fanout group: PACKET_FANOUT_HASH sends each packet to the ring its flow hash picks, and
+the kernel's flow hash is symmetric, so both directions of a flow reach one worker;
 PACKET_FANOUT_FLAG_DEFRAG reassembles IPv4 fragments before the hash, so a fragmented datagram
 reaches its flow's worker (whole: the worker sees one packet where a single ring sees the
 fragments).

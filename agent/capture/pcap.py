@@ -1,8 +1,8 @@
 """Packet sources: pcap and pcapng files read in bounded chunks, yielded as columnar batches.
 
 A source is any iterable of :class:`PacketBatch`. Replay reads files with :func:`read_capture`;
-a live source (later) yields the same batches from a socket, so the stages after this one do
-not know where packets came from.
+live capture (live.py) yields the same batches from a socket's ring, so the stages after this
+one do not know where packets came from.
 """
 
 from __future__ import annotations
@@ -24,11 +24,10 @@ MAX_RECORD_BYTES = 1 << 18
 # a lane's first header is searched for in 4 mean records' bytes after its guessed offset.
 LANE_RECORDS = 64
 MAX_SYNC_BYTES = 2048
-# On since the sync looks for the times' top byte before whole times and runs of lanes that
-# meet are accepted at once: in `quietwire flows` (bench/stage_times.py, best of 3) the read
-# stage of 1M-packet generated captures took 0.26 CPU-s against the plain walk's 0.39 (the
-# standard one), 0.30 against 0.37 (20,000 flows open at once) and 0.22 against 0.33
-# (200,000). bench_meter prints both.
+# Walk the records of buffers from VECTOR_WALK_BYTES up in lanes (off: one record after
+# another, the plain walk). The lanes pay off because the sync looks for the times' top byte
+# before whole times and accepts runs of lanes that meet at once; bench/bench_meter.py
+# times both walks.
 VECTOR_WALK = True
 VECTOR_WALK_BYTES = 1 << 20
 

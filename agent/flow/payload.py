@@ -14,7 +14,7 @@ statistics and the host context.
 Everything is computed with numpy over the selected packets of a batch (one row per packet,
 one column per window byte); the window is read from the capture buffer and dropped, and
 only these statistics enter the flow table. The window lengths are part of the feature schema
-(features.SCHEMA_HASH): another length would change every value, so they are not settings;
+(schema.SCHEMA_HASH): another length would change every value, so they are not settings;
 the one setting is off (flow.payload: false), for privacy.
 """
 
