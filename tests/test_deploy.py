@@ -25,6 +25,7 @@ from quietwire.agent.service.metrics import Metrics
 from .conftest import free_port, serving_replay
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+OPERATOR_GUIDE = DEPLOY.parent / "docs" / "operator.md"
 DASHBOARD = DEPLOY / "grafana" / "quietwire-dashboard.json"
 ALERT_RULES = DEPLOY / "prometheus" / "quietwire-alerts.yml"
 
@@ -244,26 +245,26 @@ def test_prometheus_scrapes_a_replay(ndpi, tmp_path):
                 prom.wait(timeout=20)
 
 
-# ---- the model workflow of deploy/README.md, command by command -----------------------------
+# ---- the model workflow of the operator guide (docs/operator.md), command by command ----------
 
 
 def workflow_commands() -> list[str]:
-    """The commands of deploy/README.md's model workflow (its first sh block), in order."""
-    text = (DEPLOY / "README.md").read_text()
+    """The commands of the operator guide's model workflow (its first sh block), in order."""
+    text = OPERATOR_GUIDE.read_text()
     section = text.split("## The model: learn, review, retrain", 1)[1]
     block = section.split("```sh\n", 1)[1].split("```", 1)[0]
     return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
 
 
 def test_the_workflow_block_names_the_config_it_needs():
-    text = (DEPLOY / "README.md").read_text().split("## The model: learn, review, retrain")[1]
+    text = OPERATOR_GUIDE.read_text().split("## The model: learn, review, retrain")[1]
     assert "#      flow_log: {path: /var/log/quietwire/flows.json}" in text
     assert "#      learn: {period: 24h}" in text
     assert len(workflow_commands()) == 10
 
 
 def test_the_model_workflow(tmp_path):
-    """Every command of deploy/README.md's model workflow, in order, on a sensor made of a
+    """Every command of the operator guide's model workflow, in order, on a sensor made of a
     veth pair in a network namespace: the paths are the test's, systemctl is the daemon's
     start and SIGHUP, journalctl its log, the learning period 10 s, training 20 steps."""
     from .test_daemon import PY, _can_netns, start_daemon
