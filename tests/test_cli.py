@@ -108,6 +108,20 @@ def test_bad_option_value_is_one_clear_line(capsys):
     )
 
 
+def test_a_stage_error_no_command_handles_is_one_line(monkeypatch, capsys):
+    """Any QuietwireError a command lets through: one line, exit 2, no traceback."""
+    from quietwire.agent.errors import QuietwireError
+    from quietwire.cli import flows
+
+    def failing(args) -> int:
+        raise QuietwireError("model.onnx: made for another schema\n(retrain it)")
+
+    monkeypatch.setattr(flows, "cmd_schema", failing)
+    assert main(["schema"]) == 2
+    err = capsys.readouterr().err
+    assert err == "quietwire: error: model.onnx: made for another schema (retrain it)\n"
+
+
 def test_every_corpus_capture_goes_through(ndpi, tmp_path, capsys):
     """All 544 files, fuzzer-made ones included: no traceback; damaged ones give one error
     line each and exit 1, the rest exit 0."""

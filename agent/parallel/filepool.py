@@ -17,7 +17,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -40,8 +40,8 @@ def ordered_map(func: Callable, jobs: Iterable, workers: int) -> Iterator[Future
     """Futures of ``func(job)`` in the jobs' order, run in ``workers`` processes with at most
     2 x workers submitted ahead of the one being consumed."""
     jobs = iter(jobs)
-    # Imported here: multiprocessing costs every start of `quietwire flows` 20 ms, and only
-    # --workers needs it.
+    # Imported here: importing multiprocessing slows every start of `quietwire flows`, and
+    # only --workers needs it.
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -167,11 +167,32 @@ class PlaybackMeter:
         raise NotImplementedError
 
 
-def play(engine, result: StepsResult, flow_config: FlowConfig | None) -> None:
+class ReplayEngine(Protocol):
+    """What replay's files are played into (service/engine.py's Engine)."""
+
+    meters: dict[str, Any]
+
+    def attach(self, interface: str, meter: Any) -> None: ...
+
+    def process(self, batch: Any, interface: str) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class FileReplay:
+    """The capture files to replay with ``workers`` metering processes, and how to meter them."""
+
+    files: tuple[Path, ...]
+    workers: int
+    flow: FlowConfig | None = None
+    context: ContextConfig | None = None
+
+
+def play(engine: ReplayEngine, result: StepsResult, flow_config: FlowConfig | None) -> None:
     """Feed one file's steps to ``engine`` as its meter for "file" (then the caller flushes
     the engine and clears its meters, as after a file metered in process)."""
-    engine._meter("file")  # the Engine's bookkeeping for the interface
-    engine.meters["file"] = PlaybackMeter(flow_config)
+    engine.attach("file", PlaybackMeter(flow_config))
     with result.steps.open("rb") as handle:
         while True:
             try:
@@ -182,8 +203,8 @@ def play(engine, result: StepsResult, flow_config: FlowConfig | None) -> None:
     result.steps.unlink(missing_ok=True)
 
 
-def replay_files(engine, opts, log: Callable[[str], None]) -> bool:
-    """daemon.replay's loop over files with ``opts.workers`` metering processes: each file
+def replay_files(engine: ReplayEngine, replay: FileReplay, log: Callable[[str], None]) -> bool:
+    """daemon.replay's loop over files with ``replay.workers`` metering processes: each file
     metered in a worker, then played into ``engine`` in input order and flushed (each file its
     own time line, as in process). True if a file was damaged or its worker failed."""
     import tempfile
@@ -191,17 +212,17 @@ def replay_files(engine, opts, log: Callable[[str], None]) -> bool:
     failed = False
     with tempfile.TemporaryDirectory(prefix="quietwire-replay-") as tmp:
         tasks = [
-            (path, Path(tmp) / f"steps-{i}.pickle", opts.flow, opts.context)
-            for i, path in enumerate(opts.files)
+            (path, Path(tmp) / f"steps-{i}.pickle", replay.flow, replay.context)
+            for i, path in enumerate(replay.files)
         ]
-        for (path, *_), future in zip(tasks, ordered_map(meter_steps, tasks, opts.workers)):
+        for (path, *_), future in zip(tasks, ordered_map(meter_steps, tasks, replay.workers)):
             try:
                 result = future.result()
             except Exception as exc:  # the worker's own failure: name the file, go on
                 log(f"error: {path}: {type(exc).__name__}: {exc}")
                 failed = True
                 continue
-            play(engine, result, opts.flow)
+            play(engine, result, replay.flow)
             if result.error:
                 log(f"error: {result.error}")
                 failed = True

@@ -1,5 +1,5 @@
 """Capture workers: ``capture.workers: N`` processes, each with its own TPACKET_V3 ring per
-interface in one AF_PACKET fanout group (livecapture.py), each decoding its share of the
+interface in one AF_PACKET fanout group (capture/live.py), each decoding its share of the
 packets into its own flow table; a central stage (this process: central.py, then the Engine)
 does host context, features, scoring, rules, incidents, alerts, the flow log and metrics.
 

@@ -13,6 +13,7 @@ from quietwire.agent.features.context import ContextConfig
 from quietwire.agent.flow.table import FlowConfig
 from quietwire.agent.output.alerts import BudgetSettings
 from quietwire.agent.output.flowlog import FlowLogSettings
+from quietwire.agent.service.engine import EngineSettings
 from quietwire.agent.service.metrics import ServerSettings
 from quietwire.agent.site.learning import LearnSettings, parse_duration
 from quietwire.agent.yamlnodes import Node, YamlError, load
@@ -63,6 +64,11 @@ class Settings:
     source: Path | None = None
     sensor: str | None = None  # the name in EVE lines and metrics; None: the host name
 
+    @property
+    def engine(self) -> EngineSettings:
+        """The sections the engine reads."""
+        return EngineSettings(self.flow, self.context, self.incidents, self.budget)
+
 
 def load_config(path: str | Path) -> Settings:
     """Read and validate a config file; ConfigError on the first problem."""
@@ -80,129 +86,56 @@ def _relative(base: Path, value: str) -> Path:
     return p if p.is_absolute() else (base.parent / p)
 
 
+TOP_KEYS = {
+    "capture",
+    "flow",
+    "host_window_s",
+    "model",
+    "rules",
+    "alerts",
+    "metrics",
+    "incidents",
+    "alert_budget",
+    "flow_log",
+    "learn",
+    "sensor",
+}
+CAPTURE_KEYS = {
+    "interfaces",
+    "bpf_filter",
+    "promiscuous",
+    "ring_block_kib",
+    "ring_blocks",
+    "snaplen",
+    "workers",
+}
+METRICS_KEYS = {
+    "listen",
+    "port",
+    "tls_cert",
+    "tls_key",
+    "basic_auth",
+    "allow_plaintext_auth",
+    "timeout_s",
+    "max_connections",
+}
+
+
 def _settings(root: Node, path: Path) -> Settings:
-    top = root.mapping(
-        "config",
-        {
-            "capture",
-            "flow",
-            "host_window_s",
-            "model",
-            "rules",
-            "alerts",
-            "metrics",
-            "incidents",
-            "alert_budget",
-            "flow_log",
-            "learn",
-            "sensor",
-        },
-    )
+    """The sections parsed in a fixed order: a file with several problems always reports the
+    same first one."""
+    top = root.mapping("config", TOP_KEYS)
     if "capture" not in top:
         raise root.error("config: missing key 'capture' (at least: capture: {interfaces: [eth0]})")
-    cap = top["capture"].mapping(
-        "capture",
-        {
-            "interfaces",
-            "bpf_filter",
-            "promiscuous",
-            "ring_block_kib",
-            "ring_blocks",
-            "snaplen",
-            "workers",
-        },
-    )
-    if "interfaces" not in cap:
-        raise top["capture"].error("capture: missing key 'interfaces'")
-    interfaces = tuple(cap["interfaces"].scalars("capture.interfaces", str))
-    if not interfaces:
-        raise cap["interfaces"].error("capture.interfaces: give at least one interface")
-    capture = CaptureSettings(
-        interfaces=interfaces,
-        bpf_filter=cap["bpf_filter"].scalar("capture.bpf_filter", str)
-        if "bpf_filter" in cap
-        else None,
-        promiscuous=cap["promiscuous"].scalar("capture.promiscuous", bool)
-        if "promiscuous" in cap
-        else True,
-        ring_block_kib=_positive(cap, "ring_block_kib", 1024, "capture"),
-        ring_blocks=_positive(cap, "ring_blocks", 64, "capture"),
-        snaplen=_positive(cap, "snaplen", 65535, "capture"),
-        workers=_positive(cap, "workers", default_workers(), "capture"),
-    )
+    capture = _capture(top["capture"])
     flow = _section(top, "flow", FlowConfig)
     incidents = _section(top, "incidents", IncidentSettings)
     budget = _section(top, "alert_budget", BudgetSettings)
-    context = ContextConfig()
-    if "host_window_s" in top:
-        w = top["host_window_s"].scalar("host_window_s", float)
-        if w <= 0:
-            raise top["host_window_s"].error("host_window_s: expected > 0")
-        context = ContextConfig(window_s=w)
+    context = _context(top)
     model = _relative(path, top["model"].scalar("model", str)) if "model" in top else DEFAULT_MODEL
     rules = _relative(path, top["rules"].scalar("rules", str)) if "rules" in top else DEFAULT_RULES
-    alerts = AlertSettings()
-    if "alerts" in top:
-        a = top["alerts"].mapping("alerts", {"file", "stdout"})
-        alerts = AlertSettings(
-            file=_relative(path, a["file"].scalar("alerts.file", str)) if "file" in a else None,
-            stdout=a["stdout"].scalar("alerts.stdout", bool) if "stdout" in a else False,
-        )
-    metrics: ServerSettings | None = ServerSettings()
-    if "metrics" in top:
-        if top["metrics"].kind == "scalar" and top["metrics"].scalar("metrics", bool) is False:
-            metrics = None
-        else:
-            m = top["metrics"].mapping(
-                "metrics",
-                {
-                    "listen",
-                    "port",
-                    "tls_cert",
-                    "tls_key",
-                    "basic_auth",
-                    "allow_plaintext_auth",
-                    "timeout_s",
-                    "max_connections",
-                },
-            )
-            kw = {}
-            if "listen" in m:
-                kw["listen"] = m["listen"].scalar("metrics.listen", str)
-            if "port" in m:
-                kw["port"] = m["port"].scalar("metrics.port", int)
-                if not 0 <= kw["port"] <= 65535:
-                    raise m["port"].error("metrics.port: expected 0-65535")
-            for key in ("tls_cert", "tls_key"):
-                if key in m:
-                    kw[key] = str(_relative(path, m[key].scalar(f"metrics.{key}", str)))
-            if ("tls_cert" in kw) != ("tls_key" in kw):
-                raise top["metrics"].error("metrics: tls_cert and tls_key go together")
-            if "basic_auth" in m:
-                b = m["basic_auth"].mapping("metrics.basic_auth", {"username", "password_sha256"})
-                for key in ("username", "password_sha256"):
-                    if key not in b:
-                        raise m["basic_auth"].error(f"metrics.basic_auth: missing key {key!r}")
-                kw["username"] = b["username"].scalar("metrics.basic_auth.username", str)
-                digest = b["password_sha256"].scalar("metrics.basic_auth.password_sha256", str)
-                if len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest):
-                    raise b["password_sha256"].error(
-                        "metrics.basic_auth.password_sha256: expected 64 hex digits "
-                        "(sha256sum of the password)"
-                    )
-                kw["password_sha256"] = digest
-            if "allow_plaintext_auth" in m:
-                kw["allow_plaintext_auth"] = m["allow_plaintext_auth"].scalar(
-                    "metrics.allow_plaintext_auth", bool
-                )
-            if "timeout_s" in m:
-                kw["timeout_s"] = m["timeout_s"].scalar("metrics.timeout_s", float)
-            if "max_connections" in m:
-                kw["max_connections"] = m["max_connections"].scalar("metrics.max_connections", int)
-            try:
-                metrics = ServerSettings(**kw)
-            except ValueError as exc:
-                raise top["metrics"].error(str(exc)) from None
+    alerts = _alerts(top["alerts"], path) if "alerts" in top else AlertSettings()
+    metrics = _metrics(top["metrics"], path) if "metrics" in top else ServerSettings()
     flow_log = _flow_log(top["flow_log"], path) if "flow_log" in top else None
     learn = _learn(top["learn"]) if "learn" in top else None
     if learn is not None and flow_log is None:
@@ -210,9 +143,7 @@ def _settings(root: Node, path: Path) -> Settings:
             "learn: a learning period calibrates on the flow log's records, so it needs "
             "flow_log: {path: ...} (e.g. /var/log/quietwire/flows.json)"
         )
-    sensor = top["sensor"].scalar("sensor", str) if "sensor" in top else None
-    if sensor is not None and not sensor.strip():
-        raise top["sensor"].error("sensor: expected a name (default: the host name)")
+    sensor = _sensor(top["sensor"]) if "sensor" in top else None
     return Settings(
         sensor=sensor,
         capture=capture,
@@ -228,6 +159,106 @@ def _settings(root: Node, path: Path) -> Settings:
         learn=learn,
         source=path,
     )
+
+
+def _capture(node: Node) -> CaptureSettings:
+    """``capture: {interfaces: [...], bpf_filter, promiscuous, ring_block_kib, ring_blocks,
+    snaplen, workers}``."""
+    cap = node.mapping("capture", CAPTURE_KEYS)
+    if "interfaces" not in cap:
+        raise node.error("capture: missing key 'interfaces'")
+    interfaces = tuple(cap["interfaces"].scalars("capture.interfaces", str))
+    if not interfaces:
+        raise cap["interfaces"].error("capture.interfaces: give at least one interface")
+    return CaptureSettings(
+        interfaces=interfaces,
+        bpf_filter=cap["bpf_filter"].scalar("capture.bpf_filter", str)
+        if "bpf_filter" in cap
+        else None,
+        promiscuous=cap["promiscuous"].scalar("capture.promiscuous", bool)
+        if "promiscuous" in cap
+        else True,
+        ring_block_kib=_positive(cap, "ring_block_kib", 1024, "capture"),
+        ring_blocks=_positive(cap, "ring_blocks", 64, "capture"),
+        snaplen=_positive(cap, "snaplen", 65535, "capture"),
+        workers=_positive(cap, "workers", default_workers(), "capture"),
+    )
+
+
+def _context(top: dict[str, Node]) -> ContextConfig:
+    """``host_window_s``: the host context's window (seconds, > 0)."""
+    if "host_window_s" not in top:
+        return ContextConfig()
+    w = top["host_window_s"].scalar("host_window_s", float)
+    if w <= 0:
+        raise top["host_window_s"].error("host_window_s: expected > 0")
+    return ContextConfig(window_s=w)
+
+
+def _alerts(node: Node, path: Path) -> AlertSettings:
+    """``alerts: {file, stdout}``."""
+    a = node.mapping("alerts", {"file", "stdout"})
+    return AlertSettings(
+        file=_relative(path, a["file"].scalar("alerts.file", str)) if "file" in a else None,
+        stdout=a["stdout"].scalar("alerts.stdout", bool) if "stdout" in a else False,
+    )
+
+
+def _metrics(node: Node, path: Path) -> ServerSettings | None:
+    """``metrics: {listen, port, tls_cert, tls_key, basic_auth, allow_plaintext_auth,
+    timeout_s, max_connections}``, or ``metrics: false``."""
+    if node.kind == "scalar" and node.scalar("metrics", bool) is False:
+        return None
+    m = node.mapping("metrics", METRICS_KEYS)
+    kw = {}
+    if "listen" in m:
+        kw["listen"] = m["listen"].scalar("metrics.listen", str)
+    if "port" in m:
+        kw["port"] = m["port"].scalar("metrics.port", int)
+        if not 0 <= kw["port"] <= 65535:
+            raise m["port"].error("metrics.port: expected 0-65535")
+    for key in ("tls_cert", "tls_key"):
+        if key in m:
+            kw[key] = str(_relative(path, m[key].scalar(f"metrics.{key}", str)))
+    if ("tls_cert" in kw) != ("tls_key" in kw):
+        raise node.error("metrics: tls_cert and tls_key go together")
+    if "basic_auth" in m:
+        kw.update(_basic_auth(m["basic_auth"]))
+    if "allow_plaintext_auth" in m:
+        kw["allow_plaintext_auth"] = m["allow_plaintext_auth"].scalar(
+            "metrics.allow_plaintext_auth", bool
+        )
+    if "timeout_s" in m:
+        kw["timeout_s"] = m["timeout_s"].scalar("metrics.timeout_s", float)
+    if "max_connections" in m:
+        kw["max_connections"] = m["max_connections"].scalar("metrics.max_connections", int)
+    try:
+        return ServerSettings(**kw)
+    except ValueError as exc:
+        raise node.error(str(exc)) from None
+
+
+def _basic_auth(node: Node) -> dict[str, str]:
+    """``metrics.basic_auth: {username, password_sha256}``: both, the digest as 64 hex digits."""
+    b = node.mapping("metrics.basic_auth", {"username", "password_sha256"})
+    for key in ("username", "password_sha256"):
+        if key not in b:
+            raise node.error(f"metrics.basic_auth: missing key {key!r}")
+    username = b["username"].scalar("metrics.basic_auth.username", str)
+    digest = b["password_sha256"].scalar("metrics.basic_auth.password_sha256", str)
+    if len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest):
+        raise b["password_sha256"].error(
+            "metrics.basic_auth.password_sha256: expected 64 hex digits (sha256sum of the password)"
+        )
+    return {"username": username, "password_sha256": digest}
+
+
+def _sensor(node: Node) -> str:
+    """``sensor``: the name in EVE lines and metrics."""
+    sensor = node.scalar("sensor", str)
+    if not sensor.strip():
+        raise node.error("sensor: expected a name (default: the host name)")
+    return sensor
 
 
 def _flow_log(node: Node, path: Path) -> FlowLogSettings | None:

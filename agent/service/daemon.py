@@ -1,7 +1,7 @@
 """The two ways the agent runs: ``replay`` (capture files, as fast as possible or in real time)
 and ``run`` (the daemon: live interfaces, SIGTERM = drain and exit 0, SIGHUP = reload rules and
 model, keeping the old ones if the new ones are broken, and reopen the alert file and the flow
-log; a learning period, learning.py, when configured)."""
+log; a learning period, site/learning.py, when configured)."""
 
 from __future__ import annotations
 
@@ -11,20 +11,21 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from quietwire.agent.capture.live import LiveCapture
 from quietwire.agent.capture.pcap import CaptureError, read_capture
-from quietwire.agent.detect.incidents import IncidentSettings
 from quietwire.agent.detect.model import ModelError, ScoringModel
-from quietwire.agent.detect.rules import RuleError, load_rules
-from quietwire.agent.features.context import ContextConfig
-from quietwire.agent.flow.table import FlowConfig
-from quietwire.agent.output.alerts import AlertSink, BudgetSettings
+from quietwire.agent.detect.rules import RuleError, RuleSet, load_rules
+from quietwire.agent.output.alerts import AlertSink
 from quietwire.agent.output.flowlog import FlowLog, FlowLogSettings
-from quietwire.agent.service.config import Settings
-from quietwire.agent.service.engine import Engine
+from quietwire.agent.service.config import ConfigError, Settings, load_config
+from quietwire.agent.service.engine import Engine, EngineSettings
 from quietwire.agent.service.metrics import Metrics, MetricsServer, ServerSettings
 from quietwire.agent.site.learning import Learner
+
+if TYPE_CHECKING:
+    from quietwire.agent.parallel.workerpool import WorkerPool
 
 
 def log(message: str) -> None:
@@ -41,12 +42,21 @@ class ReplayOptions:
     realtime: bool = False
     speed: float = 1.0
     serve: ServerSettings | None = None
-    flow: FlowConfig | None = None
-    context: ContextConfig | None = None
-    incidents: IncidentSettings | None = None
-    budget: BudgetSettings | None = None
+    engine: EngineSettings = EngineSettings()
     flow_log: FlowLogSettings | None = None
     workers: int = 1  # > 1: files metered in that many processes (agent/parallel/filepool.py)
+
+
+def build_engine(
+    model: ScoringModel,
+    rules: RuleSet,
+    settings: EngineSettings,
+    sink: AlertSink,
+    metrics: Metrics | None,
+    flow_log: FlowLog | None,
+) -> Engine:
+    """The pipeline after the packet source, as replay and the daemon both run it."""
+    return Engine(model, rules, sink, metrics, settings=settings, flow_log=flow_log, log=log)
 
 
 def replay(opts: ReplayOptions) -> int:
@@ -59,37 +69,16 @@ def replay(opts: ReplayOptions) -> int:
         log(f"metrics on http://{opts.serve.listen}:{server.port}/metrics")
     sink = AlertSink(opts.alerts, stdout=opts.stdout)
     flow_log = FlowLog(opts.flow_log, metrics, log) if opts.flow_log else None
-    engine = Engine(
-        model,
-        rules,
-        sink,
-        metrics,
-        opts.flow,
-        opts.context,
-        opts.incidents,
-        opts.budget,
-        log=log,
-        flow_log=flow_log,
-    )
+    engine = build_engine(model, rules, opts.engine, sink, metrics, flow_log)
     failed = False
     started = time.perf_counter()
     if opts.workers > 1 and len(opts.files) > 1 and not opts.realtime:
-        from quietwire.agent.parallel.filepool import replay_files
+        from quietwire.agent.parallel.filepool import FileReplay, replay_files
 
-        failed = replay_files(engine, opts, log)
-    for path in opts.files if opts.workers <= 1 or opts.realtime else ():
-        chunk = (256 << 10) if opts.realtime else (8 << 20)
-        pacer = _Pacer(opts.speed) if opts.realtime else None
-        try:
-            for batch in read_capture(path, chunk_bytes=chunk):
-                if pacer and len(batch):
-                    pacer.wait(int(batch.ts_ns[-1]))
-                engine.process(batch, "file")
-        except CaptureError as exc:
-            log(f"error: {exc}")
-            failed = True
-        engine.flush()  # each file is its own time line
-        engine.meters.clear()
+        files = FileReplay(tuple(opts.files), opts.workers, opts.engine.flow, opts.engine.context)
+        failed = replay_files(engine, files, log)
+    if opts.workers <= 1 or opts.realtime:
+        failed = _replay_in_process(engine, opts) or failed
     sink.close()
     if flow_log:
         flow_log.close()
@@ -102,6 +91,26 @@ def replay(opts: ReplayOptions) -> int:
         _wait_for_signal()
         server.close()
     return 1 if failed else 0
+
+
+def _replay_in_process(engine: Engine, opts: ReplayOptions) -> bool:
+    """Each file through the engine's own meter, one after the other, each its own time line;
+    True if a file was damaged."""
+    failed = False
+    for path in opts.files:
+        chunk = (256 << 10) if opts.realtime else (8 << 20)
+        pacer = _Pacer(opts.speed) if opts.realtime else None
+        try:
+            for batch in read_capture(path, chunk_bytes=chunk):
+                if pacer and len(batch):
+                    pacer.wait(int(batch.ts_ns[-1]))
+                engine.process(batch, "file")
+        except CaptureError as exc:
+            log(f"error: {exc}")
+            failed = True
+        engine.flush()
+        engine.meters.clear()
+    return failed
 
 
 class _Pacer:
@@ -145,10 +154,69 @@ def _wait_for_signal() -> None:
         signal.signal(signal.SIGTERM, old)
 
 
+class _Signals:
+    """SIGTERM and SIGINT ask the daemon to drain and stop, SIGHUP to reload; the handlers only
+    set a flag, which the loop reads between reads of the rings."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self.reload = False
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_reload)
+
+    def _on_stop(self, signum, frame) -> None:
+        self.stop = True
+
+    def _on_reload(self, signum, frame) -> None:
+        self.reload = True
+
+
+@dataclass
+class _Daemon:
+    """What a running daemon holds: the engine, its outputs and its packet sources."""
+
+    settings: Settings  # as started: a reload changes only the rules and the model
+    metrics: Metrics
+    server: MetricsServer | None
+    learner: Learner | None
+    sink: AlertSink
+    flow_log: FlowLog | None
+    engine: Engine
+    pool: WorkerPool | None  # capture workers (workers.py), or this process reads the rings
+    sources: list[LiveCapture]
+
+    def close(self) -> None:
+        if self.pool:
+            self.pool.close()
+        for src in self.sources:
+            src.close()
+        self.sink.close()
+        if self.flow_log:
+            self.flow_log.close()
+        if self.server:
+            self.server.close()
+
+
 def run(settings: Settings, config_path: Path) -> int:
     """The daemon loop. Returns 0 after a clean SIGTERM/SIGINT shutdown."""
-    from quietwire.agent.service.config import ConfigError, load_config
+    daemon = _build(settings)
+    signals = _Signals()
+    started = _start_line(daemon)  # the model and rules it starts with
+    if daemon.learner:
+        daemon.learner.tick(time.time(), daemon.engine)  # holds back from the first packet on
+    log(started)
+    try:
+        _loop(daemon, signals, config_path)
+        _drain(daemon)
+    finally:
+        daemon.close()
+    log(_stop_line(daemon))
+    return 0
 
+
+def _build(settings: Settings) -> _Daemon:
+    """Model, rules, metrics, outputs, engine and packet sources, as configured."""
     model = ScoringModel(settings.model)
     rules = load_rules(settings.rules)
     metrics = Metrics()
@@ -161,20 +229,9 @@ def run(settings: Settings, config_path: Path) -> int:
     metrics.sensor.labels(sensor).set(1)
     sink = AlertSink(settings.alerts.file, stdout=settings.alerts.stdout, host=sensor)
     flow_log = FlowLog(settings.flow_log, metrics, log, host=sensor) if settings.flow_log else None
-    engine = Engine(
-        model,
-        rules,
-        sink,
-        metrics,
-        settings.flow,
-        settings.context,
-        settings.incidents,
-        settings.budget,
-        log=log,
-        flow_log=flow_log,
-    )
+    engine = build_engine(model, rules, settings.engine, sink, metrics, flow_log)
     cap = settings.capture
-    pool = None  # capture workers (workers.py), or this process reads the rings itself
+    pool = None
     if cap.workers > 1:
         from quietwire.agent.parallel.workerpool import WorkerPool
 
@@ -185,112 +242,108 @@ def run(settings: Settings, config_path: Path) -> int:
         )
         for i in (cap.interfaces if pool is None else ())
     ]
-    state = {"stop": False, "reload": False}
+    return _Daemon(settings, metrics, server, learner, sink, flow_log, engine, pool, sources)
 
-    def on_stop(signum, frame) -> None:
-        state["stop"] = True
 
-    def on_reload(signum, frame) -> None:
-        state["reload"] = True
-
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGHUP, on_reload)
-    if learner:
-        learner.tick(time.time(), engine)  # holds back from the first packet on
-    where = f", metrics on {settings.metrics.listen}:{server.port}" if server else ""
-    where += f", {cap.workers} capture workers" if pool else ""
-    log(
-        f"capturing on {', '.join(cap.interfaces)} (model {model.version}, "
-        f"{len(rules)} rules{where})"
-    )
+def _loop(daemon: _Daemon, signals: _Signals, config_path: Path) -> None:
+    """Read packets until asked to stop; once a second, time passes for the engine and the
+    outputs; a reload when asked."""
     last_tick = time.monotonic()
-    try:
-        while not state["stop"]:
-            got = 0
-            if pool:
-                pool.pump(timeout_s=0.1)
-            for src in sources:
-                batch = src.read(timeout_s=0.1 / len(sources))
-                if len(batch):
-                    got += len(batch)
-                    engine.process(batch, src.interface)
-            now = time.monotonic()
-            if now - last_tick >= 1.0:
-                last_tick = now
-                engine.expire(time.time_ns())
-                if pool:
-                    pool.tick()
-                for src in sources:
-                    _, drops = src.statistics()
-                    if drops:
-                        metrics.kernel_drops.labels(src.interface, "0").inc(drops)
-                sink.flush()
-                if flow_log:
-                    flow_log.tick()  # rotation by age, the compressor's failures
-                if learner:
-                    learner.tick(time.time(), engine)  # progress; at the end, calibration
-            if state["reload"]:
-                state["reload"] = False
-                settings = _reload(
-                    engine, settings, config_path, load_config, ConfigError, metrics, sink, learner
-                )
-                if flow_log:
-                    flow_log.reopen()
-                if pool:
-                    pool.reload()
-        # Drain: whatever the kernel still holds, then every open flow.
-        if pool:
-            pool.drain()
+    sources = daemon.sources
+    while not signals.stop:
+        if daemon.pool:
+            daemon.pool.pump(timeout_s=0.1)
         for src in sources:
-            for batch in src.remaining():
-                engine.process(batch, src.interface)
-            _, drops = src.statistics()
-            if drops:
-                metrics.kernel_drops.labels(src.interface, "0").inc(drops)
-        engine.flush()
-    finally:
-        if pool:
-            pool.close()
-        for src in sources:
-            src.close()
-        sink.close()
-        if flow_log:
-            flow_log.close()
-        if server:
-            server.close()
-    s = engine.summary
-    drops = sum(src.kernel_drops for src in sources) + (pool.kernel_drops if pool else 0)
-    log(
+            batch = src.read(timeout_s=0.1 / len(sources))
+            if len(batch):
+                daemon.engine.process(batch, src.interface)
+        now = time.monotonic()
+        if now - last_tick >= 1.0:
+            last_tick = now
+            _tick(daemon)
+        if signals.reload:
+            signals.reload = False
+            _reload(daemon, config_path)
+            if daemon.flow_log:
+                daemon.flow_log.reopen()
+            if daemon.pool:
+                daemon.pool.reload()
+
+
+def _tick(daemon: _Daemon) -> None:
+    """A second passed: flows and incidents time out, kernel drops are counted, outputs are
+    flushed and rotated, the learning period moves on."""
+    daemon.engine.expire(time.time_ns())
+    if daemon.pool:
+        daemon.pool.tick()
+    for src in daemon.sources:
+        _count_kernel_drops(daemon.metrics, src)
+    daemon.sink.flush()
+    if daemon.flow_log:
+        daemon.flow_log.tick()  # rotation by age, the compressor's failures
+    if daemon.learner:
+        daemon.learner.tick(time.time(), daemon.engine)  # progress; at the end, calibration
+
+
+def _drain(daemon: _Daemon) -> None:
+    """Whatever the kernel still holds, then every open flow."""
+    if daemon.pool:
+        daemon.pool.drain()
+    for src in daemon.sources:
+        for batch in src.remaining():
+            daemon.engine.process(batch, src.interface)
+        _count_kernel_drops(daemon.metrics, src)
+    daemon.engine.flush()
+
+
+def _count_kernel_drops(metrics: Metrics, src: LiveCapture) -> None:
+    _, drops = src.statistics()
+    if drops:
+        metrics.kernel_drops.labels(src.interface, "0").inc(drops)
+
+
+def _start_line(daemon: _Daemon) -> str:
+    cap, server, engine = daemon.settings.capture, daemon.server, daemon.engine
+    where = f", metrics on {daemon.settings.metrics.listen}:{server.port}" if server else ""
+    where += f", {cap.workers} capture workers" if daemon.pool else ""
+    return (
+        f"capturing on {', '.join(cap.interfaces)} (model {engine.model.version}, "
+        f"{len(engine.rules.ruleset)} rules{where})"
+    )
+
+
+def _stop_line(daemon: _Daemon) -> str:
+    s, pool, flow_log = daemon.engine.summary, daemon.pool, daemon.flow_log
+    drops = sum(src.kernel_drops for src in daemon.sources) + (pool.kernel_drops if pool else 0)
+    return (
         f"stopped: {s.packets} packets, {s.flows} flows, {sum(s.incidents.values())} "
         f"incidents, {sum(s.alerts.values())} alert lines ({s.held_back} held back), "
         f"{drops} kernel drops"
         + (f"; {_flow_log_line(flow_log)}" if flow_log else "")
         + (f"; {pool.cpu_line()}" if pool else "")
     )
-    return 0
 
 
-def _reload(engine, settings, config_path, load_config, config_error, metrics, sink, learner):
+def _reload(daemon: _Daemon, config_path: Path) -> None:
     """SIGHUP: re-read the config, rules and model; on any error keep everything as it was.
     Capture settings (interfaces, filter, ring) and the learn section take effect at the next
     start; after a learning period's calibration its model stands in for the configured one
     it was calibrated from."""
+    metrics, sink = daemon.metrics, daemon.sink
     try:
         new = load_config(config_path)
         rules = load_rules(new.rules)
         model = ScoringModel(new.model)
-        if learner:
-            model = learner.model_for(model)
-    except (config_error, RuleError, ModelError) as exc:
+        if daemon.learner:
+            model = daemon.learner.model_for(model)
+    except (ConfigError, RuleError, ModelError) as exc:
         metrics.reloads.labels("failure").inc()
         metrics.reload_ok.set(0)
         log(f"reload failed, keeping the previous configuration: {exc}")
         sink.reopen()
-        return settings
-    engine.reload(model, rules)
+        return
+    daemon.engine.reload(model, rules)
     metrics.reloads.labels("success").inc()
     metrics.reload_ok.set(1)
     sink.reopen()
     log(f"reloaded: {len(rules)} rules, model {model.version}")
-    return new

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 from quietwire.agent.capture.pcap import PacketBatch
 from quietwire.agent.detect.incidents import Incident, IncidentSettings, IncidentTracker
-from quietwire.agent.detect.model import ScoringModel
+from quietwire.agent.detect.model import Scores, ScoringModel
 from quietwire.agent.detect.rules import Rule, RuleEngine, RuleSet
 from quietwire.agent.features.context import ContextConfig
 from quietwire.agent.features.meter import FlowMeter
@@ -31,6 +33,26 @@ from quietwire.agent.output.alerts import (
 )
 from quietwire.agent.service.drift import calibration_table
 from quietwire.agent.service.metrics import Metrics
+
+
+class FlowLogWriter(Protocol):
+    """Where every metered record goes once scored (agent/output/flowlog.py's FlowLog)."""
+
+    def write(
+        self, flows: MeteredFlows, scores: Scores, model_version: str, interface: str | None
+    ) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """The config sections the engine reads; None: that section's defaults."""
+
+    flow: FlowConfig | None = None  # the flow table of each interface's meter
+    context: ContextConfig | None = None  # the host context of each interface's meter
+    incidents: IncidentSettings | None = None
+    budget: BudgetSettings | None = None  # the alert line budget
 
 
 @dataclass
@@ -80,32 +102,28 @@ class Engine:
         rules: RuleSet,
         sink: AlertSink,
         metrics: Metrics | None = None,
-        flow_config: FlowConfig | None = None,
-        context_config: ContextConfig | None = None,
-        incidents: IncidentSettings | None = None,
-        budget: BudgetSettings | None = None,
-        clock=time.monotonic,
-        log=None,
-        flow_log=None,
+        *,
+        settings: EngineSettings = EngineSettings(),
+        flow_log: FlowLogWriter | None = None,
+        log: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``flow_log``, when given, receives every metered record, scored; ``log`` takes the
+        operational messages (the daemon's log); ``clock`` paces the alert line budget."""
         self.model = model
-        # Every metered record, scored, goes here when set: an object with
-        # write(flows: MeteredFlows, scores: Scores, model_version: str, interface: str | None)
-        # and flush() (agent/output/flowlog.py).
+        self.settings = settings
         self.flow_log = flow_log
-        self.log = log or (lambda message: None)  # operational messages (the daemon's log)
+        self.log = log or (lambda message: None)
         self.rules = RuleEngine(rules, model.thresholds)
-        self.incidents = IncidentTracker(incidents)
-        self.budget = LineBudget(budget, clock)
+        self.incidents = IncidentTracker(settings.incidents)
+        self.budget = LineBudget(settings.budget, clock)
         self.sink = sink
         self.metrics = metrics
-        self.flow_config = flow_config
-        if flow_config is not None and not flow_config.payload:
+        if settings.flow is not None and not settings.flow.payload:
             self.log(
                 "payload statistics are off (flow.payload: false): the model's payload "
                 "features are missing (NaN) for every flow, scored as if it had no payload"
             )
-        self.context_config = context_config
         self.meters: dict[str, FlowMeter] = {}
         self._seen: dict[str, dict] = {}
         self.summary = Summary()
@@ -119,7 +137,7 @@ class Engine:
 
     def _meter(self, interface: str) -> FlowMeter:
         if interface not in self.meters:
-            self.attach(interface, FlowMeter(self.flow_config, self.context_config))
+            self.attach(interface, FlowMeter(self.settings.flow, self.settings.context))
         return self.meters[interface]
 
     def attach(self, interface: str, meter) -> None:

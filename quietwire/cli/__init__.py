@@ -1,6 +1,6 @@
 """The `quietwire` command. Each module of this package adds its subcommands (parser beside
-handler); each handler turns the stage errors it can meet into one line on stderr and a
-non-zero exit."""
+handler). A handler may turn the stage errors it meets into its own line and exit status;
+``main`` turns any other stage error (``QuietwireError``) into one line on stderr and exit 2."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ import os
 import sys
 
 from quietwire import __version__
-from quietwire.agent.output.tablefields import FlowFileError
+from quietwire.agent.errors import QuietwireError
 
 from .common import DEFAULT_CAPTURE, error
 
 __all__ = ["DEFAULT_CAPTURE", "build_parser", "main"]
 
-# The module of this package that adds each subcommand. A command imports only its own module:
-# the daemon's (rules, incidents, metrics, YAML config) cost `quietwire flows` a tenth of a
-# second at every start.
+# The module of this package that adds each subcommand. A command imports only its own module,
+# so `quietwire flows` does not import the daemon's (rules, incidents, metrics, YAML config)
+# at every start.
 COMMANDS = {
     "flows": "flows",
     "schema": "flows",
@@ -48,12 +48,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; its exit status."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv[0] if argv else None).parse_args(argv)
     try:
         return args.func(args)
-    except FlowFileError as exc:
-        error(str(exc))
+    except QuietwireError as exc:
+        error(" ".join(str(exc).splitlines()))
         return 2
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -25,6 +25,7 @@ def _listen(text: str) -> ServerSettings:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     from quietwire.agent.service.daemon import ReplayOptions, replay
+    from quietwire.agent.service.engine import EngineSettings
 
     try:
         flow_config = FlowConfig(
@@ -57,9 +58,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         realtime=args.realtime or args.speed is not None,
         speed=args.speed or 1.0,
         serve=serve,
-        flow=flow_config,
-        incidents=incidents,
-        budget=budget,
+        engine=EngineSettings(flow=flow_config, incidents=incidents, budget=budget),
         flow_log=flow_log,
         workers=args.workers,
     )
@@ -129,7 +128,7 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
     return 2 if failed else 0
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     """Add this module's subcommands to the parser."""
     rp = sub.add_parser(
         "replay",
@@ -138,6 +137,19 @@ def register(sub) -> None:
         "apply the rules, correlate the evidence into incidents, write their open/update/"
         "close lines as EVE JSON alerts and print a summary.",
     )
+    # Help lists the options in the order they are added: the groups keep that order.
+    _add_inputs(rp)
+    _add_pacing(rp)
+    _add_flow_timeouts(rp)
+    _add_alert_options(rp)
+    _add_flow_log_options(rp)
+    rp.set_defaults(func=cmd_replay)
+    _register_daemon(sub)
+    _register_rules(sub)
+
+
+def _add_inputs(rp: argparse.ArgumentParser) -> None:
+    """The captures, the model and rules that score them, where the alerts go."""
     rp.add_argument(
         "files",
         nargs="*",
@@ -158,6 +170,10 @@ def register(sub) -> None:
         default="-",
         help="alert file (JSON lines); '-' for stdout (the default)",
     )
+
+
+def _add_pacing(rp: argparse.ArgumentParser) -> None:
+    """How the replay runs: its timing, its worker processes, its metrics."""
     rp.add_argument("--realtime", action="store_true", help="honour the capture's timing")
     rp.add_argument(
         "-w",
@@ -176,10 +192,18 @@ def register(sub) -> None:
         metavar="[HOST:]PORT",
         help="serve Prometheus metrics, and keep serving after the replay",
     )
+
+
+def _add_flow_timeouts(rp: argparse.ArgumentParser) -> None:
+    """When the flow table ends a flow."""
     rp.add_argument("--idle-timeout", type=float, default=FlowConfig.idle_timeout_s, metavar="S")
     rp.add_argument(
         "--active-timeout", type=float, default=FlowConfig.active_timeout_s, metavar="S"
     )
+
+
+def _add_alert_options(rp: argparse.ArgumentParser) -> None:
+    """Which alert lines are written, and the budget that caps them."""
     rp.add_argument(
         "--flow-alerts",
         action="store_true",
@@ -199,6 +223,10 @@ def register(sub) -> None:
         metavar="N",
         help="alert line budget: up to N lines at once (%(default)d)",
     )
+
+
+def _add_flow_log_options(rp: argparse.ArgumentParser) -> None:
+    """The flow log: its file, rotation and retention."""
     rp.add_argument(
         "--flow-log",
         type=Path,
@@ -230,8 +258,10 @@ def register(sub) -> None:
     rp.add_argument(
         "--flow-log-no-gzip", action="store_true", help="leave rotated flow logs uncompressed"
     )
-    rp.set_defaults(func=cmd_replay)
 
+
+def _register_daemon(sub: argparse._SubParsersAction) -> None:
+    """`run` and `check-config`."""
     run = sub.add_parser(
         "run",
         help="the daemon: live capture, scoring, alerts, metrics",
@@ -246,6 +276,9 @@ def register(sub) -> None:
     check.add_argument("--config", type=Path, default=Path("/etc/quietwire/config.yaml"))
     check.set_defaults(func=cmd_check_config)
 
+
+def _register_rules(sub: argparse._SubParsersAction) -> None:
+    """`rules check`."""
     rules = sub.add_parser("rules", help="rule files")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True, metavar="ACTION")
     rc = rules_sub.add_parser("check", help="validate rule files (errors as file:line)")
