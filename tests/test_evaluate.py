@@ -15,6 +15,7 @@ from quietwire.agent.features.schema import FEATURE_NAMES  # noqa: E402
 from quietwire.cli import main  # noqa: E402
 from quietwire.trainer.data import load_labels  # noqa: E402
 from quietwire.trainer.evaluation.evaluate import (  # noqa: E402
+    DiffusionBaseline,
     auprc,
     generated_set,
     mean_report,
@@ -148,6 +149,31 @@ def test_robust_weights_see_bursts_from_one_host_and_to_one_server(tmp_path):
     assert np.allclose(w, expected)
 
 
+# Bound from the measured spread: generated sets of seeds 5-8 (scale 0.2) by training seeds
+# 0-4, 150 steps (20 runs): SYN flood AUROC 0.984-1.0, SYN scan 0.969-1.0 against the
+# held-out benign flows. One optimiser step (training seeds 0-4 on the sets of seeds 5 and 6):
+# SYN flood 0.21-0.77, so every such run fails the bound.
+OBVIOUS_ATTACK_AUROC = 0.9
+
+
+def test_diffusion_separates_obvious_attacks(tmp_path):
+    """A briefly trained diffusion detector ranks a SYN flood's and a SYN scan's flows above
+    held-out benign flows of the generated set; the same bound refuses an untrained one."""
+    s = generated_set(tmp_path, seed=5, scale=0.2)
+
+    def separation(train_steps: int) -> dict[str, float]:
+        det = DiffusionBaseline(TrainConfig(train_steps=train_steps)).fit(s.train, seed=0)
+        benign = det.score(s.benign)
+        return {
+            k: auroc(det.score(s.attack[s.kinds == k]), benign) for k in ("syn_flood", "syn_scan")
+        }
+
+    trained, untrained = separation(150), separation(1)
+    print(f"AUROC after 150 steps {trained}, after one step {untrained}")
+    assert min(trained.values()) > OBVIOUS_ATTACK_AUROC, trained
+    assert min(untrained.values()) < OBVIOUS_ATTACK_AUROC, untrained
+
+
 def test_eval_command_small(tmp_path, capsys):
     out = tmp_path / "eval"
     assert (
@@ -184,7 +210,7 @@ def test_eval_command_small(tmp_path, capsys):
     for det in (diffusion, "isolation_forest", "lof", "autoencoder"):
         assert 0.5 < gen[det]["auroc"] <= 1.0  # every detector beats chance on this set
         assert set(gen[det]["per_attack"]) == set(ATTACKS)
-        assert gen[det]["runs"] == 2 and gen[det]["sd"]["auroc"] >= 0
+        assert gen[det]["runs"] == 2
     # incident-level results on a fresh capture: every attack type has its entry, and the
     # lines per incident are the open and close at least
     inc = gen["incidents"]
