@@ -1,4 +1,4 @@
-"""Site benchmark (issue 12): the bundled model on a generated network it has never seen, as
+"""Site benchmark: the bundled model on a generated network it has never seen, as
 installed, after `quietwire calibrate`, and against models learnt from that network's flow log
 (`quietwire train --benign`, from scratch with the bundled model's score and fine-tuned with
 `--init` from the bundled model).

@@ -240,7 +240,7 @@ def test_export_and_load(fitted, tmp_path):
     onnx.save(model, str(tmp_path / "old.gen.onnx"))
     with pytest.raises(GeneratorError, match="old.gen.onnx: generator of other modelled columns"):
         FlowGenerator.load(tmp_path / "old.gen.onnx")
-    # a generator of categories as regressed one-hots (before the cross-entropy head) too
+    # a generator of the first kind (categories as regressed one-hots) too
     model = onnx.load(str(path))
     for prop in model.metadata_props:
         if prop.key == "quietwire_generator":
