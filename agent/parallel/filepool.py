@@ -23,7 +23,7 @@ import numpy as np
 
 from quietwire.agent.capture.pcap import CaptureError, read_capture
 from quietwire.agent.features.context import ContextConfig
-from quietwire.agent.features.meter import FlowMeter
+from quietwire.agent.features.meter import FlowMeter, Meter
 from quietwire.agent.features.schema import MeteredFlows
 from quietwire.agent.flow.table import FlowConfig
 
@@ -170,9 +170,9 @@ class PlaybackMeter:
 class ReplayEngine(Protocol):
     """What replay's files are played into (service/engine.py's Engine)."""
 
-    meters: dict[str, Any]
+    meters: dict[str, Meter]
 
-    def attach(self, interface: str, meter: Any) -> None: ...
+    def attach(self, interface: str, meter: Meter) -> None: ...
 
     def process(self, batch: Any, interface: str) -> None: ...
 

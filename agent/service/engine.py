@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from quietwire.agent.detect.incidents import Incident, IncidentSettings, Inciden
 from quietwire.agent.detect.model import Scores, ScoringModel
 from quietwire.agent.detect.rules import Rule, RuleEngine, RuleSet
 from quietwire.agent.features.context import ContextConfig
-from quietwire.agent.features.meter import FlowMeter
+from quietwire.agent.features.meter import BatchMeter, FlowMeter, Meter
 from quietwire.agent.features.schema import MeteredFlows
 from quietwire.agent.flow.records import END_REASONS, INTERIM
 from quietwire.agent.flow.table import FlowConfig
@@ -124,7 +124,7 @@ class Engine:
                 "payload statistics are off (flow.payload: false): the model's payload "
                 "features are missing (NaN) for every flow, scored as if it had no payload"
             )
-        self.meters: dict[str, FlowMeter] = {}
+        self.meters: dict[str, Meter] = {}
         self._seen: dict[str, dict] = {}
         self.summary = Summary()
         # Causes whose incidents are not raised (a learning period's unknown_anomaly): their
@@ -135,12 +135,13 @@ class Engine:
         if metrics:
             self._model_metrics()
 
-    def _meter(self, interface: str) -> FlowMeter:
+    def _meter(self, interface: str) -> BatchMeter:
+        """The meter ``process`` feeds: the interface's own FlowMeter unless one was attached."""
         if interface not in self.meters:
             self.attach(interface, FlowMeter(self.settings.flow, self.settings.context))
-        return self.meters[interface]
+        return cast(BatchMeter, self.meters[interface])
 
-    def attach(self, interface: str, meter) -> None:
+    def attach(self, interface: str, meter: Meter) -> None:
         """Meter ``interface`` with ``meter``: a FlowMeter, or what stands in for one where
         capture workers meter the packets (central.CentralMeter: its expire, drain, running
         totals and table size); their flows come in through ``handle``."""
@@ -154,6 +155,8 @@ class Engine:
         }
 
     def process(self, batch: PacketBatch, interface: str = "file") -> None:
+        """Meter, score, judge and log one batch of ``interface``'s packets (a PacketBatch, or
+        what an attached BatchMeter takes)."""
         meter = self._meter(interface)
         self._handle(meter.add(batch), interface)
         self._account(interface)

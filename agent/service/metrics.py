@@ -39,7 +39,18 @@ class Metrics:
     """Every metric the agent exports, in its own registry."""
 
     def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
+        # Declared by group, in the order /metrics lists them.
+        self.registry = CollectorRegistry()
+        self._capture_metrics(self.registry)
+        self._alert_metrics(self.registry)
+        self._flow_log_metrics(self.registry)
+        self._model_metrics(self.registry)
+        self._learning_metrics(self.registry)
+        self._daemon_metrics(self.registry)
+        self._label_values()
+
+    def _capture_metrics(self, r: CollectorRegistry) -> None:
+        """Packets, decoding, flows and the flow tables, per interface and capture worker."""
         self.packets = Counter("quietwire_packets", "Packets read", ["interface"], registry=r)
         self.bytes = Counter(
             "quietwire_bytes", "Bytes read (on the wire)", ["interface"], registry=r
@@ -94,6 +105,9 @@ class Metrics:
             "Capture workers that died and were started again (their open flows were lost)",
             registry=r,
         )
+
+    def _alert_metrics(self, r: CollectorRegistry) -> None:
+        """Alert lines, incidents, and what the budget, allowlists and repeats held back."""
         self.alerts = Counter(
             "quietwire_alerts",
             "Alert lines written (incident open/update/close, or per-flow alerts)",
@@ -121,6 +135,8 @@ class Metrics:
             ["rule", "reason"],
             registry=r,
         )
+
+    def _flow_log_metrics(self, r: CollectorRegistry) -> None:
         self.flow_log_lines = Counter(
             "quietwire_flow_log_lines", "Flow records written to the flow log", registry=r
         )
@@ -139,6 +155,9 @@ class Metrics:
             "Flow records not written to the flow log because an operation failed",
             registry=r,
         )
+
+    def _model_metrics(self, r: CollectorRegistry) -> None:
+        """The live model, its scores and their drift from its calibration."""
         self.score = BulkHistogram(
             "quietwire_flow_score",
             "Anomaly scores of flow records (ended, and interim)",
@@ -169,6 +188,8 @@ class Metrics:
             registry=r,
         )
         self.drift = ScoreDrift(registry=r)
+
+    def _learning_metrics(self, r: CollectorRegistry) -> None:
         self.learning = Gauge(
             "quietwire_learning_active",
             "1 during a learning period (unknown_anomaly incidents held back)",
@@ -197,6 +218,9 @@ class Metrics:
             ["result"],
             registry=r,
         )
+
+    def _daemon_metrics(self, r: CollectorRegistry) -> None:
+        """Reloads and the build."""
         self.reloads = Counter(
             "quietwire_config_reloads", "Reloads (SIGHUP), by result", ["result"], registry=r
         )
@@ -210,6 +234,9 @@ class Metrics:
         )
         self.build_info.labels(__version__, platform.python_version()).set(1)
         self.reload_ok.set(1)
+
+    def _label_values(self) -> None:
+        """Every label value known in advance, so its series is exported from the start (at 0)."""
         for reason in DECODE_ERROR_REASONS:
             self.decode_errors.labels(reason)
         for reason in END_REASONS:
