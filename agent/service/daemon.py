@@ -32,8 +32,10 @@ def log(message: str) -> None:
     print(f"quietwire: {message}", file=sys.stderr, flush=True)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReplayOptions:
+    """What `quietwire replay` was asked to do."""
+
     files: list[Path]
     model: Path
     rules: Path
