@@ -74,7 +74,7 @@ def quality(path, corpus) -> dict[str, float]:
     }
 
 
-# Bounds from the measured spread (issue 15): 10 seeds on an AVX-512 Xeon and 5 seeds under
+# Bounds from the measured spread: 10 seeds on an AVX-512 Xeon and 5 seeds under
 # each of ATEN_CPU_CAPABILITY=avx2/avx512/default and avx2 with oneDNN/MKL capped at AVX2
 # (38 working runs) gave AUROC 0.963-0.986, unseen benign over the 1e-2 threshold
 # 0.007-0.030 and synscan AUROC 0.972-0.995 (the dispatch moved each by at most 0.002; seeds
@@ -82,10 +82,10 @@ def quality(path, corpus) -> dict[str, float]:
 # synscan AUROC 0.17-0.69; columns shuffled or trained on noise, benign over the threshold
 # 0.063-1.0. Every broken run fails at least one bound. The share of synscan probes over the
 # threshold is no bound: the probes are near-identical, so it jumps between 0 and 0.97 from
-# one seed to the next while their rank barely moves. The dte_clean score (issue 13), seeds
-# 0-4 on one contended x86 machine: AUROC 0.986-0.991, unseen benign over the threshold
-# 0.007-0.037, synscan AUROC 0.993-0.998 (dte on the same weights: 0.969-0.991,
-# 0.003-0.010, 0.975-0.995).
+# one seed to the next while their rank barely moves. The dte_clean score, seeds 0-4 on one
+# contended x86 machine: AUROC 0.986-0.991, unseen benign over the threshold 0.007-0.037,
+# synscan AUROC 0.993-0.998 (dte on the same weights: 0.969-0.991, 0.003-0.010,
+# 0.975-0.995).
 BOUNDS = {"auroc": 0.9, "benign_over_1e-2": 0.05, "synscan_auroc": 0.9}
 
 
