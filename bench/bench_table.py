@@ -115,11 +115,14 @@ def child(args: argparse.Namespace) -> dict:
         from quietwire.agent.detect.model import ScoringModel
         from quietwire.agent.detect.rules import load_rules
         from quietwire.agent.output.alerts import AlertSink
-        from quietwire.agent.service.engine import Engine
+        from quietwire.agent.service.engine import Engine, EngineSettings
         from quietwire.rules import DEFAULT_RULES
 
         engine = Engine(
-            ScoringModel(), load_rules(DEFAULT_RULES), AlertSink(), flow_config=_flow_config(args)
+            ScoringModel(),
+            load_rules(DEFAULT_RULES),
+            AlertSink(),
+            settings=EngineSettings(flow=_flow_config(args)),
         )
     else:
         meter = FlowMeter(_flow_config(args))

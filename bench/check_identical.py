@@ -60,7 +60,9 @@ def _captures(work: Path, packets: int) -> dict[str, list[Path]]:
     return sets
 
 
-def _run(args: list[str]) -> None:
+def _run(args: list[str], outputs: list[Path]) -> None:
+    for path in outputs:  # the alert file and the flow log append
+        path.unlink(missing_ok=True)
     proc = subprocess.run(args, capture_output=True, text=True)
     # A capture nDPI's fuzzers made may fail by itself: that is output too (exit 1), not an
     # error of this script; anything else is.
@@ -72,7 +74,7 @@ def _flows(name: str, files: list[Path], out: Path) -> list[Path]:
     outputs = []
     for suffix in ("csv", "jsonl", "parquet"):
         path = out / f"flows-{name}.{suffix}"
-        _run([*QW, "flows", *map(str, files), "-o", str(path), "--score", "--quiet"])
+        _run([*QW, "flows", *map(str, files), "-o", str(path), "--score", "--quiet"], [path])
         outputs.append(path)
     return outputs
 
@@ -99,7 +101,8 @@ def _replay(name: str, files: list[Path], out: Path) -> list[Path]:
             "0",
             "--flow-log-rotate-age",
             "0",
-        ]
+        ],
+        [alerts, flow_log],
     )
     return [alerts, flow_log]
 

