@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from quietwire import DATA
+from quietwire.agent.detect.thresholds import nearest_threshold
 from quietwire.agent.errors import QuietwireError
 from quietwire.agent.features.schema import FEATURE_NAMES, SCHEMA_HASH, SCHEMA_VERSION
 
@@ -102,7 +103,7 @@ class ScoringModel:
                 np.zeros((0, len(FEATURE_NAMES)), np.float32),
             )
         # In rows of SCORE_BATCH: the network's intermediates for a whole flood's flows at once
-        # would cost memory, and stay out of the CPU caches (half the speed at 200,000 rows).
+        # would cost memory, and stay out of the CPU caches.
         parts = [
             self._session.run(list(OUTPUTS), {"features": x[i : i + SCORE_BATCH]})
             for i in range(0, len(x), SCORE_BATCH)
@@ -163,9 +164,3 @@ def round_mantissa(x: np.ndarray, bits: int) -> np.ndarray:
     out = np.where(np.isfinite(x), rounded.view(np.float32), x).astype(np.float32)
     out[np.isnan(out)] = np.nan
     return out
-
-
-def nearest_threshold(thresholds: dict[float, float], fpr: float) -> float:
-    """The threshold of the stored false-positive rate nearest to ``fpr`` (on a log scale)."""
-    level = min(thresholds, key=lambda k: abs(np.log10(k) - np.log10(fpr)))
-    return thresholds[level]

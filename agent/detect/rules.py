@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quietwire.agent.detect.model import nearest_threshold
+from quietwire.agent.detect.thresholds import nearest_threshold
 from quietwire.agent.features.schema import FEATURE_NAMES
 from quietwire.agent.flow.records import FlowRecords
 from quietwire.agent.yamlnodes import Node, YamlError, load

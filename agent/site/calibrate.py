@@ -164,62 +164,21 @@ def calibrate(
     ``period`` (the first flow start and last flow end, ISO 8601) are recorded in the model.
     """
     model_path, out_path = Path(model_path), Path(out_path)
-    model = ScoringModel(model_path)
-    proto = _load_proto(model_path)
-    inits = {t.name for t in proto.graph.initializer}
-    if TABLE not in inits or TABLE_N_PLUS_1 not in inits:
-        raise CalibrationError(
-            f"{model_path}: not a quietwire model this agent can calibrate (no {TABLE} table)"
-        )
-    config = json.loads(model.metadata.get("config", "{}") or "{}")
-    if host_balance is None:
-        host_balance = int(config.get("host_balance", DEFAULT_BALANCE[0]))
-    if server_balance is None:
-        server_balance = int(config.get("server_balance", DEFAULT_BALANCE[1]))
-    if host_balance < 0 or server_balance < 0:
-        raise CalibrationError(
-            f"host_balance and server_balance must be >= 0, got {host_balance}, {server_balance}"
-        )
+    model, proto = _load_calibratable(model_path)
+    host_balance, server_balance = _balance_bounds(model, host_balance, server_balance)
     where = _describe(inputs)
     features = np.asarray(features, dtype=np.float32)
-    if len(features) == 0:
-        raise CalibrationError(f"no flows to calibrate on in {where}")
-    scores = site_scores(model, features)
-    bad = int((~np.isfinite(scores)).sum())
-    if bad:
-        raise CalibrationError(f"{model_path}: gave {bad} non-finite scores on {where}")
+    scores = _scores_on_site(model, features, where)
     weights = burst_weights(features, host_balance, server_balance)
     if weights is None:
         weights = np.ones(len(scores))
     balanced = float(weights.sum())
     levels = sorted(model.thresholds, reverse=True)
     smallest = levels[-1]
-    needed = int(np.ceil(1.0 / smallest - 1e-9)) if min_records is None else int(min_records)
-    if balanced < needed * (1 - 1e-9) and not allow_few_flows:
-        raw = int(np.ceil(needed * len(scores) / balanced))
-        level = f" FPR {smallest:g}" if min_records is None else ""
-        rule = "" if min_records is None else " (min_records)"
-        raise TooFewFlowsError(
-            f"too few flows in {where} to calibrate{level}: {len(scores):,} records "
-            f"({balanced:,.0f} after burst balancing), it needs {needed:,} after burst "
-            f"balancing{rule} (about {raw:,} records like these)",
-            smallest,
-            needed,
-        )
+    if not allow_few_flows:
+        _require_enough_flows(len(scores), balanced, smallest, min_records, where)
     new = weighted_thresholds(scores, weights, levels)
     table = tail_table(scores, weights)
-    reports = tuple(
-        LevelReport(
-            fpr=q,
-            old_threshold=model.thresholds[q],
-            new_threshold=new[q],
-            share_over_old=float(np.mean(scores > model.thresholds[q])),
-            share_over_new=float(np.mean(scores > new[q])),
-            balanced_share_over_new=float(weights[scores > new[q]].sum() / balanced),
-            too_few_flows=balanced * q < 1.0 - 1e-9,
-        )
-        for q in levels
-    )
     date = (now or datetime.now(UTC)).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     report = CalibrationReport(
         model_path=model_path,
@@ -229,7 +188,7 @@ def calibrate(
         balanced_records=balanced,
         host_balance=host_balance,
         server_balance=server_balance,
-        levels=reports,
+        levels=_level_reports(model.thresholds, new, scores, weights, balanced, levels),
         table_points=len(table),
         first_start=period[0],
         last_end=period[1],
@@ -239,6 +198,90 @@ def calibrate(
     _rewrite(proto, table, new, _record(report, model))
     _save(proto, out_path)
     return report
+
+
+def _load_calibratable(model_path: Path) -> tuple[ScoringModel, onnx.ModelProto]:
+    """The model loaded for scoring and as an ONNX graph to rewrite; CalibrationError if it
+    lacks the tail-probability table calibration replaces."""
+    model = ScoringModel(model_path)
+    proto = _load_proto(model_path)
+    inits = {t.name for t in proto.graph.initializer}
+    if TABLE not in inits or TABLE_N_PLUS_1 not in inits:
+        raise CalibrationError(
+            f"{model_path}: not a quietwire model this agent can calibrate (no {TABLE} table)"
+        )
+    return model, proto
+
+
+def _balance_bounds(
+    model: ScoringModel, host_balance: int | None, server_balance: int | None
+) -> tuple[int, int]:
+    """Burst balancing's bounds: those given, else the model's training values."""
+    config = json.loads(model.metadata.get("config", "{}") or "{}")
+    if host_balance is None:
+        host_balance = int(config.get("host_balance", DEFAULT_BALANCE[0]))
+    if server_balance is None:
+        server_balance = int(config.get("server_balance", DEFAULT_BALANCE[1]))
+    if host_balance < 0 or server_balance < 0:
+        raise CalibrationError(
+            f"host_balance and server_balance must be >= 0, got {host_balance}, {server_balance}"
+        )
+    return host_balance, server_balance
+
+
+def _scores_on_site(model: ScoringModel, features: np.ndarray, where: str) -> np.ndarray:
+    """The model's scores for the site's flows; CalibrationError if there are none, or if any
+    is not finite (a quantile of them would mean nothing)."""
+    if len(features) == 0:
+        raise CalibrationError(f"no flows to calibrate on in {where}")
+    scores = site_scores(model, features)
+    bad = int((~np.isfinite(scores)).sum())
+    if bad:
+        raise CalibrationError(f"{model.path}: gave {bad} non-finite scores on {where}")
+    return scores
+
+
+def _require_enough_flows(
+    records: int, balanced: float, smallest: float, min_records: int | None, where: str
+) -> None:
+    """TooFewFlowsError unless the balanced records reach ``min_records`` (default: 1 / the
+    smallest false-positive rate)."""
+    needed = int(np.ceil(1.0 / smallest - 1e-9)) if min_records is None else int(min_records)
+    if balanced >= needed * (1 - 1e-9):
+        return
+    raw = int(np.ceil(needed * records / balanced))
+    level = f" FPR {smallest:g}" if min_records is None else ""
+    rule = "" if min_records is None else " (min_records)"
+    raise TooFewFlowsError(
+        f"too few flows in {where} to calibrate{level}: {records:,} records "
+        f"({balanced:,.0f} after burst balancing), it needs {needed:,} after burst "
+        f"balancing{rule} (about {raw:,} records like these)",
+        smallest,
+        needed,
+    )
+
+
+def _level_reports(
+    old: dict[float, float],
+    new: dict[float, float],
+    scores: np.ndarray,
+    weights: np.ndarray,
+    balanced: float,
+    levels: Sequence[float],
+) -> tuple[LevelReport, ...]:
+    """Each level's thresholds before and after, and the shares of the site's flows above."""
+    return tuple(
+        LevelReport(
+            fpr=q,
+            old_threshold=old[q],
+            new_threshold=new[q],
+            share_over_old=float(np.mean(scores > old[q])),
+            share_over_new=float(np.mean(scores > new[q])),
+            balanced_share_over_new=float(weights[scores > new[q]].sum() / balanced),
+            too_few_flows=balanced * q < 1.0 - 1e-9,
+        )
+        for q in levels
+    )
 
 
 def _describe(inputs: Sequence[tuple[str, int]]) -> str:

@@ -228,6 +228,22 @@ def register(sub) -> None:
         "field names) and every feature of the schema. Each file is metered on its own "
         "(with --workers, in parallel processes; the rows still come in input order).",
     )
+    _add_input_output_options(flows)
+    _add_metering_options(flows)
+    _add_scoring_options(flows)
+    flows.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
+    flows.set_defaults(func=cmd_flows)
+
+    schema = sub.add_parser(
+        "schema",
+        help="print the feature schema",
+        description="Print every feature: name, unit, nullable, meaning.",
+    )
+    schema.set_defaults(func=cmd_schema)
+
+
+def _add_input_output_options(flows: argparse.ArgumentParser) -> None:
+    """The captures read, where and how the flows are written, and how many processes."""
     flows.add_argument(
         "files",
         nargs="*",
@@ -252,6 +268,10 @@ def register(sub) -> None:
         help=f"meter up to N files at once in worker processes (1; this machine: "
         f"{default_workers()} cores); output and results as with 1",
     )
+
+
+def _add_metering_options(flows: argparse.ArgumentParser) -> None:
+    """The flow table's timeouts and size, and the per-host context window."""
     flows.add_argument(
         "--idle-timeout",
         type=float,
@@ -280,6 +300,10 @@ def register(sub) -> None:
         metavar="S",
         help="window of the per-host context features (60)",
     )
+
+
+def _add_scoring_options(flows: argparse.ArgumentParser) -> None:
+    """Scoring every flow with a model, and the false-positive rate the summary counts at."""
     flows.add_argument(
         "--score",
         action="store_true",
@@ -292,12 +316,3 @@ def register(sub) -> None:
         default=1e-2,
         help="false-positive rate whose threshold the summary counts (1e-2)",
     )
-    flows.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
-    flows.set_defaults(func=cmd_flows)
-
-    schema = sub.add_parser(
-        "schema",
-        help="print the feature schema",
-        description="Print every feature: name, unit, nullable, meaning.",
-    )
-    schema.set_defaults(func=cmd_schema)
