@@ -86,6 +86,11 @@ def lines_of(paths) -> list[str]:
     return out
 
 
+def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
+    """A sample's value as the metrics endpoint exports it (None if it is not exported)."""
+    return metrics.registry.get_sample_value(name, labels)
+
+
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory):
     path = tmp_path_factory.mktemp("log") / "flows.json"
@@ -135,9 +140,9 @@ def test_one_line_per_record_with_the_meters_values(logged):
     assert {r["src_ip"] for r in parsed} >= {"172.16.0.8"}  # nmap's source, from scan.pcap
     size = path.stat().st_size
     assert flow_log.bytes == size
-    assert metrics.flow_log_lines._value.get() == len(lines)
-    assert metrics.flow_log_bytes._value.get() == size
-    assert metrics.flow_log_errors.labels("write")._value.get() == 0
+    assert sample(metrics, "quietwire_flow_log_lines_total") == len(lines)
+    assert sample(metrics, "quietwire_flow_log_bytes_total") == size
+    assert sample(metrics, "quietwire_flow_log_errors_total", operation="write") == 0
 
 
 def test_the_reader_gives_back_the_features_and_hosts(logged, tmp_path):
@@ -301,8 +306,10 @@ def test_writing_resumes_when_the_directory_can_be_written(tmp_path):
         engine.process(batch, "file")
     failed = flow_log.dropped
     assert failed == sum(len(f) for f, _ in flow_log.batches) and flow_log.lines == 0
-    assert metrics.flow_log_errors.labels("open")._value.get() == flow_log.errors > 0
-    assert metrics.flow_log_dropped._value.get() == failed
+    assert (
+        sample(metrics, "quietwire_flow_log_errors_total", operation="open") == flow_log.errors > 0
+    )
+    assert sample(metrics, "quietwire_flow_log_lines_dropped_total") == failed
     blocker.unlink()  # the operator fixes it
     for batch in batches[len(batches) // 2 :]:
         engine.process(batch, "file")
@@ -323,7 +330,9 @@ def test_a_full_disk_is_counted_and_scoring_goes_on(tmp_path):
     engine = replay(flow_log, alerts)
     flow_log.close()
     assert flow_log.lines == 0 and flow_log.dropped == records_in(engine)
-    assert metrics.flow_log_errors.labels("write")._value.get() == flow_log.errors > 1
+    assert (
+        sample(metrics, "quietwire_flow_log_errors_total", operation="write") == flow_log.errors > 1
+    )
     assert len(messages) == 1 and "No space left on device" in messages[0]
     lines = alerts.read_text().splitlines()
     assert len(lines) == sum(engine.summary.alerts.values()) > 0  # the alert path kept working
@@ -410,8 +419,9 @@ def test_infinities_and_nans_are_written_as_null(logged):
 
 
 def _reference_lines(flows, scores, model_version, interface=None, host=None) -> str:
-    """The lines as flow_lines wrote them one %-format per line (before it formatted whole
-    columns): identity_columns' values, '%.9g' of each number, NaN and infinities null."""
+    """The lines written one %-format per line, the reference flow_lines' column-at-a-time
+    formatting must match: identity_columns' values, '%.9g' of each number, NaN and
+    infinities null."""
     iface = f'"in_iface":{json.dumps(interface)},' if interface else ""
     iface += f'"host":{json.dumps(host)},' if host is not None else ""
     features = ",".join(f'"{name}":%s' for name in FEATURE_NAMES)

@@ -14,7 +14,7 @@ from quietwire.agent.detect.incidents import IncidentSettings
 from quietwire.agent.detect.model import ScoringModel
 from quietwire.agent.detect.rules import load_rules
 from quietwire.agent.output.alerts import AlertSink, BudgetSettings, LineBudget
-from quietwire.agent.service.engine import Engine
+from quietwire.agent.service.engine import Engine, EngineSettings
 from quietwire.cli import main
 
 from .conftest import write_pcap
@@ -62,9 +62,8 @@ def engine_for(tmp_path, rules_text, incidents=None, budget=None, clock=None):
     out = tmp_path / "a.json"
     sink = AlertSink(out)
     kw = {"clock": clock} if clock else {}
-    engine = Engine(
-        ScoringModel(), load_rules(rules), sink, None, None, None, incidents, budget, **kw
-    )
+    settings = EngineSettings(incidents=incidents, budget=budget)
+    engine = Engine(ScoringModel(), load_rules(rules), sink, settings=settings, **kw)
     return engine, sink, out
 
 

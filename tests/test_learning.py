@@ -26,7 +26,7 @@ from quietwire.agent.flow.table import FlowConfig
 from quietwire.agent.output.alerts import AlertSink
 from quietwire.agent.output.flowlog import FlowLog, FlowLogSettings
 from quietwire.agent.service.config import ConfigError, load_config
-from quietwire.agent.service.engine import Engine
+from quietwire.agent.service.engine import Engine, EngineSettings
 from quietwire.agent.service.metrics import Metrics
 from quietwire.agent.site.calibrate import calibrate
 from quietwire.agent.site.learning import (
@@ -154,7 +154,8 @@ class Site:
             load_rules(tmp_path / "rules.yaml"),
             AlertSink(tmp_path / "alerts.json"),
             self.metrics,
-            FlowConfig(idle_timeout_s=5.0),  # the scan's unanswered probes end in the period
+            # the scan's unanswered probes end in the period
+            settings=EngineSettings(flow=FlowConfig(idle_timeout_s=5.0)),
             log=self.messages.append,
             flow_log=self.flow_log,
         )
@@ -408,29 +409,9 @@ def test_live_learning_switches_thresholds_and_the_flow_log_trains(netns, tmp_pa
     )
     log = tmp_path / "daemon.log"
     proc = start_daemon(netns, config, log)
-
-    def metrics() -> dict:
-        out = subprocess.run(
-            [
-                *netns,
-                PY,
-                "-c",
-                "import urllib.request,sys;sys.stdout.write(urllib.request.urlopen("
-                f"'http://127.0.0.1:{port}/metrics').read().decode())",
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        return {
-            (s.name, tuple(sorted(s.labels.items()))): s.value
-            for f in text_string_to_metric_families(out)
-            for s in f.samples
-        }
-
     bundled = ScoringModel(model)
     try:
-        m = metrics()
+        m = scrape_metrics(netns, port)
         assert total(m, "quietwire_learning_active") == 1
         assert 0 < total(m, "quietwire_learning_seconds_left") <= 10
         before = {fpr: total(m, "quietwire_model_threshold", fpr=f"{fpr:g}") for fpr in (0.01,)}
@@ -441,13 +422,9 @@ def test_live_learning_switches_thresholds_and_the_flow_log_trains(netns, tmp_pa
                 check=True,
                 capture_output=True,
             )
-        deadline = time.monotonic() + 60
-        while "learning period done" not in log.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-        m = metrics()
-        calibrated = tmp_path / "model.calibrated.onnx"
-        loaded = ScoringModel(calibrated)
+        wait_for_line(log, proc, "learning period done", timeout_s=60)
+        m = scrape_metrics(netns, port)
+        loaded = ScoringModel(tmp_path / "model.calibrated.onnx")
         after = {
             fpr: total(m, "quietwire_model_threshold", fpr=f"{fpr:g}") for fpr in loaded.thresholds
         }
@@ -469,11 +446,43 @@ def test_live_learning_switches_thresholds_and_the_flow_log_trains(netns, tmp_pa
         for line in (gzip.open(path, "rt") if path.suffix == ".gz" else path.open())
     ]
     assert len(records) > 1900 and all('"in_iface":"qwb"' in r for r in records)
+    assert_flow_log_trains(flows.parent, tmp_path / "site.onnx", bundled)
 
+
+def scrape_metrics(namespace: list[str], port: int) -> dict:
+    """The daemon's metrics, read from inside its network namespace: (name, labels) -> value."""
+    out = subprocess.run(
+        [
+            *namespace,
+            PY,
+            "-c",
+            "import urllib.request,sys;sys.stdout.write(urllib.request.urlopen("
+            f"'http://127.0.0.1:{port}/metrics').read().decode())",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(out)
+        for s in f.samples
+    }
+
+
+def wait_for_line(log: Path, proc: subprocess.Popen, text: str, timeout_s: float) -> None:
+    """Until ``text`` is in the daemon's log; fails if the daemon exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while text not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.2)
+
+
+def assert_flow_log_trains(log_dir: Path, trained: Path, bundled: ScoringModel) -> None:
+    """`quietwire train` on the flow log's directory gives a model of the same schema."""
     pytest.importorskip("torch")
-    trained = tmp_path / "site.onnx"
     res = subprocess.run(
-        [PY, "-m", "quietwire.cli", "train", "--benign", str(flows.parent), "--train-steps", "20"]
+        [PY, "-m", "quietwire.cli", "train", "--benign", str(log_dir), "--train-steps", "20"]
         + ["-o", str(trained)],
         capture_output=True,
         text=True,
