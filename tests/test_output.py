@@ -90,7 +90,8 @@ def test_replace_and_assemble():
 
 
 def _reference_csv(parts, scores=None) -> str:
-    """The rows as FlowWriter wrote them per cell in Python (before the vectorised writer)."""
+    """The rows written per cell in Python: the reference the column-at-a-time writer must
+    match byte for byte."""
     extra = ("score", "tail_probability", "top_features") if scores else ()
     lines = [",".join((*ID_FIELDS, *extra, *FEATURE_NAMES))]
     row = ",".join(["%.9g"] * len(FEATURE_NAMES))
@@ -213,7 +214,7 @@ def test_parquet_round_trip(tmp_path, ndpi):
 
 
 def test_parquet_writing_does_not_import_pandas(tmp_path):
-    """pa.array imports pandas where it is installed (0.3 s, a tenth of the command): the
+    """pa.array imports pandas where it is installed (a cost at every start): the
     writer builds its arrays from buffers. A fresh interpreter, as the command runs."""
     _pq()
     pytest.importorskip("pandas")

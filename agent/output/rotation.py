@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 COPY_CHUNK = 1 << 20
-# zlib level 3: flow log JSON shrinks 6.3x at 71 MB/s on this project's machines, where level
-# 6 gives 7.6x at 34 MB/s; the sensor's CPU is the scarcer of the two.
+# zlib level 3: on flow log JSON, most of level 6's compression at about twice its speed; the
+# sensor's CPU is scarcer than its disk.
 GZIP_LEVEL = 3
 
 
