@@ -199,3 +199,40 @@ def test_a_short_lab_run_is_captured_whole_and_every_flow_is_labelled(tmp_path):
         "smbclient",
         "ldapsearch",
     }
+
+
+def test_eval_trains_on_earlier_runs_and_tests_on_the_last(tmp_path):
+    from quietwire.trainer.evaluation.evaluate import lab_set
+
+    def run(name, t0):
+        d = tmp_path / name
+        d.mkdir()
+        pkts = [
+            *(
+                _pkt(t0 + 1 + i * 0.01, WS3.mac, f"203.0.113.{i}", WEB.ip, 1000 + i, 80)
+                for i in range(10)
+            ),
+            *(_pkt(t0 + 1.5 + i, WS5.mac, WS5.ip, WEB.ip, 40000 + i, 80) for i in range(3)),
+        ]
+        events = [
+            _event(0, "syn_flood", "ws03", [WEB.ip], t0 + 0.5, t0 + 1.2),
+            _event(1, "benign", "ws05", [WEB.ip], t0 + 1.4, t0 + 5),
+        ]
+        return _run_dir(d, pkts, events)
+
+    s = lab_set([run("a", T0), run("b", T0 + 100), run("c", T0 + 200)])
+    assert (len(s.train), len(s.benign), len(s.attack)) == (6, 3, 10)
+    assert set(s.kinds.tolist()) == {"syn_flood"}
+    with pytest.raises(ValueError):
+        lab_set([tmp_path / "a"])
+
+
+def test_the_labeller_names_records_of_the_capture_metered_again(tmp_path):
+    pkts = [
+        _pkt(T0 + 1 + i * 0.01, WS3.mac, f"203.0.113.{i}", WEB.ip, 1000 + i, 80) for i in range(5)
+    ]
+    pkts.append(_pkt(T0 + 3, WS5.mac, WS5.ip, WEB.ip, 40000, 80))
+    events = [_event(0, "syn_flood", "ws03", [WEB.ip], T0 + 0.5, T0 + 1.2)]
+    lab = L.label_run(_run_dir(tmp_path, pkts, events))
+    again = L.meter(tmp_path / "capture.pcap").records
+    assert sorted(L.labeller(lab)(again)) == ["benign"] + ["syn_flood"] * 5

@@ -28,6 +28,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
             error(f"{args.pcap_dir}: the nDPI captures are not there (--pcap-dir)")
             return 2
         sets.append(ev.real_set(args.pcap_dir, seed=args.seed))
+    if args.data == "lab" or (args.data == "all" and args.lab_runs):
+        runs = args.lab_runs or []
+        missing = [r for r in runs if not (r / "events.jsonl").exists()]
+        if len(runs) < 2 or missing:
+            error(
+                "--lab-runs: give two or more runs of `quietwire lab run` (the last is the "
+                f"test run){'; not a lab run: ' + ', '.join(map(str, missing)) if missing else ''}"
+            )
+            return 2
+        sets.append(ev.lab_set(runs))
     result: dict = {"train_steps": args.train_steps, "seeds": args.seeds}
     payload_borne: dict[str, dict] = {}  # per set, for the table after every set's own
     for s in sets:
@@ -91,13 +101,22 @@ def register(sub) -> None:
         "eval",
         help="measure detection quality against baselines on labelled sets",
         description="Rebuild the labelled sets (generated: trafficgen's pcap; real: the "
-        "nDPI captures of quietwire/data/ndpi_labels.yaml), fit the diffusion model and the "
+        "nDPI captures of quietwire/data/ndpi_labels.yaml; lab: runs of `quietwire lab run`), "
+        "fit the diffusion model and the "
         "baselines (Isolation Forest, LOF, autoencoder) on the same benign flows, and report "
         "AUROC, AUPRC, recall at FPR 1e-2/1e-3/1e-4 and per attack type, then the "
         "payload-borne attacks (web exploits in a request's bytes) of both sets; --hard adds "
         "contamination, masked/jittered features and augmentation with synthetic flows.",
     )
-    ev.add_argument("--data", choices=("generated", "real", "all"), default="all")
+    ev.add_argument("--data", choices=("generated", "real", "lab", "all"), default="all")
+    ev.add_argument(
+        "--lab-runs",
+        type=Path,
+        nargs="+",
+        metavar="DIR",
+        help="runs of `quietwire lab run` for --data lab (and all): the last is tested, the "
+        "others trained on",
+    )
     ev.add_argument("--pcap-dir", type=Path, default=Path("../shared/data/ndpi/pcap"))
     ev.add_argument("--out", type=Path, help="where the sets, report.json and plots go")
     ev.add_argument("--train-steps", type=int, default=2000, metavar="N")
@@ -140,6 +159,14 @@ def _incidents(name: str, det, out: Path, args: argparse.Namespace) -> dict:
         captures = [(pcap, lambda r: flow_kinds(r, labels, default="benign"))]
         expected = {k: cause for k, (cause, _) in EXPECTED_CAUSE.items()}
         note = "a fresh generated capture (seed + 1000)"
+    elif name == "lab":
+        from quietwire.trainer.evaluation.incidents import LAB_EXPECTED_CAUSE
+        from quietwire.trainer.lab.labels import label_run, labeller
+
+        run = args.lab_runs[-1]
+        captures = [(run / "capture.pcap", labeller(label_run(run)))]
+        expected = dict(LAB_EXPECTED_CAUSE)
+        note = f"the test run {run} (none of its flows trained on)"
     else:
         lab = ev.load_labels()
         captures = [

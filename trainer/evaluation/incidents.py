@@ -47,6 +47,39 @@ REAL_EXPECTED_CAUSE = {
 }
 
 
+# The lab's attack kinds and the cause the default rules should give them (None: nothing in the
+# flow features names it; any incident counts as detected).
+LAB_EXPECTED_CAUSE = {
+    "port_scan_syn": "port_scan",
+    "port_scan_connect": "port_scan",
+    "port_scan_udp": "port_scan",
+    "port_scan_masscan": "port_scan",
+    "host_sweep": "host_sweep",
+    "brute_force_ssh": "brute_force",
+    "brute_force_ftp": "brute_force",
+    "brute_force_http": "brute_force",
+    "syn_flood": "syn_flood",
+    "udp_flood": "udp_flood",
+    "slowloris": "slow_dos",
+    "slow_body": "slow_dos",
+    "slow_read": "slow_dos",
+    "sql_injection": "web_attack",
+    "sql_injection_random_agent": "web_attack",
+    "dns_tunnel": "dns_tunnel",
+    "c2_beacon": "c2_beacon",
+    "exfiltration": "exfiltration",
+    "sid_enumeration": None,
+    "samr_enumeration": None,
+    "rpc_endpoint_dump": None,
+    "kerberoasting": None,
+    "asrep_roasting": None,
+    "dcsync": None,
+    "dcsync_clone": None,
+    "remote_service_psexec": None,
+    "remote_service_smbexec": None,
+}
+
+
 def every_flow(label: str):
     """A labeller for a capture whose flows all have one label (a file-level label)."""
     return lambda records: [label] * len(records)

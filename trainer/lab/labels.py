@@ -178,10 +178,7 @@ def label_run(run_dir: Path) -> Labelled:
     wire = wire_packets(run_dir / "capture.pcap")
     flows = meter(run_dir / "capture.pcap")
     r = flows.records
-    v4 = lambda lo: (lo & np.uint64(0xFFFFFFFF)).astype(np.uint64)  # noqa: E731
-    fkey = canonical_keys(
-        r["proto"], v4(r["src_lo"]), r["src_port"], v4(r["dst_lo"]), r["dst_port"]
-    )
+    fkey = record_keys(r)[:, :3]
     n = len(r)
     labels = np.full(n, BENIGN, dtype=object)
     event_of = np.full(n, -1, dtype=np.int64)
@@ -233,3 +230,36 @@ def write_labels(labelled: Labelled, path: Path) -> None:
         w = csv.writer(f)
         w.writerow(columns)
         w.writerows(zip(*columns.values()))
+
+
+def record_keys(records: FlowRecords) -> np.ndarray:
+    """Each record's canonical key (see canonical_keys) and first packet time, (n, 4)."""
+
+    def v4(lo: np.ndarray) -> np.ndarray:
+        return (lo & np.uint64(0xFFFFFFFF)).astype(np.uint64)
+
+    key = canonical_keys(
+        records["proto"],
+        v4(records["src_lo"]),
+        records["src_port"],
+        v4(records["dst_lo"]),
+        records["dst_port"],
+    )
+    return np.column_stack([key, records["first_ns"].astype(np.uint64)])
+
+
+def labeller(labelled: Labelled):
+    """A function giving the label of any record of the same capture metered again (another
+    batching, interim records at other times): by its flow's key and first packet, then by
+    key alone; a record of no labelled flow is background, benign."""
+    keys = record_keys(labelled.flows.records).tolist()
+    exact = {tuple(k): lab for k, lab in zip(keys, labelled.labels.tolist())}
+    loose = {tuple(k[:3]): lab for k, lab in zip(keys, labelled.labels.tolist())}
+
+    def label_of(records: FlowRecords) -> list[str]:
+        return [
+            exact.get(tuple(k), loose.get(tuple(k[:3]), BENIGN))
+            for k in record_keys(records).tolist()
+        ]
+
+    return label_of
