@@ -14,13 +14,13 @@ from scapy.layers.l2 import Ether
 from scapy.utils import wrpcap
 
 from quietwire.trainer.lab import labels as L
-from quietwire.trainer.lab.actions import ATTACK_BY_KIND, ATTACKS, actors_of
+from quietwire.trainer.lab.actions import actors_of
+from quietwire.trainer.lab.attacks import ATTACK_BY_KIND, ATTACKS
 from quietwire.trainer.lab.run import TOOLS, run_lab, schedule
 from quietwire.trainer.lab.topology import BY_NAME
 
 T0 = 1_700_000_000.0
 WS3, WS5, WEB, DNS, TUN = (BY_NAME[n] for n in ("ws03", "ws05", "web", "dns", "tun"))
-ROUTER = "02:77:00:00:00:01"
 
 
 def _event(i, kind, actor, targets, start, end, relays=()):
@@ -202,7 +202,7 @@ def test_a_short_lab_run_is_captured_whole_and_every_flow_is_labelled(tmp_path):
 
 
 def test_eval_trains_on_earlier_runs_and_tests_on_the_last(tmp_path):
-    from quietwire.trainer.evaluation.evaluate import lab_set
+    from quietwire.trainer.evaluation.labset import lab_set
 
     def run(name, t0):
         d = tmp_path / name

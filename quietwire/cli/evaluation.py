@@ -20,24 +20,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 2
     seeds = tuple(range(args.seed, args.seed + args.seeds))
     out = ev.workdir(args.out)
-    sets = []
-    if args.data in ("generated", "all"):
-        sets.append(ev.generated_set(out, seed=args.seed, scale=args.scale))
-    if args.data in ("real", "all"):
-        if not (args.pcap_dir / "synscan.pcap").exists():
-            error(f"{args.pcap_dir}: the nDPI captures are not there (--pcap-dir)")
-            return 2
-        sets.append(ev.real_set(args.pcap_dir, seed=args.seed))
-    if args.data == "lab" or (args.data == "all" and args.lab_runs):
-        runs = args.lab_runs or []
-        missing = [r for r in runs if not (r / "events.jsonl").exists()]
-        if len(runs) < 2 or missing:
-            error(
-                "--lab-runs: give two or more runs of `quietwire lab run` (the last is the "
-                f"test run){'; not a lab run: ' + ', '.join(map(str, missing)) if missing else ''}"
-            )
-            return 2
-        sets.append(ev.lab_set(runs))
+    sets = _sets(args, out)
+    if sets is None:
+        return 2
     result: dict = {"train_steps": args.train_steps, "seeds": args.seeds}
     payload_borne: dict[str, dict] = {}  # per set, for the table after every set's own
     for s in sets:
@@ -93,6 +78,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report.write_text(json.dumps(result, indent=2))
     print(f"\nreport: {report}")
     return 0
+
+
+def _sets(args: argparse.Namespace, out: Path) -> list | None:
+    """The labelled sets --data asks for; None (after a one-line error) when one is missing."""
+    from quietwire.trainer.evaluation import evaluate as ev
+    from quietwire.trainer.evaluation.labset import lab_set
+
+    sets = []
+    if args.data in ("generated", "all"):
+        sets.append(ev.generated_set(out, seed=args.seed, scale=args.scale))
+    if args.data in ("real", "all"):
+        if not (args.pcap_dir / "synscan.pcap").exists():
+            error(f"{args.pcap_dir}: the nDPI captures are not there (--pcap-dir)")
+            return None
+        sets.append(ev.real_set(args.pcap_dir, seed=args.seed))
+    if args.data == "lab" or (args.data == "all" and args.lab_runs):
+        runs = args.lab_runs or []
+        missing = [r for r in runs if not (r / "events.jsonl").exists()]
+        if len(runs) < 2 or missing:
+            error(
+                "--lab-runs: give two or more runs of `quietwire lab run` (the last is the "
+                f"test run){'; not a lab run: ' + ', '.join(map(str, missing)) if missing else ''}"
+            )
+            return None
+        sets.append(lab_set(runs))
+    return sets
 
 
 def register(sub) -> None:

@@ -24,9 +24,8 @@ from quietwire.agent.features.meter import FlowMeter
 from quietwire.agent.features.schema import FEATURE_NAMES, MeteredFlows
 from quietwire.agent.flow.identity import PROTO_NAMES, format_ips, iso_times
 from quietwire.agent.flow.records import FlowRecords, empty_records
-from quietwire.trainer.lab.topology import ROUTER_LAN
+from quietwire.trainer.lab.topology import ROUTER_LAN, ROUTER_LAN_MAC
 
-ROUTER_MAC = "02:77:00:00:00:01"
 BEFORE_S, AFTER_S = 1.0, 3.0  # an event's window around its process's start and end
 BENIGN, MIXED = "benign", "mixed"
 
@@ -141,7 +140,7 @@ def event_packets(wire: WirePackets, event: dict, window: tuple[int, int]) -> np
     if actor["ip"].startswith(ROUTER_LAN.rsplit(".", 1)[0] + "."):
         who = wire.src_mac == _mac(actor["mac"])
     else:  # outside: through the router, by its own address
-        who = (wire.src_mac == _mac(ROUTER_MAC)) & (wire.src_ip == _ip(actor["ip"]))
+        who = (wire.src_mac == _mac(ROUTER_LAN_MAC)) & (wire.src_ip == _ip(actor["ip"]))
     mask = when & who & _in_targets(wire.dst_ip, event["targets"])
     for frm, to in event.get("relays", []):
         mask |= when & (wire.src_ip == _ip(frm)) & (wire.dst_ip == _ip(to))

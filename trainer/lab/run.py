@@ -24,13 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quietwire.trainer.lab import topology
-from quietwire.trainer.lab.actions import (
-    ATTACKS,
-    BENIGN,
-    Action,
-    Context,
-    actors_of,
-)
+from quietwire.trainer.lab.actions import BENIGN, Action, Context, actors_of
+from quietwire.trainer.lab.attacks import ATTACKS
 from quietwire.trainer.lab.services import USERS, Services
 from quietwire.trainer.lab.topology import BY_NAME, LAN_BRIDGE, SWITCH
 
@@ -295,21 +290,7 @@ def run_lab(
             f"lab: {len(events)} events over {duration_s:.0f} s "
             f"({sum(e.action.attack for e in events)} attacks), capturing on {LAN_BRIDGE}"
         )
-        runner = _Runner(work, seed, versions, t0)
-        by_host: dict[str, list[Event]] = {}
-        for ev in events:
-            by_host.setdefault(ev.actor, []).append(ev)
-        threads = [
-            threading.Thread(target=runner.run_host, args=(evs,), daemon=True)
-            for evs in by_host.values()
-        ]
-        for t in threads:
-            t.start()
-        try:
-            for t in threads:
-                t.join()
-        finally:
-            runner.stop.set()
+        records = _play(_Runner(work, seed, versions, t0), events)
         time.sleep(2.0)  # the last answers reach the capture
         cap.send_signal(signal.SIGINT)
         counts = _capture_counts(cap.communicate(timeout=30)[1])
@@ -318,7 +299,6 @@ def run_lab(
         services.stop()
         topology.teardown()
         signal.signal(signal.SIGTERM, previous)
-    records = sorted(runner.records, key=lambda r: r["start"])
     with (out / "events.jsonl").open("w") as f:
         for i, r in enumerate(records):
             f.write(json.dumps({"id": i, **r}, sort_keys=True) + "\n")
@@ -329,18 +309,36 @@ def run_lab(
         attacks=sum(r["kind"] != "benign" for r in records),
         capture=counts,
         seconds=round(time.perf_counter() - started, 1),
-        max_rss_mib=round(
-            max(
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
-            )
-            / 1024,
-            1,
-        ),
+        max_rss_mib=_peak_rss_mib(),
     )
     (out / "run.json").write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     return facts
+
+
+def _play(runner: _Runner, events: list[Event]) -> list[dict]:
+    """Each host's events in order on its own thread; the records in start order."""
+    by_host: dict[str, list[Event]] = {}
+    for ev in events:
+        by_host.setdefault(ev.actor, []).append(ev)
+    threads = [
+        threading.Thread(target=runner.run_host, args=(evs,), daemon=True)
+        for evs in by_host.values()
+    ]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            t.join()
+    finally:
+        runner.stop.set()
+    return sorted(runner.records, key=lambda r: r["start"])
+
+
+def _peak_rss_mib() -> float:
+    """The largest resident set of this process or of any program it ran (servers, tools)."""
+    usage = (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    return round(max(resource.getrusage(u).ru_maxrss for u in usage) / 1024, 1)
 
 
 def _as_interrupt(signum, frame) -> None:

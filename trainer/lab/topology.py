@@ -30,6 +30,7 @@ LAN_NET = "10.77.0"
 WAN_NET = "198.51.100"
 ROUTER_LAN = f"{LAN_NET}.1"
 ROUTER_WAN = f"{WAN_NET}.1"
+ROUTER_LAN_MAC = "02:77:00:00:00:01"  # what hosts outside look like on the LAN
 NETEM = ("delay", "20ms", "5ms", "distribution", "normal")  # the internet is some way off
 
 
@@ -202,7 +203,7 @@ def build(workdir: Path) -> dict:
     router = f"{PREFIX}router"
     _new_ns(router)
     _sysctl(router, net__ipv4__ip_forward=1)
-    _plug(router, "lan", LAN_BRIDGE, "02:77:00:00:00:01", f"{ROUTER_LAN}/24")
+    _plug(router, "lan", LAN_BRIDGE, ROUTER_LAN_MAC, f"{ROUTER_LAN}/24")
     _plug(router, "wan", WAN_BRIDGE, "02:51:00:00:00:01", f"{ROUTER_WAN}/24")
     # netem is a kernel module that some kernels (minimal VM kernels) lack: the lab still
     # runs, without the added delay, and the run's metadata says so.
