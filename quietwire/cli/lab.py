@@ -17,7 +17,8 @@ def cmd_lab_install(args: argparse.Namespace) -> int:
 
 
 def cmd_lab_kinds(args: argparse.Namespace) -> int:
-    from quietwire.trainer.lab.actions import ATTACKS, BENIGN
+    from quietwire.trainer.lab.actions import BENIGN
+    from quietwire.trainer.lab.attacks import ATTACKS
 
     for a in ATTACKS:
         print(f"{a.kind:28} {a.tool:13} {a.technique}")
@@ -26,7 +27,7 @@ def cmd_lab_kinds(args: argparse.Namespace) -> int:
 
 
 def cmd_lab_run(args: argparse.Namespace) -> int:
-    from quietwire.trainer.lab.actions import ATTACK_BY_KIND, ATTACKS
+    from quietwire.trainer.lab.attacks import ATTACK_BY_KIND, ATTACKS
     from quietwire.trainer.lab.run import run_lab
 
     if args.attacks == "all":
