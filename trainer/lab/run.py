@@ -228,6 +228,8 @@ def _capture(workdir: Path) -> subprocess.Popen:
             "tcpdump",
             "-i",
             LAN_BRIDGE,
+            "-Z",
+            "root",  # the run's folder may be root's alone (a test's tmp_path)
             "-n",
             "-s",
             "0",
