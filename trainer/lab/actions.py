@@ -12,7 +12,7 @@ import random
 import shutil
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from quietwire.trainer.lab.services import (
@@ -99,7 +99,6 @@ class Action:
     spoofed: bool = False  # forged source addresses: follow the actor's MAC only
     min_s: float = 5.0  # the shortest slot it needs
     activity: str = ""  # the benign activity's name
-    extra: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:

@@ -10,7 +10,6 @@ The domain is provisioned once and cached (``cache``); each run works on a copy.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -330,14 +329,6 @@ def provision_domain(cache: Path) -> Path:
     (target / "run").mkdir(exist_ok=True)
     (target / "ready").write_text("")
     return target
-
-
-def connect_ok(ip: str, port: int) -> bool:
-    try:
-        with socket.create_connection((ip, port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 NGINX_CONF = """worker_processes 1;
