@@ -344,3 +344,18 @@ def test_replay_workers_match_one_process(tmp_path, ndpi, capsys):
     assert log1 == log2
     assert s1[0].split("; ")[0] == s2[0].split("; ")[0]  # counts (the time differs)
     assert [x for x in s1[0].split("; ")[2:]] == [x for x in s2[0].split("; ")[2:]]
+
+
+def test_replay_with_workers_of_one_file_replays_it(tmp_path, capsys):
+    """Workers meter files side by side; one file is read in this process, not skipped."""
+    from quietwire import DATA
+
+    summaries = []
+    for extra in ([], ["--workers", "2"]):
+        assert (
+            main(["replay", str(DATA / "scan.pcap"), "--alerts", str(tmp_path / "a.json"), *extra])
+            == 0
+        )
+        summaries.append(capsys.readouterr().err.splitlines()[0].split("; ")[0])
+    assert summaries[0] == summaries[1]
+    assert not summaries[1].startswith("replay: 0 packets")

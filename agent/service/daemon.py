@@ -79,8 +79,8 @@ def replay(opts: ReplayOptions) -> int:
 
         files = FileReplay(tuple(opts.files), opts.workers, opts.engine.flow, opts.engine.context)
         failed = replay_files(engine, files, log)
-    if opts.workers <= 1 or opts.realtime:
-        failed = _replay_in_process(engine, opts) or failed
+    else:  # one file, one worker or real time: this process reads them
+        failed = _replay_in_process(engine, opts)
     sink.close()
     if flow_log:
         flow_log.close()
