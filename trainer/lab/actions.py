@@ -9,6 +9,7 @@ read the tool's outcome (success, attempted, failed) from its exit status and ou
 from __future__ import annotations
 
 import random
+import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -82,8 +83,10 @@ def by_exit(rc: int, out: str) -> str:
     return "success" if rc == 0 else "failed"
 
 
-def found(marker: str, otherwise: str = "attempted") -> Outcome:
-    return lambda rc, out: "success" if marker.lower() in out.lower() else otherwise
+def found(pattern: str, otherwise: str = "attempted") -> Outcome:
+    """success when the tool's output matches ``pattern`` (a regular expression, any case)."""
+    regex = re.compile(pattern, re.IGNORECASE)
+    return lambda rc, out: "success" if regex.search(out) else otherwise
 
 
 @dataclass(frozen=True)

@@ -251,7 +251,7 @@ ATTACKS = (
         _hydra_ssh,
         (FILES,),
         "T1110.001",
-        outcome=found("valid password found", "failed"),
+        outcome=found(r"\b[1-9]\d* valid passwords? found", "failed"),
         min_s=20,
     ),
     Action(
@@ -269,7 +269,7 @@ ATTACKS = (
         _hydra_http,
         (WEB,),
         "T1110.001",
-        outcome=found("valid password found", "failed"),
+        outcome=found(r"\b[1-9]\d* valid passwords? found", "failed"),
         min_s=10,
     ),
     Action(
@@ -407,9 +407,11 @@ ATTACKS = (
         _impacket_cmd("GetUserSPNs.py", "-request", "-dc-ip", DC, ALICE),
         (DC,),
         "T1558.003",
-        outcome=found("$krb5tgs$"),
+        outcome=found(r"\$krb5tgs\$"),
     ),
-    Action("asrep_roasting", "impacket", _asrep, (DC,), "T1558.004", outcome=found("$krb5asrep$")),
+    Action(
+        "asrep_roasting", "impacket", _asrep, (DC,), "T1558.004", outcome=found(r"\$krb5asrep\$")
+    ),
     Action(
         "dcsync",
         "impacket",
