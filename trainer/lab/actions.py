@@ -8,10 +8,12 @@ read the tool's outcome (success, attempted, failed) from its exit status and ou
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import shutil
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,18 +63,22 @@ class Context:
     duration_s: float  # the time the schedule gives this event
 
     def file(self, name: str, size: int) -> Path:
-        path = self.workdir / "payload" / name
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(random.Random(size).randbytes(size))
-        return path
+        return _once(self.workdir / "payload" / name, lambda: random.Random(size).randbytes(size))
 
     @property
     def words(self) -> Path:
-        path = self.workdir / "words.txt"
-        if not path.exists():
-            path.write_text("\n".join(WORDS) + "\n")
-        return path
+        return _once(self.workdir / "words.txt", lambda: ("\n".join(WORDS) + "\n").encode())
+
+
+def _once(path: Path, content: Callable[[], bytes]) -> Path:
+    """Write ``path`` if it is missing, whole or not at all: hosts run on their own threads,
+    and one must never send another's half-written file."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{threading.get_ident()}")
+        tmp.write_bytes(content())
+        os.replace(tmp, path)
+    return path
 
 
 Command = Callable[[Context, str], list[str]]  # (context, actor name) -> argv
