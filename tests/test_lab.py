@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,7 +173,9 @@ def test_a_short_lab_run_is_captured_whole_and_every_flow_is_labelled(tmp_path):
             pytest.fail(why)
         pytest.skip(why)
     attacks = tuple(ATTACK_BY_KIND[k] for k in SHORT)
+    before = set(Path.cwd().iterdir())
     facts = run_lab(tmp_path, seed=3, duration_s=150, attacks=attacks, log=lambda m: None)
+    assert set(Path.cwd().iterdir()) == before, "the tools wrote into the working directory"
     assert facts["capture"]["dropped"] == 0
     assert facts["capture"]["captured"] > 10_000
     lab = L.label_run(tmp_path)

@@ -176,6 +176,7 @@ class _Runner:
                 capture_output=True,
                 stdin=subprocess.DEVNULL,
                 timeout=ev.slot_s + 15,
+                cwd=self.workdir,  # tools drop files where they run (secretsdump, sqlmap)
             )
             rc, out = proc.returncode, (proc.stdout + proc.stderr).decode("utf-8", "replace")
         except subprocess.TimeoutExpired as exc:
