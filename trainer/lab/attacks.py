@@ -225,7 +225,7 @@ ATTACKS = (
         "port_scan_syn",
         "nmap",
         _nmap("-sS", "-T4", "-p", "1-1000", target=f"{WEB}-13"),
-        (f"{LAN_NET}.10/30",),
+        (f"{WEB}-13",),
         "T1046",
     ),
     Action(

@@ -104,7 +104,7 @@ def _in_targets(ip: np.ndarray, targets: list[str]) -> np.ndarray:
             lo_s, hi_s = last.split("-")
             lo, hi = _ip(f"{base}.{lo_s}"), _ip(f"{base}.{hi_s}")
         else:
-            net = ipaddress.IPv4Network(t, strict=False)
+            net = ipaddress.IPv4Network(t)  # host bits set: an error, not a wider net
             lo, hi = int(net.network_address), int(net.broadcast_address)
         hit |= (ip >= lo) & (ip <= hi)
     return hit
