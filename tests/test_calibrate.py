@@ -295,7 +295,8 @@ def test_the_command_reports_and_reads_flow_tables(tmp_path, capsys):
     assert out[3].split() == "FPR old threshold -> new records over old over new (balanced)".split()
     rows = [line.split() for line in out[4:7]]
     assert [r[0] for r in rows] == ["0.01", "0.001", "0.0001"] and all(r[2] == "->" for r in rows)
-    assert out[-1].startswith("* fewer balanced records than 1/FPR")
+    assert out[-2].startswith("* fewer balanced records than 1/FPR")
+    assert out[-1].startswith("incidents: risk threshold ")  # fitted on the capture's flows
 
     assert main([*args, str(tmp_path / "b.onnx"), str(tmp_path / "scan.csv")]) == 0
     assert main([*args, str(tmp_path / "c.onnx"), str(SCAN)]) == 0

@@ -128,3 +128,18 @@ def test_incident_and_budget_sections(tmp_path):
     path.write_text("capture: {interfaces: [lo]}\nincidents: {max_open: 0}\n")
     with pytest.raises(ConfigError, match=r"c\.yaml:2: incidents.max_open: expected a positive"):
         load_config(path)
+
+
+def test_incident_risk_is_a_nested_section(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "capture: {interfaces: [lo]}\nincidents:\n  risk: {half_life_s: 600, threshold: 25}\n"
+    )
+    s = load_config(path)
+    assert s.incidents.risk.half_life_s == 600.0 and s.incidents.risk.threshold == 25.0
+    path.write_text("capture: {interfaces: [lo]}\nincidents:\n  risk: {half_life_s: 0}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:3: incidents.risk.half_life_s: expected"):
+        load_config(path)
+    path.write_text("capture: {interfaces: [lo]}\nincidents:\n  risk: {weight: 2}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:3.*weight"):
+        load_config(path)

@@ -211,15 +211,18 @@ def test_eval_command_small(tmp_path, capsys):
         assert 0.5 < gen[det]["auroc"] <= 1.0  # every detector beats chance on this set
         assert set(gen[det]["per_attack"]) == set(ATTACKS)
         assert gen[det]["runs"] == 2
-    # incident-level results on a fresh capture: every attack type has its entry, and the
-    # lines per incident are the open and close at least
+    # incident-level results on a fresh capture: every attack type has its entry, and each
+    # incident has a line at least (its open line may be held back by the line budget, which
+    # a replay paces by traffic time)
     inc = gen["incidents"]
     assert set(inc["types"]) == set(ATTACKS)
     named = [k for k, t in inc["types"].items() if t["named"]]
     print(f"incident eval (150 training steps): named {sorted(named)}")
     assert len(named) >= 8  # a 150-step model; the full eval names all eleven (README)
     for t in inc["types"].values():
-        assert t["lines_per_incident"] is None or t["lines_per_incident"] >= 2
+        assert t["lines_per_incident"] is None or t["lines_per_incident"] >= 1
+    assert inc["risk_threshold"] > 0 and "risk threshold" in inc["risk_fit"]
+    assert len(inc["curve"]) == 5 and inc["benign_host_days"] > 0
     assert "incidents on a fresh generated capture" in text
     # the payload-borne table: the five exploit types, every detector's AUROC
     assert "payload-borne attacks" in text

@@ -46,7 +46,8 @@ def test_random_source_flood_is_one_incident_on_its_victim(tmp_path, capsys):
     assert [x["quietwire"]["incident"]["state"] for x in lines] == ["open", "close"]
     inc = lines[-1]["quietwire"]["incident"]
     assert inc["cause"] == "syn_flood"
-    assert inc["entity"] == {"ip": "10.0.0.80", "role": "victim", "proto": "TCP", "port": 80}
+    assert inc["entity"] == {"ip": "10.0.0.80", "role": "victim"}
+    assert inc["ports"]["sample"] == [80]
     assert lines[-1]["dest_ip"] == "10.0.0.80" and lines[-1]["alert"]["signature_id"] == 2110
     print(f"flood of 400 sources: {inc['flows']} flows in the incident")
     # The first probes, before 50 distinct sources add up, join as unknown anomalies
@@ -76,7 +77,10 @@ def replay_into(engine, sink, pcap):
     sink.close()
 
 
-ANY_FLOW = "rules:\n  - {id: 1, name: any, action: alert, min_score: -1000000}\n"
+# every flow is evidence, and every entity's first flow opens its incident
+ANY_FLOW = (
+    "rules:\n  - {id: 1, name: any, action: alert, min_score: -1000000, risk: 1, opens: direct}\n"
+)
 
 
 def test_max_open_folds_new_entities_into_their_victim(tmp_path):
@@ -269,7 +273,9 @@ def test_every_generated_attack_is_named(tmp_path):
     out = tmp_path / "a.json"
     assert main(["replay", str(pcap), "--alerts", str(out)]) == 0
     incidents = {
-        (i["cause"], i["entity"]["ip"]) for i in (x["quietwire"]["incident"] for x in lines_of(out))
+        (c["cause"], i["entity"]["ip"])
+        for i in (x["quietwire"]["incident"] for x in lines_of(out))
+        for c in i["timeline"]
     }
     # the hosts of each attack, from the generator's flow labels
     label_of = read_labels(labels)
@@ -306,7 +312,10 @@ def test_a_flow_judged_while_open_counts_once(tmp_path):
         for _ in times
     ]
     pcap = write_pcap(tmp_path / "upload.pcap", pkts, times)
-    rules = "rules:\n  - {id: 7, name: upload, cause: exfiltration, action: alert, min_score: -1000000}\n"
+    rules = (
+        "rules:\n  - {id: 7, name: upload, cause: exfiltration, action: alert, "
+        "min_score: -1000000, opens: direct}\n"
+    )
     engine, sink, out = engine_for(tmp_path, rules)
     replay_into(engine, sink, pcap)
     assert engine.summary.flows == 1 and engine.summary.interim == 4
@@ -322,3 +331,33 @@ def test_a_flow_judged_while_open_counts_once(tmp_path):
     assert inc["bytes"] == sum(len(p) for p in pkts)
     assert set(inc["score"]["flows_over_threshold"].values()) <= {0, 1}
     assert inc["examples"] == [first["examples"][0]]
+
+
+def test_replay_writes_the_same_lines_every_time(tmp_path):
+    """The line budget runs on traffic time in a replay: five scanners 200 s apart (each
+    scan's flows end on the idle timeout before the next starts), a burst of 3 lines and
+    1 line/s: every open line gets through (tokens come back with traffic time, where a
+    wall clock gives none in a replay this fast), and two replays write the same lines."""
+    pkts, times = [], []
+    for s in range(5):
+        for p in range(1, 41):
+            pkts.append(
+                Ether() / IP(src=f"10.9.9.{s + 1}", dst="10.0.0.5") / TCP(dport=p, flags="S")
+            )
+            times.append(200.0 * s + 0.001 * p)
+    pcap = write_pcap(tmp_path / "scans.pcap", pkts, times)
+    runs = []
+    for k in range(2):
+        run = tmp_path / str(k)
+        run.mkdir()
+        engine, sink, out = engine_for(run, ANY_FLOW, budget=BudgetSettings(lines_per_s=1, burst=3))
+        from quietwire.agent.capture.pcap import read_capture
+
+        for batch in read_capture(pcap, chunk_bytes=1024):
+            engine.process(batch)
+            engine.expire(int(batch.ts_ns[-1]))
+        engine.flush()
+        sink.close()
+        runs.append([(x["src_ip"], x["quietwire"]["incident"]["state"]) for x in lines_of(out)])
+    assert runs[0] == runs[1]
+    assert [state for _, state in runs[0]].count("open") == 5

@@ -46,7 +46,7 @@ SCAN, PHONE = DATA / "scan.pcap", DATA / "sample.pcap"
 # A named cause for the scan, and every other flow an unknown anomaly: what learning holds back
 RULES = """rules:
   - {id: 1, name: scan, action: alert, cause: port_scan, match: {features: {src_host_distinct_dst_ports: {gte: 20}}}}
-  - {id: 2, name: anything, action: alert, cause: unknown_anomaly, min_score: 0}
+  - {id: 2, name: anything, action: alert, cause: unknown_anomaly, min_score: 0, risk: 1, opens: direct}
 """
 PERIOD_S = 30.0  # scan.pcap lasts 23 s
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from quietwire import DATA
+from quietwire.agent.detect.risk import RiskCalibration
 from quietwire.agent.detect.thresholds import nearest_threshold
 from quietwire.agent.errors import QuietwireError
 from quietwire.agent.features.schema import FEATURE_NAMES, SCHEMA_HASH, SCHEMA_VERSION
@@ -88,6 +89,14 @@ class ScoringModel:
             self.training = json.loads(meta.get("training", "{}"))
         except (KeyError, ValueError) as exc:
             raise ModelError(f"{self.path}: bad thresholds metadata ({exc})") from exc
+        # the incident threshold and host baselines the site's (or training's) benign
+        # traffic set; None: the agent's configured threshold, no baselines
+        self.risk: RiskCalibration | None = None
+        if "risk" in meta:
+            try:
+                self.risk = RiskCalibration.from_json(meta["risk"])
+            except (KeyError, ValueError, TypeError, AttributeError) as exc:
+                raise ModelError(f"{self.path}: bad risk metadata ({exc})") from exc
 
     def score(self, features: np.ndarray) -> Scores:
         """Score a (n, F) float32 feature matrix (NaN allowed)."""

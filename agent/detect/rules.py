@@ -32,6 +32,22 @@ ACTIONS = ("alert", "suppress", "threshold")
 UNKNOWN_CAUSE = "unknown_anomaly"
 # Who an incident is about: the host that sends (scans, tunnels, beacons) or the victim.
 ENTITIES = ("src", "dest", "dest_service")
+# How a cause's evidence opens an incident: through the entity's risk (the default), or at
+# once when it goes above the host's baseline (floods, scans, sweeps: unambiguous at volume).
+OPENS = ("risk", "direct")
+# ATT&CK tactics a rule may name (an incident lists the tactics its causes span).
+TACTICS = (
+    "reconnaissance",
+    "initial-access",
+    "execution",
+    "credential-access",
+    "discovery",
+    "lateral-movement",
+    "collection",
+    "command-and-control",
+    "exfiltration",
+    "impact",
+)
 DIRECTIONS = ("inbound", "outbound", "internal", "external")
 PROTOS = {"TCP": 6, "UDP": 17, "ICMP": 1, "IPV6-ICMP": 58, "ICMPV6": 58, "SCTP": 132}
 SERVICES = {
@@ -72,6 +88,9 @@ RULE_KEYS = {
     "dedupe_s",
     "cause",
     "entity",
+    "risk",
+    "opens",
+    "tactic",
 }
 MATCH_KEYS = {
     "proto",
@@ -143,6 +162,9 @@ class Rule:
     dedupe_s: float = 60.0
     cause: str = UNKNOWN_CAUSE
     entity: str = "src"
+    risk: float = 1.0  # risk one matching flow adds besides its surprisal (0: surprisal only)
+    opens: str = "risk"
+    tactic: str | None = None
     protos: tuple[int, ...] = ()
     src_nets: tuple[Network, ...] = ()
     dest_nets: tuple[Network, ...] = ()
@@ -314,6 +336,20 @@ def _rule(node: Node, variables: dict[str, list[str]]) -> Rule:
         kw["entity"] = m["entity"].scalar("entity", str)
         if kw["entity"] not in ENTITIES:
             raise m["entity"].error(f"entity: {kw['entity']!r} is not one of {', '.join(ENTITIES)}")
+    if "risk" in m:
+        kw["risk"] = m["risk"].scalar("risk", float)
+        if not 0 <= kw["risk"] <= 1000:
+            raise m["risk"].error("risk: expected a number from 0 to 1000")
+    elif kw.get("cause", UNKNOWN_CAUSE) == UNKNOWN_CAUSE:
+        kw["risk"] = 0.0  # an unknown anomaly is worth its surprisal alone
+    if "opens" in m:
+        kw["opens"] = m["opens"].scalar("opens", str)
+        if kw["opens"] not in OPENS:
+            raise m["opens"].error(f"opens: {kw['opens']!r} is not one of {', '.join(OPENS)}")
+    if "tactic" in m:
+        kw["tactic"] = m["tactic"].scalar("tactic", str)
+        if kw["tactic"] not in TACTICS:
+            raise m["tactic"].error(f"tactic: {kw['tactic']!r} is not one of {', '.join(TACTICS)}")
     if action == "threshold" and "fpr" not in m:
         raise node.error("rule: a threshold rule needs 'fpr'")
     if (

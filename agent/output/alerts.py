@@ -97,7 +97,8 @@ class BudgetSettings:
 
 
 class LineBudget:
-    """A token bucket on alert lines, in wall-clock time (it protects the SIEM). Lines it
+    """A token bucket on alert lines, paced by ``clock`` (seconds): the wall clock live (it
+    protects the SIEM), the traffic's time in a replay (the same lines every run). Lines it
     holds back are counted by cause, and the next line that gets through says how many."""
 
     def __init__(self, settings: BudgetSettings | None = None, clock=time.monotonic) -> None:
@@ -112,7 +113,7 @@ class LineBudget:
         """How many of these lines (in order) may be written now; the rest are held back."""
         now = self._clock()
         s = self.settings
-        self._tokens = min(float(s.burst), self._tokens + (now - self._at) * s.lines_per_s)
+        self._tokens = min(float(s.burst), self._tokens + max(now - self._at, 0.0) * s.lines_per_s)
         self._at = now
         k = min(len(causes), int(self._tokens))
         self._tokens -= k
@@ -151,13 +152,11 @@ def eve_incident(inc: Incident, state: str, model_version: str, cap: int) -> dic
         for k in np.argsort(-mean)[:5].tolist():
             top.append({"name": FEATURE_NAMES[k], "contribution": round(float(mean[k]), 4)})
     record: dict = {"timestamp": now, "event_type": "alert"}
-    if inc.role == "source":
-        record["src_ip"] = inc.ip
-    else:
-        record["dest_ip"] = inc.ip
-        if inc.port is not None:
-            record["dest_port"] = inc.port
-            record["proto"] = inc.proto
+    record["src_ip" if inc.role == "source" else "dest_ip"] = inc.ip
+    spans = sorted(inc.causes.values(), key=lambda c: c.first_ns)
+    span_times = iso_times(
+        np.array([t for c in spans for t in (c.first_ns, c.last_ns)], dtype=np.int64)
+    )
     record["alert"] = {
         "action": "allowed",
         "signature_id": inc.rule.id,
@@ -171,11 +170,24 @@ def eve_incident(inc: Incident, state: str, model_version: str, cap: int) -> dic
             "id": inc.id,
             "state": state,
             "cause": inc.cause,
-            "entity": {
-                "ip": inc.ip,
-                "role": inc.role,
-                **({"proto": inc.proto, "port": inc.port} if inc.port is not None else {}),
+            "why": inc.why,
+            "entity": {"ip": inc.ip, "role": inc.role},
+            "risk": {
+                "value": round(inc.risk, 3),
+                "over_baseline": round(inc.excess, 3),
+                "threshold": round(inc.threshold, 3),
             },
+            "tactics": inc.tactics,
+            "timeline": [
+                {
+                    "cause": c.cause,
+                    **({"tactic": c.tactic} if c.tactic else {}),
+                    "first_seen": span_times[2 * k],
+                    "last_seen": span_times[2 * k + 1],
+                    "flows": c.flows,
+                }
+                for k, c in enumerate(spans)
+            ],
             "first_seen": first,
             "last_seen": last,
             "flows": inc.flows,

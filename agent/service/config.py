@@ -4,7 +4,7 @@ Unknown keys and wrong types are errors naming file:line and the key."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from quietwire.agent.detect.incidents import IncidentSettings
@@ -298,18 +298,28 @@ def _learn(node: Node) -> LearnSettings | None:
 
 
 def _section(top: dict[str, Node], key: str, cls):
-    """A flat section whose keys are the fields of a settings dataclass, typed like their
-    defaults; the dataclass's own checks become errors at the section's line."""
+    """A section whose keys are the fields of a settings dataclass, typed like their
+    defaults (a field whose default is itself a settings dataclass is a nested section);
+    the dataclass's own checks become errors at the section's line."""
     if key not in top:
         return cls()
-    kinds = {f.name: type(f.default) for f in fields(cls)}
-    given = top[key].mapping(key, set(kinds))
-    kw = {k: v.scalar(f"{key}.{k}", kinds[k]) for k, v in given.items()}
+    nested = {
+        f.name: f.default_factory
+        for f in fields(cls)
+        if f.default is MISSING and is_dataclass(f.default_factory)
+    }
+    kinds = {f.name: type(f.default) for f in fields(cls) if f.name not in nested}
+    given = top[key].mapping(key, set(kinds) | set(nested))
+    kw = {
+        k: _section(given, k, nested[k]) if k in nested else v.scalar(f"{key}.{k}", kinds[k])
+        for k, v in given.items()
+    }
     try:
         return cls(**kw)
     except ValueError as exc:
         message = str(exc)
-        raise top[key].error(message if message.startswith(key) else f"{key}: {message}") from None
+        named = key in message.split(":", 1)[0].split(".")
+        raise top[key].error(message if named else f"{key}: {message}") from None
 
 
 def _positive(m: dict[str, Node], key: str, default: int, where: str) -> int:

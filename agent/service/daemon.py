@@ -56,9 +56,21 @@ def build_engine(
     sink: AlertSink,
     metrics: Metrics | None,
     flow_log: FlowLog | None,
+    live: bool = False,
 ) -> Engine:
-    """The pipeline after the packet source, as replay and the daemon both run it."""
-    return Engine(model, rules, sink, metrics, settings=settings, flow_log=flow_log, log=log)
+    """The pipeline after the packet source, as replay and the daemon both run it. The
+    daemon's alert line budget runs on the wall clock (it protects the SIEM); a replay's on
+    the traffic's time, so replaying a capture gives the same lines every time."""
+    return Engine(
+        model,
+        rules,
+        sink,
+        metrics,
+        settings=settings,
+        flow_log=flow_log,
+        log=log,
+        clock=time.monotonic if live else None,
+    )
 
 
 def replay(opts: ReplayOptions) -> int:
@@ -231,7 +243,7 @@ def _build(settings: Settings) -> _Daemon:
     metrics.sensor.labels(sensor).set(1)
     sink = AlertSink(settings.alerts.file, stdout=settings.alerts.stdout, host=sensor)
     flow_log = FlowLog(settings.flow_log, metrics, log, host=sensor) if settings.flow_log else None
-    engine = build_engine(model, rules, settings.engine, sink, metrics, flow_log)
+    engine = build_engine(model, rules, settings.engine, sink, metrics, flow_log, live=True)
     cap = settings.capture
     pool = None
     if cap.workers > 1:

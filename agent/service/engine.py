@@ -34,6 +34,8 @@ from quietwire.agent.output.alerts import (
 from quietwire.agent.service.drift import calibration_table
 from quietwire.agent.service.metrics import Metrics
 
+RISK_TOP = 5  # the riskiest entities exported as metrics (by rank, not address)
+
 
 class FlowLogWriter(Protocol):
     """Where every metered record goes once scored (agent/output/flowlog.py's FlowLog)."""
@@ -106,17 +108,20 @@ class Engine:
         settings: EngineSettings = EngineSettings(),
         flow_log: FlowLogWriter | None = None,
         log: Callable[[str], None] | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         """``flow_log``, when given, receives every metered record, scored; ``log`` takes the
-        operational messages (the daemon's log); ``clock`` paces the alert line budget."""
+        operational messages (the daemon's log); ``clock`` paces the alert line budget (the
+        live daemon: the wall clock, which protects the SIEM; None: the traffic's own time, so
+        a replay writes the same lines however fast the machine runs)."""
         self.model = model
         self.settings = settings
         self.flow_log = flow_log
         self.log = log or (lambda message: None)
         self.rules = RuleEngine(rules, model.thresholds)
         self.incidents = IncidentTracker(settings.incidents)
-        self.budget = LineBudget(settings.budget, clock)
+        self.incidents.calibrate(model.risk)
+        self.budget = LineBudget(settings.budget, clock or self._traffic_clock)
         self.sink = sink
         self.metrics = metrics
         if settings.flow is not None and not settings.flow.payload:
@@ -132,8 +137,12 @@ class Engine:
         self.hold_back_causes: frozenset[str] = frozenset()
         self._held_incidents: set[str] = set()
         self.held_back_incidents: Counter = Counter()  # by cause
+        self._unraised_seen = 0
         if metrics:
             self._model_metrics()
+
+    def _traffic_clock(self) -> float:
+        return self.incidents.now_ns / 1e9
 
     def _meter(self, interface: str) -> BatchMeter:
         """The meter ``process`` feeds: the interface's own FlowMeter unless one was attached."""
@@ -189,6 +198,7 @@ class Engine:
     def reload(self, model: ScoringModel | None = None, rules: RuleSet | None = None) -> None:
         if model is not None:
             self.model = model
+            self.incidents.calibrate(model.risk)
             if self.metrics:
                 self._model_metrics()
         self.rules = self.rules.replaced(rules or self.rules.ruleset, self.model.thresholds)
@@ -284,12 +294,34 @@ class Engine:
             ]
         )
         if self.metrics:
-            self.metrics.open_incidents.set(len(self.incidents.open))
+            self._risk_metrics()
+
+    def _risk_metrics(self) -> None:
+        m, tracker = self.metrics, self.incidents
+        m.open_incidents.set(len(tracker.open))
+        m.risk_threshold.set(tracker.threshold)
+        cal = tracker.calibration
+        m.incident_budget.set(cal.budget if cal else 0.0)  # 0: no fitted threshold
+        m.risk_entities.set(len(tracker.risk))
+        top = tracker.risk.top(RISK_TOP, tracker.now_ns)
+        for rank in range(RISK_TOP):
+            m.entity_risk.labels(str(rank + 1)).set(top[rank][1] if rank < len(top) else 0.0)
+        unraised = tracker.quiet_unraised - self._unraised_seen
+        if unraised:
+            m.incidents_unraised.inc(unraised)
+            self._unraised_seen = tracker.quiet_unraised
 
     def _hold_back(self, due: list[tuple[Incident, str]]) -> list[tuple[Incident, str]]:
-        """Drop the lines of held incidents; count each held incident once, when it opens."""
+        """Drop the lines of held incidents; count each held incident once, when it opens. A
+        held incident whose cause is no longer held back (its entity's evidence turned out to
+        be a named cause) is released: its next line is its open line."""
         kept = []
         for inc, state in due:
+            if inc.id in self._held_incidents and inc.cause not in self.hold_back_causes:
+                self._held_incidents.discard(inc.id)
+                if state != "close" or inc.lines:
+                    kept.append((inc, "open" if inc.lines == 0 else state))
+                continue
             if inc.id not in self._held_incidents and not (
                 state == "open" and not inc.counted and inc.cause in self.hold_back_causes
             ):

@@ -118,6 +118,30 @@ class Metrics:
             "quietwire_incidents", "Incidents opened, by cause", ["cause"], registry=r
         )
         self.open_incidents = Gauge("quietwire_open_incidents", "Incidents open now", registry=r)
+        self.risk_threshold = Gauge(
+            "quietwire_risk_threshold",
+            "Excess risk (over the host's baseline) that raises an incident",
+            registry=r,
+        )
+        self.incident_budget = Gauge(
+            "quietwire_incident_budget",
+            "Benign incidents per 100 host-days the risk threshold was fitted for (0: not fitted)",
+            registry=r,
+        )
+        self.entity_risk = Gauge(
+            "quietwire_entity_risk_top",
+            "The risk of the riskiest entities now, by rank (1 = the riskiest)",
+            ["rank"],
+            registry=r,
+        )
+        self.risk_entities = Gauge(
+            "quietwire_risk_entities", "Entities (role, host) with risk tracked", registry=r
+        )
+        self.incidents_unraised = Counter(
+            "quietwire_incidents_unraised",
+            "Incidents that closed below the risk threshold (no line written)",
+            registry=r,
+        )
         self.evidence_dropped = Counter(
             "quietwire_incident_evidence_dropped",
             "Evidence flows no incident could take (incidents.max_open reached)",

@@ -24,6 +24,7 @@ from quietwire.agent.errors import QuietwireError
 from quietwire.agent.features.meter import FlowMeter
 from quietwire.agent.features.schema import FEATURE_NAMES
 from quietwire.agent.flow.identity import iso_times
+from quietwire.agent.flow.records import FlowRecords
 from quietwire.agent.output.flowlog import FlowLogStats, read_flow_log
 from quietwire.agent.output.flowtable import read_stored_flows
 from quietwire.agent.output.rotation import rotated_pattern
@@ -46,6 +47,7 @@ class FileFlows:
     first_start: str | None  # the earliest flow start (EVE's ISO 8601 UTC), None if unknown
     last_end: str | None  # the latest flow end
     warning: str | None = None  # e.g. a damaged capture: the flows before the damage are kept
+    records: FlowRecords | None = None  # a capture's flow records (entity risk is fitted on)
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ class SiteFlows:
     first_start: str | None
     last_end: str | None
     warnings: tuple[str, ...] = ()
+    # (records, features) of the inputs that have flow records (captures), for fitting risk
+    records: tuple[tuple[FlowRecords, np.ndarray], ...] = ()
 
 
 def _read_capture(path: Path) -> FileFlows:
@@ -75,7 +79,8 @@ def _read_capture(path: Path) -> FileFlows:
     first = min(int(p.records["first_ns"].min()) for p in parts)
     last = max(int(p.records["last_ns"].max()) for p in parts)
     start, end = iso_times(np.array([first, last], dtype=np.int64))
-    return FileFlows(np.concatenate([p.features for p in parts]), start, end, warning)
+    records = FlowRecords.concat([p.records for p in parts])
+    return FileFlows(np.concatenate([p.features for p in parts]), start, end, warning, records)
 
 
 def _read_table(path: Path) -> FileFlows:
@@ -161,6 +166,7 @@ def read_site_flows(paths: list[Path], progress: Callable[[str], None] | None = 
     starts: list[str] = []
     ends: list[str] = []
     warnings: list[str] = []
+    with_records: list[tuple[FlowRecords, np.ndarray]] = []
     files = expand(paths)
     if not files:
         raise SiteFlowsError(f"{', '.join(map(str, paths))}: no input files ({KNOWN})")
@@ -173,6 +179,8 @@ def read_site_flows(paths: list[Path], progress: Callable[[str], None] | None = 
         starts += [part.first_start] if part.first_start else []
         ends += [part.last_end] if part.last_end else []
         warnings += [part.warning] if part.warning else []
+        if part.records is not None:
+            with_records.append((part.records, part.features))
     features = np.concatenate(parts) if parts else np.zeros((0, len(FEATURE_NAMES)), np.float32)
     return SiteFlows(
         features,
@@ -180,6 +188,7 @@ def read_site_flows(paths: list[Path], progress: Callable[[str], None] | None = 
         min(starts) if starts else None,
         max(ends) if ends else None,
         tuple(warnings),
+        tuple(with_records),
     )
 
 

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from quietwire.rules import DEFAULT_RULES
+
 from .common import error
 
 if TYPE_CHECKING:
@@ -41,6 +43,36 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         error(str(exc))
         return 2
     print(format_report(report))
+    return _fit_risk(args, site)
+
+
+def _fit_risk(args: argparse.Namespace, site) -> int:
+    """The incident threshold and host baselines, from the inputs that have flow records
+    (captures); a flow log or table keeps the model's own."""
+    from quietwire.agent.detect.model import ModelError, ScoringModel
+    from quietwire.agent.detect.rules import RuleError, load_rules
+    from quietwire.agent.site.calibrate import CalibrationError
+    from quietwire.agent.site.riskfit import describe, fit_risk, site_evidence, store_risk
+
+    if not args.budget > 0:
+        error(f"--budget {args.budget:g}: expected a positive number")
+        return 2
+    if not site.records:
+        print(
+            "incidents: no capture among the inputs (flow logs and tables carry no flow "
+            "records): the model's risk threshold and baselines are kept"
+        )
+        return 0
+    try:
+        rules = load_rules(args.rules)
+        model = ScoringModel(args.out)
+        evidence = site_evidence(model, rules, site.records)
+        fitted = fit_risk(evidence, args.budget)
+        store_risk(args.out, fitted, args.out)
+    except (RuleError, ModelError, CalibrationError, ValueError) as exc:
+        error(str(exc))
+        return 2
+    print(describe(fitted))
     return 0
 
 
@@ -119,5 +151,18 @@ def register(sub) -> None:
         action="store_true",
         help="calibrate even with fewer balanced flows than 1/FPR of the smallest level; "
         "such a level's threshold is then about the highest site score",
+    )
+    cal.add_argument(
+        "--budget",
+        type=float,
+        default=1.0,
+        metavar="N",
+        help="benign incidents per 100 host-days the risk threshold is set for (default 1)",
+    )
+    cal.add_argument(
+        "--rules",
+        type=Path,
+        default=DEFAULT_RULES,
+        help="the rules the agent runs (default: the bundled rules)",
     )
     cal.set_defaults(func=cmd_calibrate)

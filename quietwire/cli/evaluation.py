@@ -135,6 +135,13 @@ def register(sub) -> None:
     ev.add_argument("--hard", action="store_true", help="also run the hard cases")
     ev.add_argument("--seed", type=int, default=0, help="first seed")
     ev.add_argument(
+        "--budget",
+        type=float,
+        default=1.0,
+        metavar="N",
+        help="benign incidents per 100 host-days the risk threshold is fitted for (default 1)",
+    )
+    ev.add_argument(
         "--seeds",
         type=int,
         default=3,
@@ -169,6 +176,10 @@ def _incidents(name: str, det, out: Path, args: argparse.Namespace) -> dict:
         labels = read_labels(label_file)
         captures = [(pcap, lambda r: flow_kinds(r, labels, default="benign"))]
         expected = {k: cause for k, (cause, _) in EXPECTED_CAUSE.items()}
+        train_labels = read_labels(out / "generated.labels.csv")
+        fit_on = _benign_chunks(
+            out / "generated.pcap", lambda r: flow_kinds(r, train_labels, default="benign")
+        )
         note = "a fresh generated capture (seed + 1000)"
     elif name == "lab":
         from quietwire.trainer.evaluation.incidents import LAB_EXPECTED_CAUSE
@@ -177,6 +188,11 @@ def _incidents(name: str, det, out: Path, args: argparse.Namespace) -> dict:
         run = args.lab_runs[-1]
         captures = [(run / "capture.pcap", labeller(label_run(run)))]
         expected = dict(LAB_EXPECTED_CAUSE)
+        fit_on = [
+            chunk
+            for r in args.lab_runs[:-1]
+            for chunk in _benign_chunks(r / "capture.pcap", labeller(label_run(r)))
+        ]
         note = f"the test run {run} (none of its flows trained on)"
     else:
         lab = ev.load_labels()
@@ -184,7 +200,33 @@ def _incidents(name: str, det, out: Path, args: argparse.Namespace) -> dict:
             (args.pcap_dir / f, every_flow(f.rsplit(".", 1)[0])) for f in lab["malicious"]
         ] + [(args.pcap_dir / f, every_flow("benign")) for f in lab["benign"]]
         expected = {f.rsplit(".", 1)[0]: None for f in lab["malicious"]} | REAL_EXPECTED_CAUSE
-        note = "every capture of the set (benign incidents: 70% of those flows were trained on)"
-    result = evaluate_incidents(model, captures, expected)
+        fit_on = [chunk for f in lab["benign"] for chunk in _benign_chunks(args.pcap_dir / f, None)]
+        note = (
+            "every capture of the set (benign incidents: 70% of those flows were trained on, "
+            "and the risk threshold was fitted on all of them)"
+        )
+    result = evaluate_incidents(model, captures, expected, fit_on, budget=args.budget)
     print(f"\nincidents on {note}:\n" + result.table(name))
     return result.as_dict()
+
+
+def _benign_chunks(pcap: Path, label_of) -> list:
+    """A capture's benign (records, features), as the agent meters them (``label_of`` None:
+    every flow is benign)."""
+    import numpy as np
+
+    from quietwire.agent.capture.pcap import read_capture
+    from quietwire.agent.features.meter import FlowMeter
+
+    meter = FlowMeter(seed=1)
+    parts = [meter.add(b) for b in read_capture(pcap)] + list(meter.drain())
+    out = []
+    for part in parts:
+        if not len(part):
+            continue
+        if label_of is None:
+            out.append((part.records, part.features))
+            continue
+        keep = np.flatnonzero(np.array(label_of(part.records)) == "benign")
+        out.append((part.records.take(keep), part.features[keep]))
+    return out

@@ -5,7 +5,13 @@ incident is built from is looked up in the labels, so each incident gets the att
 of its flows belong to (or benign). Reported per attack type: the causes of its incidents
 (the confusion of cause against true type), whether one names the expected cause, alert lines
 per incident, and the time from the attack's first packet to its first line; and benign
-incidents per host-hour.
+incidents per 100 host-days, at the risk threshold the budget set and as a curve over other
+thresholds (from the same replay: an incident is raised at threshold T when a cause that
+opens directly went above its baseline or its highest excess reached T).
+
+Before the replay, the model's risk threshold and host baselines are fitted (site/riskfit.py)
+on benign flows the caller names (the set's training traffic), as `quietwire calibrate` does
+on a site's capture.
 """
 
 from __future__ import annotations
@@ -19,13 +25,16 @@ from pathlib import Path
 import numpy as np
 
 from quietwire.agent.capture.pcap import read_capture
+from quietwire.agent.detect.incidents import Incident
 from quietwire.agent.detect.model import ScoringModel
+from quietwire.agent.detect.risk import RiskSettings
 from quietwire.agent.detect.rules import load_rules
 from quietwire.agent.features.meter import FlowMeter
 from quietwire.agent.flow.identity import format_ips
 from quietwire.agent.flow.records import FlowRecords
 from quietwire.agent.output.alerts import AlertSink
 from quietwire.agent.service.engine import Engine
+from quietwire.agent.site.riskfit import describe, fit_risk, site_evidence, store_risk
 from quietwire.rules import DEFAULT_RULES
 
 # The real set's attack files and the cause the default rules should give them. None: no
@@ -85,6 +94,9 @@ def every_flow(label: str):
     return lambda records: [label] * len(records)
 
 
+CURVE = (0.25, 0.5, 1.0, 2.0, 4.0)  # risk thresholds, as multiples of the fitted one
+
+
 @dataclass
 class TypeResult:
     expected: str | None  # the cause that names it; None: any incident counts
@@ -115,16 +127,37 @@ class IncidentResult:
     benign_incidents: Counter = field(default_factory=Counter)  # by cause
     benign_host_hours: float = 0.0
     lines: int = 0
+    threshold: float | None = None  # the fitted risk threshold the replay ran with
+    fit: str = ""  # how it was fitted (riskfit.describe)
+    # per threshold multiple: (benign incidents, attack types named)
+    curve: dict[float, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def host_days(self) -> float:
+        return self.benign_host_hours / 24
+
+    def per_100_host_days(self, n: int) -> float | None:
+        return 100 * n / self.host_days if self.host_days else None
 
     def as_dict(self) -> dict:
         n = sum(self.benign_incidents.values())
         return {
             "types": {k: v.as_dict() for k, v in sorted(self.types.items())},
             "benign_incidents": dict(self.benign_incidents),
-            "benign_incidents_per_host_hour": n / self.benign_host_hours
-            if self.benign_host_hours
-            else None,
+            "benign_host_days": round(self.host_days, 4),
+            "benign_incidents_per_100_host_days": self.per_100_host_days(n),
             "alert_lines": self.lines,
+            "risk_threshold": self.threshold,
+            "risk_fit": self.fit,
+            "curve": [
+                {
+                    "threshold": round(m * self.threshold, 3) if self.threshold else None,
+                    "benign_incidents": b,
+                    "benign_incidents_per_100_host_days": self.per_100_host_days(b),
+                    "types_named": k,
+                }
+                for m, (b, k) in sorted(self.curve.items())
+            ],
         }
 
     def table(self, name: str) -> str:
@@ -146,40 +179,90 @@ class IncidentResult:
         named = sum(t.named for t in self.types.values())
         benign = sum(self.benign_incidents.values())
         causes = ", ".join(f"{c} {k}" for c, k in self.benign_incidents.most_common()) or "-"
-        rate = self.as_dict()["benign_incidents_per_host_hour"]
+        rate = self.per_100_host_days(benign)
         rows.append(
             f"named: {named}/{len(self.types)} attack types; {self.lines} alert lines; "
             f"benign incidents: {benign} ({causes})"
             + (
-                f", {rate:.3f} per host-hour ({self.benign_host_hours:.1f} host-hours)"
+                f", {rate:.3g} per 100 host-days ({self.host_days:.3g} host-days)"
                 if rate is not None
                 else ""
             )
         )
+        if self.fit:
+            rows.append(self.fit)
+        if self.curve and self.threshold:
+            rows.append(
+                "risk threshold -> benign incidents per 100 host-days, attack types named: "
+                + "; ".join(
+                    f"{m * self.threshold:.3g}"
+                    + (" (fitted)" if m == 1.0 else "")
+                    + f" -> {self.per_100_host_days(b) or 0:.3g}, {k}/{len(self.types)}"
+                    for m, (b, k) in sorted(self.curve.items())
+                )
+            )
         return "\n".join(rows)
 
 
 def evaluate_incidents(
-    model_path: Path, captures: list[tuple[Path, object]], expected: dict[str, str | None]
+    model_path: Path,
+    captures: list[tuple[Path, object]],
+    expected: dict[str, str | None],
+    fit_on: list[tuple[FlowRecords, np.ndarray]] | None = None,
+    budget: float = 1.0,
 ) -> IncidentResult:
     """Replay each capture through the agent; ``captures`` pairs a file with a function
-    giving each flow record's label ("benign" or an attack type)."""
+    giving each flow record's label ("benign" or an attack type). ``fit_on``: benign
+    (records, features) to fit the risk threshold and baselines on first (written into the
+    model at ``model_path``)."""
     result = IncidentResult()
-    model = ScoringModel(model_path)
     rules = load_rules(DEFAULT_RULES)
+    if fit_on:
+        fitted = fit_risk(site_evidence(ScoringModel(model_path), rules, fit_on), budget)
+        store_risk(model_path, fitted, model_path)
+        result.fit = describe(fitted)
+    model = ScoringModel(model_path)
+    result.threshold = model.risk.threshold if model.risk else RiskSettings().threshold
+    judged: list[tuple[Incident, Counter]] = []
     for path, label_of in captures:
-        _replay_one(path, label_of, model, rules, expected, result)
+        judged += _replay_one(path, label_of, model, rules, expected, result)
+    for m in CURVE:
+        result.curve[m] = _at_threshold(judged, m * result.threshold, expected)
     return result
 
 
-def _replay_one(path, label_of, model, rules, expected, result: IncidentResult) -> None:
+def _at_threshold(
+    judged: list[tuple[Incident, Counter]], threshold: float, expected: dict
+) -> tuple[int, int]:
+    """Benign incidents and attack types named had the risk threshold been ``threshold``."""
+    benign, named = 0, set()
+    for inc, members in judged:
+        if not (inc.direct or inc.peak_excess >= threshold):
+            continue
+        labels = Counter()
+        for (label, _), n in members.items():
+            labels[label] += n
+        if labels.most_common(1)[0][0] == "benign":
+            benign += 1
+            continue
+        for label, cause in members:
+            if label != "benign" and expected.get(label) in (None, cause):
+                named.add(label)
+    return benign, len(named)
+
+
+def _replay_one(path, label_of, model, rules, expected, result: IncidentResult) -> list:
+    """Replay one capture; every incident (raised or not) with its flows' (label, cause)
+    counts, for the curve."""
     stream = io.StringIO()
     engine = Engine(model, rules, AlertSink(stream=stream))
-    members: dict[str, Counter] = {}  # incident id -> label counts of its flows
+    members: dict[str, Counter] = {}  # incident id -> (label, cause) counts of its flows
+    incidents: dict[str, Incident] = {}
 
-    def on_fold(inc, flows, rows) -> None:
+    def on_fold(inc, flows, rows, rule) -> None:
         kinds = label_of(flows.take(rows))
-        members.setdefault(inc.id, Counter()).update(kinds)
+        members.setdefault(inc.id, Counter()).update((k, rule.cause) for k in kinds)
+        incidents[inc.id] = inc
 
     engine.incidents.on_fold = on_fold
     # Every flow and its label, from the same meter the engine uses.
@@ -224,19 +307,28 @@ def _replay_one(path, label_of, model, rules, expected, result: IncidentResult) 
         counts = members.get(inc_id)
         if not counts:
             continue  # merged into another incident
-        kind = counts.most_common(1)[0][0]
+        labels = Counter()
+        for (label, _), n in counts.items():
+            labels[label] += n
         inc = its_lines[-1]["quietwire"]["incident"]
-        if kind == "benign":
+        if labels.most_common(1)[0][0] == "benign":
             result.benign_incidents[inc["cause"]] += 1
             continue
-        t = result.types.setdefault(kind, TypeResult(expected.get(kind)))
-        t.incidents[inc["cause"]] += 1
-        t.lines += len(its_lines)
-        host_starts = starts.get((kind, inc["entity"]["ip"]))
-        if t.expected in (None, inc["cause"]) and host_starts:
-            stamp = int(np.datetime64(its_lines[0]["timestamp"][:26], "ns").astype(np.int64))
-            delay = (stamp - _attack_start(np.sort(host_starts), stamp)) / 1e9
-            t.first_line_s = delay if t.first_line_s is None else min(t.first_line_s, delay)
+        # each attack type among its flows, under the causes its flows were evidence for
+        for kind in labels:
+            if kind == "benign":
+                continue
+            t = result.types.setdefault(kind, TypeResult(expected.get(kind)))
+            causes = {cause for (label, cause) in counts if label == kind}
+            for cause in causes:
+                t.incidents[cause] += 1
+            t.lines += len(its_lines)
+            host_starts = starts.get((kind, inc["entity"]["ip"]))
+            if (t.expected is None or t.expected in causes) and host_starts:
+                stamp = int(np.datetime64(its_lines[0]["timestamp"][:26], "ns").astype(np.int64))
+                delay = (stamp - _attack_start(np.sort(host_starts), stamp)) / 1e9
+                t.first_line_s = delay if t.first_line_s is None else min(t.first_line_s, delay)
+    return [(incidents[i], members[i]) for i in incidents if i in members]
 
 
 def _attack_start(starts: np.ndarray, line_ns: int, gap_ns: int = 3600 * 10**9) -> int:

@@ -1,0 +1,293 @@
+"""Fitting entity risk to a site: the host baselines and the incident threshold that keeps
+the site's benign traffic within the analyst's budget (benign incidents per 100 host-days).
+
+The site's flows are scored with the (calibrated) model and judged by the rules, exactly as
+the agent does; each evidence flow's risk (risk.flow_risk) accrues on its entity. Then:
+
+1. **Baselines from the first half** (by traffic time): per entity and cause, the highest
+   risk it reached; the site's value for a cause, for hosts not seen then, is the median
+   over the site's hosts (hosts without such evidence count as 0): what its peers usually do.
+2. **The threshold from the second half**, held out: each entity's highest excess over those
+   baselines. ``budget`` allows ``budget * host_days / 100`` incidents in that half; the
+   threshold is the smallest that keeps the entities reaching it within that. A short
+   capture allows less than one: the threshold is then extrapolated from the highest excesses
+   by an exponential tail (peaks over a threshold), never below the highest one seen.
+3. **Baselines for use** from the whole: the higher of the two halves' peaks.
+
+The threshold holds on traffic the baselines were not learned from, so it is honest about
+tomorrow; what it cannot hold is a cause that opens directly (its rule's counts are the
+evidence): those entities are reported (``direct_incidents_held_out``), not tuned away.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from quietwire.agent.detect.model import ScoringModel
+from quietwire.agent.detect.risk import (
+    ROLES,
+    RiskBaseline,
+    RiskCalibration,
+    RiskSettings,
+    RiskTable,
+    entity_keys,
+    flow_risk,
+)
+from quietwire.agent.detect.rules import RuleEngine, RuleSet
+from quietwire.agent.flow.identity import format_ips
+from quietwire.agent.flow.records import FlowRecords
+from quietwire.agent.flow.table import host_hash
+from quietwire.agent.site.calibrate import _load_proto, _save
+
+SITE_QUANTILE = 0.5
+MIN_THRESHOLD = 5.0  # never open on less than a few unusual flows' worth
+BUCKET_NS = 60 * 10**9  # evidence replayed a minute at a time
+TAIL_POINTS = 20  # highest excesses the exponential tail is fitted to
+
+
+@dataclass
+class SiteEvidence:
+    """Every evidence flow of the site's traffic, and the hosts and time it spans."""
+
+    causes: list[str]
+    direct: list[bool]
+    key: np.ndarray  # uint64 entity key per evidence flow
+    cause: np.ndarray  # index into causes
+    risk: np.ndarray  # float64
+    t_ns: np.ndarray  # int64, the flow record's end
+    names: dict[int, str]  # entity key -> "role address"
+    host_first: dict[int, int]  # source host hash -> first flow start (ns)
+    host_last: dict[int, int]  # and last flow end
+    flows: int = 0
+
+    def take(self, rows: np.ndarray) -> SiteEvidence:
+        return SiteEvidence(
+            self.causes,
+            self.direct,
+            self.key[rows],
+            self.cause[rows],
+            self.risk[rows],
+            self.t_ns[rows],
+            self.names,
+            self.host_first,
+            self.host_last,
+            self.flows,
+        )
+
+
+def site_evidence(
+    model: ScoringModel,
+    rules: RuleSet,
+    chunks: Iterable[tuple[FlowRecords, np.ndarray]],
+    settings: RiskSettings | None = None,
+) -> SiteEvidence:
+    """Score and judge the site's flows ((records, features) chunks) as the agent does."""
+    settings = settings or RiskSettings()
+    engine = RuleEngine(rules, model.thresholds)
+    causes: list[str] = []
+    direct: list[bool] = []
+    parts: list[tuple] = []
+    names: dict[int, str] = {}
+    first: dict[int, int] = {}
+    last: dict[int, int] = {}
+    seen: set[int] = set()  # flows already counted (an interim record, then the end)
+    flows = 0
+    for records, features in chunks:
+        if not len(records):
+            continue
+        flows += len(records)
+        _spans(records, first, last)
+        scores = model.score(features)
+        verdicts = engine.evaluate(records, features, scores.score, scores.tail_probability)
+        rules_hit = [r for r, _ in verdicts.hits]
+        for r in rules_hit:
+            if r.cause not in causes:
+                causes.append(r.cause)
+                direct.append(r.opens == "direct")
+        ev = np.flatnonzero(verdicts.cause >= 0)
+        if not len(ev):
+            continue
+        flow_id = host_hash(
+            records["seq"][ev].astype(np.uint64), records["first_ns"][ev].astype(np.uint64)
+        )
+        fresh = np.array([f not in seen for f in flow_id.tolist()], bool)
+        seen.update(flow_id.tolist())
+        ev = ev[fresh]
+        rule_of = verdicts.cause[ev]
+        role = np.array([r.entity != "src" for r in rules_hit], np.int64)[rule_of]
+        hi = np.where(role == 0, records["src_hi"][ev], records["dst_hi"][ev])
+        lo = np.where(role == 0, records["src_lo"][ev], records["dst_lo"][ev])
+        keys = entity_keys(role, host_hash(hi, lo))
+        weight = np.array([r.risk for r in rules_hit])[rule_of]
+        cause = np.array([causes.index(r.cause) for r in rules_hit])[rule_of]
+        risk = flow_risk(weight, scores.tail_probability[ev], settings)
+        _, at = np.unique(keys, return_index=True)
+        ips = format_ips(records["ip_version"][ev][at], hi[at], lo[at])
+        for k, ip, r in zip(keys[at].tolist(), ips, role[at].tolist()):
+            names.setdefault(k, f"{ROLES[r]} {ip}")
+        parts.append((keys, cause, risk, records["last_ns"][ev].astype(np.int64)))
+    cat = [np.concatenate([p[i] for p in parts]) if parts else np.zeros(0) for i in range(4)]
+    order = np.argsort(cat[3], kind="stable")
+    return SiteEvidence(
+        causes,
+        direct,
+        cat[0].astype(np.uint64)[order],
+        cat[1].astype(np.int64)[order],
+        cat[2].astype(np.float64)[order],
+        cat[3].astype(np.int64)[order],
+        names,
+        first,
+        last,
+        flows,
+    )
+
+
+def _spans(records: FlowRecords, first: dict[int, int], last: dict[int, int]) -> None:
+    """Each source host's first flow start and last flow end (for host-days)."""
+    hosts = host_hash(records["src_hi"], records["src_lo"])
+    uniq, inverse = np.unique(hosts, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    lo = np.full(len(uniq), np.iinfo(np.int64).max)
+    hi = np.full(len(uniq), np.iinfo(np.int64).min)
+    np.minimum.at(lo, inverse, records["first_ns"])
+    np.maximum.at(hi, inverse, records["last_ns"])
+    for h, a, b in zip(uniq.tolist(), lo.tolist(), hi.tolist()):
+        first[h] = min(first.get(h, a), a)
+        last[h] = max(last.get(h, b), b)
+
+
+def replay(
+    ev: SiteEvidence, settings: RiskSettings, baseline: RiskBaseline | None = None
+) -> RiskTable:
+    """The evidence through a risk table (a minute at a time), its peaks tracked."""
+    table = RiskTable(ev.causes, ev.direct, settings, baseline, math.inf, track_peaks=True)
+    if not len(ev.key):
+        return table
+    bucket = ev.t_ns // BUCKET_NS
+    bounds = np.r_[0, np.flatnonzero(np.diff(bucket)) + 1, len(bucket)]
+    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        table.add(ev.key[a:b], ev.cause[a:b], ev.risk[a:b], int(ev.t_ns[b - 1]))
+    return table
+
+
+def baseline_from(tables: list[RiskTable], ev: SiteEvidence, hosts: int) -> RiskBaseline:
+    """Per entity and cause the highest risk of any table; the site's value per cause the
+    SITE_QUANTILE over ``hosts`` hosts (those without evidence of it count as 0)."""
+    peaks: dict[int, np.ndarray] = {}
+    for t in tables:
+        for key, row in zip(t.key.tolist(), t.peak):
+            peaks[key] = np.maximum(peaks[key], row) if key in peaks else row.copy()
+    site: dict[str, float] = {}
+    matrix = np.array(list(peaks.values())) if peaks else np.zeros((0, len(ev.causes)))
+    for k, cause in enumerate(ev.causes):
+        values = np.zeros(max(hosts, len(matrix)))
+        values[: len(matrix)] = matrix[:, k] if len(matrix) else 0
+        site[cause] = round(float(np.quantile(values, SITE_QUANTILE)), 4) if len(values) else 0.0
+    host_rows = {
+        ev.names[key]: {c: round(float(v), 4) for c, v in zip(ev.causes, row) if v > 0}
+        for key, row in peaks.items()
+        if key in ev.names
+    }
+    return RiskBaseline(tuple(ev.causes), site, {k: v for k, v in host_rows.items() if v})
+
+
+def threshold_for_budget(peaks: np.ndarray, allowed: float) -> tuple[float, str]:
+    """The smallest threshold that at most ``allowed`` of these per-entity peaks reach, and
+    how it was found."""
+    p = np.sort(peaks[peaks > 0])[::-1]
+    if not len(p):
+        return MIN_THRESHOLD, "no excess risk held out: the floor"
+    if allowed >= 1 and len(p) > int(allowed):
+        t = float(np.nextafter(p[int(allowed)], np.inf))
+        return max(t, MIN_THRESHOLD), f"the {int(allowed) + 1}th highest held-out excess"
+    if allowed >= 1:
+        return MIN_THRESHOLD, "fewer entities with excess than the budget allows: the floor"
+    m = min(len(p), TAIL_POINTS)
+    u = float(p[m - 1])
+    scale = float(np.mean(p[:m] - u)) if m > 1 else float(p[0])
+    scale = max(scale, 1.0)
+    t = u + scale * math.log(m / allowed)
+    t = max(t, float(np.nextafter(p[0], np.inf)), MIN_THRESHOLD)
+    return t, f"exponential tail over the {m} highest held-out excesses"
+
+
+def fit_risk(
+    ev: SiteEvidence, budget: float, settings: RiskSettings | None = None
+) -> RiskCalibration:
+    """Baselines and threshold for the site (see the module's description)."""
+    settings = settings or RiskSettings()
+    if not ev.host_first:
+        raise ValueError("no flows to fit entity risk on")
+    start = min(ev.host_first.values())
+    end = max(ev.host_last.values())
+    mid = start + (end - start) // 2
+    early = ev.take(np.flatnonzero(ev.t_ns < mid))
+    late = ev.take(np.flatnonzero(ev.t_ns >= mid))
+    hosts_early = sum(1 for h, t in ev.host_first.items() if t < mid)
+    first_half = replay(early, settings)
+    baseline_early = baseline_from([first_half], ev, hosts_early)
+    held_out = replay(late, settings, baseline_early)
+    late_hosts = [h for h in ev.host_last if ev.host_last[h] >= mid]
+    host_days = sum((ev.host_last[h] - max(ev.host_first[h], mid)) / 86400e9 for h in late_hosts)
+    host_days = max(host_days, len(late_hosts) * 60 / 86400)  # a host counts a minute at least
+    allowed = budget * host_days / 100
+    threshold, method = threshold_for_budget(held_out.peak_excess, allowed)
+    direct = _direct_entities(held_out, ev)
+    baseline = baseline_from([first_half, replay(late, settings)], ev, len(ev.host_first))
+    record = {
+        "records": ev.flows,
+        "evidence_flows": int(len(ev.key)),
+        "hosts": len(ev.host_first),
+        "held_out_host_days": round(host_days, 4),
+        "allowed_incidents_held_out": round(allowed, 6),
+        "entities_with_excess_held_out": int((held_out.peak_excess > 0).sum()),
+        "highest_excess_held_out": round(float(held_out.peak_excess.max(initial=0)), 3),
+        "direct_incidents_held_out": direct,
+        "method": method,
+    }
+    return RiskCalibration(round(threshold, 3), budget, settings.half_life_s, baseline, record)
+
+
+def _direct_entities(table: RiskTable, ev: SiteEvidence) -> int:
+    """Entities of the held-out half whose causes that open directly went above baseline."""
+    if not len(table.key):
+        return 0
+    base = table.baseline_of(table.key)
+    over = (table.peak > base) & (table.peak > 0) & table.direct
+    return int(over.any(axis=1).sum())
+
+
+def store_risk(model_path: str | Path, calibration: RiskCalibration, out_path: str | Path) -> None:
+    """Write ``calibration`` into the model's metadata (key ``risk``), atomically; the
+    scores and thresholds are untouched."""
+    proto = _load_proto(Path(model_path))
+    value = calibration.to_json()
+    for prop in proto.metadata_props:
+        if prop.key == "risk":
+            prop.value = value
+            break
+    else:
+        proto.metadata_props.append(onnx.StringStringEntryProto(key="risk", value=value))
+    _save(proto, Path(out_path))
+
+
+def describe(cal: RiskCalibration) -> str:
+    """The lines an operator reads after a fit."""
+    r = cal.record
+    hosts = len(cal.baseline.hosts or {})
+    return (
+        f"incidents: risk threshold {cal.threshold:.3g} for a budget of {cal.budget:g} benign "
+        f"incidents per 100 host-days ({r.get('method')}); held out: "
+        f"{r.get('held_out_host_days', 0):.3g} host-days, "
+        f"{r.get('entities_with_excess_held_out', 0)} entities above their baseline "
+        f"(highest {r.get('highest_excess_held_out', 0):.3g}), "
+        f"{r.get('direct_incidents_held_out', 0)} by causes that open directly; baselines "
+        f"for {hosts} hosts, from {r.get('evidence_flows', 0):,} evidence flows of "
+        f"{r.get('records', 0):,} records"
+    )
