@@ -110,8 +110,16 @@ def test_dashboard_structure_and_metrics():
         "psi",
         "learning",
         "thresholds",
+        "incidents raised",
+        "closed unraised",
+        "risk threshold",
+        "top 5",
+        "incident budget",
+        "entities with risk",
     ):
         assert topic in titles, topic
+    ids = [p["id"] for p in json.loads(DASHBOARD.read_text())["panels"] if "id" in p]
+    assert len(ids) == len(set(ids))
 
 
 def test_systemd_unit_verifies(tmp_path):
@@ -220,6 +228,12 @@ def test_prometheus_scrapes_a_replay(ndpi, tmp_path):
                 "Score drift: PSI against the calibration (last 15 min)",
                 "Learning period progress",
                 "Live thresholds by FPR",
+                "Incidents raised per hour by cause",
+                "Entity risk: top 5 against the risk threshold",
+                "Incidents raised vs closed unraised per hour",
+                "Incident budget (benign incidents per 100 host-days)",
+                "Risk threshold (excess risk over the host's baseline)",
+                "Entities with risk tracked",
             }
             for p in panels():
                 for t in p["targets"]:
