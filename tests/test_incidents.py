@@ -255,10 +255,18 @@ def test_one_source_udp_or_syn_flood(tmp_path, proto):
 
 def test_every_generated_attack_is_named(tmp_path):
     """trafficgen's capture (benign office traffic and eleven attacks) through `replay` with
-    the default rules: each attack type has an incident with its cause, on the right host."""
+    the default rules, the bundled model's risk fitted on another capture's benign flows (as
+    `quietwire calibrate --risk-only` does): each attack type has an incident with its cause,
+    on the right host."""
+    import shutil
+
     from quietwire.agent.capture.pcap import read_capture
+    from quietwire.agent.detect.model import DEFAULT_MODEL
     from quietwire.agent.features.meter import FlowMeter
     from quietwire.agent.flow.identity import format_ips
+    from quietwire.agent.site.riskfit import fit_model
+    from quietwire.agent.site.sources import capture_records
+    from quietwire.rules import DEFAULT_RULES
     from quietwire.trainer.traffic.trafficgen import (
         ATTACKS,
         EXPECTED_CAUSE,
@@ -268,10 +276,21 @@ def test_every_generated_attack_is_named(tmp_path):
     )
 
     assert set(EXPECTED_CAUSE) == set(ATTACKS)
+    # the site's benign traffic (another capture of the network) sets the risk threshold
+    site, site_labels = tmp_path / "site.pcap", tmp_path / "site.labels.csv"
+    generate(site, site_labels, seed=1, scale=1.0)
+    site_kinds = read_labels(site_labels)
+    benign = []
+    for records, features in capture_records([site]):
+        keep = np.flatnonzero(np.array(flow_kinds(records, site_kinds)) == "benign")
+        benign.append((records.take(keep), features[keep]))
+    model = tmp_path / "site.onnx"
+    shutil.copyfile(DEFAULT_MODEL, model)
+    fit_model(model, benign, load_rules(DEFAULT_RULES), budget=1.0)
     pcap, labels = tmp_path / "gen.pcap", tmp_path / "gen.labels.csv"
     generate(pcap, labels, seed=0, scale=1.0)
     out = tmp_path / "a.json"
-    assert main(["replay", str(pcap), "--alerts", str(out)]) == 0
+    assert main(["replay", str(pcap), "--model", str(model), "--alerts", str(out)]) == 0
     incidents = {
         (c["cause"], i["entity"]["ip"])
         for i in (x["quietwire"]["incident"] for x in lines_of(out))

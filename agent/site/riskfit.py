@@ -51,6 +51,49 @@ BUCKET_NS = 60 * 10**9  # evidence replayed a minute at a time
 TAIL_POINTS = 20  # highest excesses the exponential tail is fitted to
 
 
+GAP_NS = 3600 * 10**9  # a host idle this long was away: its time does not count
+
+
+@dataclass(frozen=True)
+class HostTimes:
+    """Each record's source host (hash) and flow start and end."""
+
+    host: np.ndarray  # uint64
+    first_ns: np.ndarray  # int64
+    last_ns: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return len(self.host)
+
+    def hosts_in(self, lo: int, hi: int) -> int:
+        """Hosts with a flow ending in [lo, hi)."""
+        inside = (self.last_ns >= lo) & (self.last_ns < hi)
+        return len(np.unique(self.host[inside]))
+
+    def days(self, lo: int, hi: int) -> float:
+        """Host-days in [lo, hi): each host's time from a flow start to the last flow end,
+        split where it started no flow for an hour (captures joined from several days count
+        their days, not the gaps), a minute at least per stretch."""
+        keep = (self.last_ns >= lo) & (self.first_ns < hi)
+        if not keep.any():
+            return 0.0
+        h = self.host[keep]
+        a = (np.maximum(self.first_ns[keep], lo) - lo) / 1e9  # seconds, float64
+        b = (np.minimum(self.last_ns[keep], hi) - lo) / 1e9
+        order = np.lexsort((a, h))
+        h, a, b = h[order], a[order], b[order]
+        # each host on its own stretch of the line, so a running maximum never crosses hosts
+        rank = np.cumsum(np.r_[0, h[1:] != h[:-1]])
+        shift = rank * (float(b.max()) + 2 * GAP_NS / 1e9)
+        a, b = a + shift, b + shift
+        new = np.r_[
+            True, (h[1:] != h[:-1]) | (a[1:] - np.maximum.accumulate(b)[:-1] > GAP_NS / 1e9)
+        ]
+        starts = np.flatnonzero(new)
+        span = np.maximum.reduceat(b, starts) - np.minimum.reduceat(a, starts)
+        return float(np.maximum(span, 60.0).sum()) / 86400
+
+
 @dataclass
 class SiteEvidence:
     """Every evidence flow of the site's traffic, and the hosts and time it spans."""
@@ -62,8 +105,7 @@ class SiteEvidence:
     risk: np.ndarray  # float64
     t_ns: np.ndarray  # int64, the flow record's end
     names: dict[int, str]  # entity key -> "role address"
-    host_first: dict[int, int]  # source host hash -> first flow start (ns)
-    host_last: dict[int, int]  # and last flow end
+    hosts: HostTimes  # every record's source host and times, for host-days
     flows: int = 0
 
     def take(self, rows: np.ndarray) -> SiteEvidence:
@@ -75,8 +117,7 @@ class SiteEvidence:
             self.risk[rows],
             self.t_ns[rows],
             self.names,
-            self.host_first,
-            self.host_last,
+            self.hosts,
             self.flows,
         )
 
@@ -94,15 +135,20 @@ def site_evidence(
     direct: list[bool] = []
     parts: list[tuple] = []
     names: dict[int, str] = {}
-    first: dict[int, int] = {}
-    last: dict[int, int] = {}
+    times: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     seen: set[int] = set()  # flows already counted (an interim record, then the end)
     flows = 0
     for records, features in chunks:
         if not len(records):
             continue
         flows += len(records)
-        _spans(records, first, last)
+        times.append(
+            (
+                host_hash(records["src_hi"], records["src_lo"]),
+                records["first_ns"].astype(np.int64),
+                records["last_ns"].astype(np.int64),
+            )
+        )
         scores = model.score(features)
         verdicts = engine.evaluate(records, features, scores.score, scores.tail_probability)
         rules_hit = [r for r, _ in verdicts.hits]
@@ -142,24 +188,14 @@ def site_evidence(
         cat[2].astype(np.float64)[order],
         cat[3].astype(np.int64)[order],
         names,
-        first,
-        last,
+        HostTimes(
+            *(
+                np.concatenate([t[i] for t in times]) if times else np.zeros(0, d)
+                for i, d in enumerate((np.uint64, np.int64, np.int64))
+            )
+        ),
         flows,
     )
-
-
-def _spans(records: FlowRecords, first: dict[int, int], last: dict[int, int]) -> None:
-    """Each source host's first flow start and last flow end (for host-days)."""
-    hosts = host_hash(records["src_hi"], records["src_lo"])
-    uniq, inverse = np.unique(hosts, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    lo = np.full(len(uniq), np.iinfo(np.int64).max)
-    hi = np.full(len(uniq), np.iinfo(np.int64).min)
-    np.minimum.at(lo, inverse, records["first_ns"])
-    np.maximum.at(hi, inverse, records["last_ns"])
-    for h, a, b in zip(uniq.tolist(), lo.tolist(), hi.tolist()):
-        first[h] = min(first.get(h, a), a)
-        last[h] = max(last.get(h, b), b)
 
 
 def replay(
@@ -222,28 +258,27 @@ def fit_risk(
 ) -> RiskCalibration:
     """Baselines and threshold for the site (see the module's description)."""
     settings = settings or RiskSettings()
-    if not ev.host_first:
+    if not len(ev.hosts):
         raise ValueError("no flows to fit entity risk on")
-    start = min(ev.host_first.values())
-    end = max(ev.host_last.values())
-    mid = start + (end - start) // 2
+    # the halves by records (a capture's busy hours weigh as they are), not by the time span
+    mid = int(np.median(ev.hosts.last_ns))
+    start, end = int(ev.hosts.first_ns.min()), int(ev.hosts.last_ns.max()) + 1
     early = ev.take(np.flatnonzero(ev.t_ns < mid))
     late = ev.take(np.flatnonzero(ev.t_ns >= mid))
-    hosts_early = sum(1 for h, t in ev.host_first.items() if t < mid)
     first_half = replay(early, settings)
-    baseline_early = baseline_from([first_half], ev, hosts_early)
+    baseline_early = baseline_from([first_half], ev, ev.hosts.hosts_in(start, mid))
     held_out = replay(late, settings, baseline_early)
-    late_hosts = [h for h in ev.host_last if ev.host_last[h] >= mid]
-    host_days = sum((ev.host_last[h] - max(ev.host_first[h], mid)) / 86400e9 for h in late_hosts)
-    host_days = max(host_days, len(late_hosts) * 60 / 86400)  # a host counts a minute at least
+    host_days = ev.hosts.days(mid, end)
     allowed = budget * host_days / 100
     threshold, method = threshold_for_budget(held_out.peak_excess, allowed)
     direct = _direct_entities(held_out, ev)
-    baseline = baseline_from([first_half, replay(late, settings)], ev, len(ev.host_first))
+    baseline = baseline_from(
+        [first_half, replay(late, settings)], ev, ev.hosts.hosts_in(start, end)
+    )
     record = {
         "records": ev.flows,
         "evidence_flows": int(len(ev.key)),
-        "hosts": len(ev.host_first),
+        "hosts": ev.hosts.hosts_in(start, end),
         "held_out_host_days": round(host_days, 4),
         "allowed_incidents_held_out": round(allowed, 6),
         "entities_with_excess_held_out": int((held_out.peak_excess > 0).sum()),
@@ -291,3 +326,19 @@ def describe(cal: RiskCalibration) -> str:
         f"for {hosts} hosts, from {r.get('evidence_flows', 0):,} evidence flows of "
         f"{r.get('records', 0):,} records"
     )
+
+
+def fit_model(
+    model_path: str | Path,
+    chunks: Iterable[tuple[FlowRecords, np.ndarray]],
+    rules: RuleSet,
+    budget: float,
+    settings: RiskSettings | None = None,
+) -> RiskCalibration:
+    """Fit entity risk for the model at ``model_path`` on the site's benign (records,
+    features) and store it in the model (in place)."""
+    if not budget > 0:
+        raise ValueError(f"budget {budget:g}: expected a positive number")
+    fitted = fit_risk(site_evidence(ScoringModel(model_path), rules, chunks, settings), budget)
+    store_risk(model_path, fitted, model_path)
+    return fitted

@@ -192,6 +192,18 @@ def read_site_flows(paths: list[Path], progress: Callable[[str], None] | None = 
     )
 
 
+def capture_records(paths: list[Path]) -> list[tuple[FlowRecords, np.ndarray]]:
+    """The (records, features) of the captures among the inputs (files or directories), as
+    the agent meters them; other inputs are left out (they carry no flow records)."""
+    out = []
+    for path in expand(paths):
+        if input_kind(path) == "capture":
+            part = _read_capture(path)
+            if part.records is not None and len(part.records):
+                out.append((part.records, part.features))
+    return out
+
+
 # --- a learning period's records (learning.py) ------------------------------------------
 
 

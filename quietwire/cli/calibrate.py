@@ -22,6 +22,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from quietwire.agent.site.calibrate import CalibrationError, TooFewFlowsError, calibrate
     from quietwire.agent.site.sources import SiteFlowsError, read_site_flows
 
+    if not args.budget > 0:
+        error(f"--budget {args.budget:g}: expected a positive number")
+        return 2
+    if args.risk_only:
+        return _risk_only(args)
     try:
         site = read_site_flows(list(args.inputs))
         for warning in site.warnings:
@@ -46,29 +51,48 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return _fit_risk(args, site)
 
 
+def _risk_only(args: argparse.Namespace) -> int:
+    """--risk-only: the model copied to --out with entity risk fitted; scores untouched."""
+    import shutil
+
+    from quietwire.agent.site.sources import SiteFlowsError, capture_records
+
+    try:
+        chunks = capture_records(list(args.inputs))
+        if not chunks:
+            raise SiteFlowsError(
+                f"{', '.join(map(str, args.inputs))}: no capture with flows (--risk-only "
+                "fits on captures: flow logs and tables carry no flow records)"
+            )
+        if Path(args.out).resolve() != Path(args.model).resolve():
+            shutil.copyfile(args.model, args.out)
+    except (SiteFlowsError, OSError) as exc:
+        error(str(exc))
+        return 2
+    return fit_risk_or_error(args.out, chunks, args.rules, args.budget)
+
+
 def _fit_risk(args: argparse.Namespace, site) -> int:
     """The incident threshold and host baselines, from the inputs that have flow records
     (captures); a flow log or table keeps the model's own."""
-    from quietwire.agent.detect.model import ModelError, ScoringModel
-    from quietwire.agent.detect.rules import RuleError, load_rules
-    from quietwire.agent.site.calibrate import CalibrationError
-    from quietwire.agent.site.riskfit import describe, fit_risk, site_evidence, store_risk
-
-    if not args.budget > 0:
-        error(f"--budget {args.budget:g}: expected a positive number")
-        return 2
     if not site.records:
         print(
             "incidents: no capture among the inputs (flow logs and tables carry no flow "
             "records): the model's risk threshold and baselines are kept"
         )
         return 0
+    return fit_risk_or_error(args.out, site.records, args.rules, args.budget)
+
+
+def fit_risk_or_error(model: Path, chunks, rules_path: Path, budget: float) -> int:
+    """Fit entity risk into ``model`` and print what was set; 2 after a one-line error."""
+    from quietwire.agent.detect.model import ModelError
+    from quietwire.agent.detect.rules import RuleError, load_rules
+    from quietwire.agent.site.calibrate import CalibrationError
+    from quietwire.agent.site.riskfit import describe, fit_model
+
     try:
-        rules = load_rules(args.rules)
-        model = ScoringModel(args.out)
-        evidence = site_evidence(model, rules, site.records)
-        fitted = fit_risk(evidence, args.budget)
-        store_risk(args.out, fitted, args.out)
+        fitted = fit_model(model, chunks, load_rules(rules_path), budget)
     except (RuleError, ModelError, CalibrationError, ValueError) as exc:
         error(str(exc))
         return 2
@@ -119,7 +143,9 @@ def register(sub) -> None:
         "recompute its threshold at each false-positive rate and its "
         "tail-probability table from them, and write a new model that scores the same and "
         "records the calibration. Attacks in the flows are kept from setting the thresholds "
-        "by the burst balancing the model was trained with.",
+        "by the burst balancing the model was trained with. From captures, also fit the "
+        "incidents' host baselines and the risk threshold that keeps the site's benign "
+        "traffic within --budget incidents per 100 host-days (on its held-out second half).",
     )
     cal.add_argument("--model", type=Path, required=True, help="the model to calibrate")
     cal.add_argument(
@@ -153,16 +179,27 @@ def register(sub) -> None:
         "such a level's threshold is then about the highest site score",
     )
     cal.add_argument(
+        "--risk-only",
+        action="store_true",
+        help="keep the model's thresholds and table; only fit the incidents' risk threshold "
+        "and host baselines (on the captures among the inputs)",
+    )
+    add_risk_options(cal)
+    cal.set_defaults(func=cmd_calibrate)
+
+
+def add_risk_options(parser) -> None:
+    """--budget and --rules: how entity risk is fitted (calibrate, train)."""
+    parser.add_argument(
         "--budget",
         type=float,
         default=1.0,
         metavar="N",
         help="benign incidents per 100 host-days the risk threshold is set for (default 1)",
     )
-    cal.add_argument(
+    parser.add_argument(
         "--rules",
         type=Path,
         default=DEFAULT_RULES,
-        help="the rules the agent runs (default: the bundled rules)",
+        help="the rules the agent runs, whose evidence risk is fitted on (default: bundled)",
     )
-    cal.set_defaults(func=cmd_calibrate)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from quietwire.agent.features.schema import FEATURE_NAMES
 
+from .calibrate import add_risk_options, fit_risk_or_error
 from .common import Reading, Steps, error, trainer_or_error
 
 
@@ -19,6 +20,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from quietwire.trainer.model.detector import DiffusionDetector, TrainingError
     from quietwire.trainer.model.export import export
 
+    if not args.budget > 0:
+        error(f"--budget {args.budget:g}: expected a positive number")
+        return 2
     init = None
     if args.init:
         init = _init_model(args.init, args.score)
@@ -43,7 +47,28 @@ def cmd_train(args: argparse.Namespace) -> int:
         error(str(exc))
         return 2
     _print_trained(args, config, det, init)
-    return 0
+    return _fit_risk(args)
+
+
+def _fit_risk(args: argparse.Namespace) -> int:
+    """Entity risk fitted on the training captures (flow logs and tables have no flow records:
+    the model then uses the agent's configured threshold until `quietwire calibrate` on a
+    capture)."""
+    from quietwire.agent.site.sources import SiteFlowsError, capture_records
+    from quietwire.trainer.data import load_labels
+
+    paths = list(args.benign)
+    if args.labels:
+        paths += [args.pcap_dir / name for name in load_labels(args.labels)["benign"]]
+    try:
+        chunks = capture_records(paths)
+    except SiteFlowsError as exc:
+        error(str(exc))
+        return 2
+    if not chunks:
+        print("incidents: no capture among the inputs: no risk threshold fitted")
+        return 0
+    return fit_risk_or_error(args.out, chunks, args.rules, args.budget)
 
 
 def _train_config(args: argparse.Namespace, init):
@@ -418,6 +443,7 @@ def _add_robust_training(train: argparse.ArgumentParser) -> None:
 
 
 def _add_training_data(train: argparse.ArgumentParser) -> None:
+    add_risk_options(train)
     """How the benign flows are split and sampled."""
     train.add_argument(
         "--holdout",
