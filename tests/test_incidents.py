@@ -265,7 +265,7 @@ def test_every_generated_attack_is_named(tmp_path):
     from quietwire.agent.features.meter import FlowMeter
     from quietwire.agent.flow.identity import format_ips
     from quietwire.agent.site.riskfit import fit_model
-    from quietwire.agent.site.sources import capture_records
+    from quietwire.agent.site.sources import site_records
     from quietwire.rules import DEFAULT_RULES
     from quietwire.trainer.traffic.trafficgen import (
         ATTACKS,
@@ -281,7 +281,7 @@ def test_every_generated_attack_is_named(tmp_path):
     generate(site, site_labels, seed=1, scale=1.0)
     site_kinds = read_labels(site_labels)
     benign = []
-    for records, features in capture_records([site]):
+    for records, features in site_records([site]):
         keep = np.flatnonzero(np.array(flow_kinds(records, site_kinds)) == "benign")
         benign.append((records.take(keep), features[keep]))
     model = tmp_path / "site.onnx"

@@ -268,6 +268,9 @@ def test_learning_holds_back_unknown_anomalies_then_calibrates(tmp_path):
     reference = calibrate(original.path, features, tmp_path / "ref.onnx", min_records=20)
     assert reference.thresholds == live.thresholds
     assert record["records"] == len(features) == sum(i["records"] for i in record["inputs"])
+    # entity risk fitted on every record of the period (read back with their identity)
+    assert live.risk is not None and live.risk.record["records"] == len(features)
+    assert any("incidents: risk threshold" in m for m in site.messages)
     opened = [a for a in site.alerts() if a["quietwire"]["incident"]["state"] == "open"]
     causes_2010 = {a["quietwire"]["incident"]["cause"] for a in opened if a["timestamp"] < "2011"}
     causes_2020 = {a["quietwire"]["incident"]["cause"] for a in opened if a["timestamp"] > "2020"}

@@ -120,8 +120,9 @@ def evidence(rows, hosts_every_600s):
         np.array([r for *_, r, _ in rows], float),
         np.array([int(t * S) for *_, t in rows], np.int64),
         {int(k): f"source {ip}" for k, (ip, *_) in zip(keys, rows)},
-        HostTimes(hosts, ns, ns + S),
+        HostTimes.of(hosts, ns, ns + S),
         flows=len(times),
+        mid_ns=int(np.median(ns)),
     )
 
 
@@ -197,17 +198,20 @@ def _default():
     return DEFAULT_MODEL
 
 
-def test_host_days_count_the_hours_a_host_was_there():
+def test_host_days_count_the_minutes_a_host_was_there():
     """Two hosts: one busy for 2 h, then again 3 days later for 1 h (the gap does not count);
-    one seen once (a minute)."""
+    one seen once (a minute). Time is counted in whole minutes, first to last of a stretch."""
     h = 3600 * S
     host = np.array([1, 1, 1, 1, 2], np.uint64)
     first = np.array([0, h, 72 * h, 72 * h + h // 2, 5 * h], np.int64)
     last = first + np.array([h // 2, h, h // 2, h // 2, 0])
-    times = HostTimes(host, first, last)
-    assert times.days(0, 100 * h) == pytest.approx((2 + 1 + 1 / 60) / 24)
-    assert times.days(0, 10 * h) == pytest.approx((2 + 1 / 60) / 24)
+    times = HostTimes.of(host, first, last)
+    # host 1: minutes 0..120 (121) and 4320..4380 (61); host 2: minute 300
+    assert times.days(0, 100 * h) == pytest.approx((121 + 61 + 1) / 1440)
+    assert times.days(0, 10 * h) == pytest.approx((121 + 1) / 1440)
     assert times.hosts_in(0, 10 * h) == 2 and times.hosts_in(10 * h, 100 * h) == 1
+    joined = HostTimes.join([times, HostTimes.of(host[:1], first[:1], last[:1])])
+    assert len(joined) == len(times)  # the same minutes again add nothing
 
 
 def test_train_on_captures_fits_the_risk_threshold(tmp_path, capsys):
@@ -222,3 +226,37 @@ def test_train_on_captures_fits_the_risk_threshold(tmp_path, capsys):
     assert risk is not None and risk.budget == 2.0 and risk.threshold >= MIN_THRESHOLD
     assert main([*args, "--budget", "0"]) == 2
     assert "--budget 0: expected a positive number" in capsys.readouterr().err
+
+
+def test_calibrate_fits_the_risk_threshold_on_a_flow_log(tmp_path, capsys):
+    """A flow log carries each flow's identity: calibrate --risk-only fits on it, and the
+    scores' thresholds are left as they were."""
+    from quietwire import DATA
+
+    log = tmp_path / "flows.json"
+    assert main(["replay", str(DATA / "sample.pcap"), "--flow-log", str(log)]) == 0
+    out = tmp_path / "m.onnx"
+    assert (
+        main(["calibrate", "--risk-only", "--model", str(_default()), str(log), "-o", str(out)])
+        == 0
+    )
+    assert "incidents: risk threshold" in capsys.readouterr().out
+    fitted, bundled = ScoringModel(out), ScoringModel(_default())
+    assert fitted.thresholds == bundled.thresholds
+    assert fitted.risk.record["records"] == 70  # 63 flows, 7 interim records
+    assert (
+        main(
+            [
+                "calibrate",
+                "--risk-only",
+                "--model",
+                str(_default()),
+                str(DATA / "sample.pcap"),
+                "-o",
+                str(tmp_path / "c.onnx"),
+            ]
+        )
+        == 0
+    )
+    # the same flows, from the capture: the same evidence
+    assert ScoringModel(tmp_path / "c.onnx").risk.record == fitted.risk.record

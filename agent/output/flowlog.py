@@ -31,10 +31,11 @@ import numpy as np
 
 from quietwire.agent.detect.model import Scores
 from quietwire.agent.features.schema import FEATURE_NAMES, SCHEMA_HASH, MeteredFlows
-from quietwire.agent.flow.records import INTERIM
+from quietwire.agent.flow.records import INTERIM, FlowRecords
 from quietwire.agent.output import columntext as tf
 from quietwire.agent.output.flowtable import JSON_FEATURES, ROW_CHUNK, identity_text
 from quietwire.agent.output.rotation import RotatingFile
+from quietwire.agent.output.tablefields import records_from_identity
 
 LOG_SUFFIXES = {".json", ".jsonl", ".log", ".gz"}
 READ_CHUNK = 1 << 14  # lines parsed into one feature matrix
@@ -290,6 +291,12 @@ class FlowLogChunk:
     features: np.ndarray  # (n, len(FEATURE_NAMES)) float32
     hosts: list[str]  # each flow's client address (src_ip)
     ends: list[str | None] = field(default_factory=list)  # each record's end (EVE time)
+    # with read_flow_log(identity=True): each record's identity fields (records_from_identity)
+    identity: list | None = None
+
+    def records(self) -> tuple[FlowRecords, np.ndarray]:
+        """The records of the rows with identity fields, and which rows they are."""
+        return records_from_identity(self.identity or [None] * len(self.features))
 
 
 def is_flow_log(path: Path) -> bool:
@@ -297,11 +304,14 @@ def is_flow_log(path: Path) -> bool:
     return path.suffix in LOG_SUFFIXES
 
 
-def read_flow_log(path: Path, stats: FlowLogStats | None = None) -> Iterator[FlowLogChunk]:
+def read_flow_log(
+    path: Path, stats: FlowLogStats | None = None, identity: bool = False
+) -> Iterator[FlowLogChunk]:
     """The flows of a flow log (plain or gzipped), READ_CHUNK at a time. Flow-table JSON
     lines (`quietwire flows -o x.jsonl`) are read too. Lines of another schema, other
     events and malformed lines are skipped and counted in ``stats``; OSError if the file
-    cannot be opened."""
+    cannot be opened. ``identity``: keep each record's identity fields too (FlowLogChunk.
+    records)."""
     path = Path(path)
     stats = stats if stats is not None else FlowLogStats()
     with open(path, "rb") as probe:
@@ -311,6 +321,7 @@ def read_flow_log(path: Path, stats: FlowLogStats | None = None) -> Iterator[Flo
     hosts: list[str] = []
     ends: list[str | None] = []
     numbers: list[int] = []
+    ids: list | None = [] if identity else None
     number = 0
     with handle:
         try:
@@ -318,21 +329,29 @@ def read_flow_log(path: Path, stats: FlowLogStats | None = None) -> Iterator[Flo
                 stats.lines += 1
                 if not raw.strip():
                     continue
-                if _parse(raw, number, stats, rows, hosts, ends):
+                if _parse(raw, number, stats, rows, hosts, ends, ids):
                     numbers.append(number)
                 if len(rows) >= READ_CHUNK:
-                    yield _chunk(rows, hosts, ends, numbers, stats)
+                    yield _chunk(rows, hosts, ends, numbers, stats, ids)
                     rows, hosts, ends, numbers = [], [], [], []
+                    ids = [] if identity else None
         except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
             stats.truncated = f"after line {number}: {exc}"
     if rows:
-        yield _chunk(rows, hosts, ends, numbers, stats)
+        yield _chunk(rows, hosts, ends, numbers, stats, ids)
 
 
 def _parse(
-    raw: bytes, number: int, stats: FlowLogStats, rows: list, hosts: list, ends: list
+    raw: bytes,
+    number: int,
+    stats: FlowLogStats,
+    rows: list,
+    hosts: list,
+    ends: list,
+    ids: list | None = None,
 ) -> bool:
-    """Append the line's features, host and end time if it is a flow record of this schema."""
+    """Append the line's features, host and end time (and, into ``ids``, its identity
+    fields) if it is a flow record of this schema."""
     try:
         # null -> NaN before parsing (json reads NaN), so a row is floats only
         rec = json.loads(raw.replace(b":null", b":NaN").replace(b": null", b": NaN"))
@@ -363,6 +382,8 @@ def _parse(
     rows.append(row)
     hosts.append(str(host))
     ends.append(end if isinstance(end, str) else None)
+    if ids is not None:
+        ids.append(_identity(rec, times, start, end))
     # EVE timestamps have one width and one zone: text order is time order
     if isinstance(start, str) and (stats.first_start is None or start < stats.first_start):
         stats.first_start = start
@@ -371,13 +392,37 @@ def _parse(
     return True
 
 
+def _identity(rec: dict, times: dict, start, end) -> tuple | None:
+    """The fields records_from_identity reads, or None if the line lacks one."""
+    try:
+        return (
+            rec["flow_id"],
+            rec["src_ip"],
+            rec.get("src_port"),
+            rec["dest_ip"],
+            rec.get("dest_port"),
+            rec["proto"],
+            start,
+            end,
+            times["pkts_toserver"],
+            times["pkts_toclient"],
+            times["bytes_toserver"],
+            times["bytes_toclient"],
+            times.get("reason", rec.get("end_reason")),
+        )
+    except (KeyError, TypeError):
+        return None
+
+
 def _malformed(stats: FlowLogStats, number: int, reason: str) -> None:
     stats.malformed += 1
     if len(stats.first_malformed) < 3:
         stats.first_malformed.append((number, reason))
 
 
-def _chunk(rows: list, hosts: list, ends: list, numbers: list, stats: FlowLogStats) -> FlowLogChunk:
+def _chunk(
+    rows: list, hosts: list, ends: list, numbers: list, stats: FlowLogStats, ids: list | None
+) -> FlowLogChunk:
     try:
         x = np.array(rows, dtype=np.float32)
     except (ValueError, TypeError):  # a value that is no number: find the rows, drop them
@@ -392,9 +437,11 @@ def _chunk(rows: list, hosts: list, ends: list, numbers: list, stats: FlowLogSta
         x = np.array([r for r, ok in zip(rows, good) if ok], dtype=np.float32)
         hosts = [h for h, ok in zip(hosts, good) if ok]
         ends = [e for e, ok in zip(ends, good) if ok]
+        if ids is not None:
+            ids = [i for i, ok in zip(ids, good) if ok]
     x = x.reshape(len(hosts), len(FEATURE_NAMES))
     stats.flows += len(x)
-    return FlowLogChunk(x, hosts, ends)
+    return FlowLogChunk(x, hosts, ends, ids)
 
 
 def _reason(exc: Exception) -> str:

@@ -279,10 +279,10 @@ def _flow_log(node: Node, path: Path) -> FlowLogSettings | None:
 
 
 def _learn(node: Node) -> LearnSettings | None:
-    """``learn: {period: 24h, min_records, max_records}``, or ``learn: false``."""
+    """``learn: {period: 24h, min_records, max_records, budget}``, or ``learn: false``."""
     if node.kind == "scalar" and node.scalar("learn", (bool, str, float)) is False:
         return None
-    m = node.mapping("learn", {"period", "min_records", "max_records"})
+    m = node.mapping("learn", {"period", "min_records", "max_records", "budget"})
     if "period" not in m:
         raise node.error("learn: missing key 'period' (how long to learn, e.g. period: 24h)")
     try:
@@ -290,6 +290,8 @@ def _learn(node: Node) -> LearnSettings | None:
     except ValueError as exc:
         raise m["period"].error(f"learn.period: {exc}") from None
     kw = {k: m[k].scalar(f"learn.{k}", int) for k in ("min_records", "max_records") if k in m}
+    if "budget" in m:
+        kw["budget"] = m["budget"].scalar("learn.budget", float)
     try:
         return LearnSettings(period_s=period, **kw)
     except ValueError as exc:

@@ -35,7 +35,7 @@ import numpy as np
 from quietwire.agent.detect.model import ModelError, ScoringModel
 from quietwire.agent.errors import QuietwireError
 from quietwire.agent.flow.identity import iso_times
-from quietwire.agent.site.sources import period_records
+from quietwire.agent.site.sources import period_chunks, period_records
 
 STATE_SUFFIX = ".learning"  # beside the flow log; not a name the flow log readers take
 STATE_VERSION = 1
@@ -89,6 +89,9 @@ class LearnSettings:
     # rate, 10,000 for the bundled model); with fewer the old thresholds stay.
     min_records: int | None = None
     max_records: int = 200_000  # a uniform sample of at most this many records is calibrated on
+    # benign incidents per 100 host-days the risk threshold is fitted for, on all the period's
+    # records (streamed: only their evidence is kept)
+    budget: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.period_s > 0:
@@ -97,6 +100,8 @@ class LearnSettings:
             raise ValueError(f"learn.min_records: expected at least 1, got {self.min_records}")
         if self.max_records < 1:
             raise ValueError(f"learn.max_records: expected at least 1, got {self.max_records}")
+        if not self.budget > 0:
+            raise ValueError(f"learn.budget: expected a positive number, got {self.budget!r}")
 
 
 @dataclass(frozen=True)
@@ -299,7 +304,7 @@ class Learner:
             f"learning period over ({utc(s.started_at)} to {utc(s.ends_at)}): calibrating "
             f"{model.path} on the flow log's records of the period"
         )
-        args = (Path(model.path), s.started_at, s.ends_at)
+        args = (Path(model.path), s.started_at, s.ends_at, engine.rules.ruleset)
         if not self.background:
             self._outcome = self._calibrate(*args)
             return
@@ -310,9 +315,11 @@ class Learner:
         )
         self._worker.start()
 
-    def _calibrate(self, model_path: Path, start: float, end: float) -> Outcome:
-        """Read the period's records and calibrate (the background thread). Never raises."""
+    def _calibrate(self, model_path: Path, start: float, end: float, rules=None) -> Outcome:
+        """Read the period's records and calibrate, then fit entity risk on them with the
+        agent's ``rules`` (the background thread). Never raises."""
         from quietwire.agent.site.calibrate import CalibrationError, TooFewFlowsError, calibrate
+        from quietwire.agent.site.riskfit import describe, fit_model
 
         try:
             found = period_records(
@@ -330,6 +337,15 @@ class Learner:
                 inputs=found.inputs,
                 period=(lo, hi),
             )
+            risk = ""
+            if rules is not None:
+                try:
+                    fitted = fit_model(
+                        out, period_chunks(self.flow_log, start, end), rules, self.settings.budget
+                    )
+                    risk = "; " + describe(fitted)
+                except ValueError as exc:  # no record with identity fields: the old risk
+                    risk = f"; incidents: risk not fitted ({exc})"
             model = ScoringModel(out)
         except TooFewFlowsError as exc:
             return Outcome(TOO_FEW_FLOWS, str(exc))
@@ -352,6 +368,7 @@ class Learner:
             f"balancing, from {len(found.inputs)} file{'s' if len(found.inputs) != 1 else ''}; "
             f"thresholds (FPR old -> new) {levels}"
             + ("; * fewer balanced records than 1/FPR" if "*" in levels else "")
+            + risk
         )
         return Outcome(CALIBRATED, detail, model, out)
 

@@ -51,47 +51,58 @@ BUCKET_NS = 60 * 10**9  # evidence replayed a minute at a time
 TAIL_POINTS = 20  # highest excesses the exponential tail is fitted to
 
 
-GAP_NS = 3600 * 10**9  # a host idle this long was away: its time does not count
+MINUTE_NS = 60 * 10**9
+GAP_MINUTES = 60  # a host idle this long was away: its time does not count
 
 
 @dataclass(frozen=True)
 class HostTimes:
-    """Each record's source host (hash) and flow start and end."""
+    """The minutes each source host had a flow in (host hash, minute since the epoch),
+    distinct: a day of a thousand hosts is at most 1.44 million pairs, whatever the flows."""
 
     host: np.ndarray  # uint64
-    first_ns: np.ndarray  # int64
-    last_ns: np.ndarray  # int64
+    minute: np.ndarray  # int64
+
+    @staticmethod
+    def of(host: np.ndarray, first_ns: np.ndarray, last_ns: np.ndarray) -> HostTimes:
+        """From flows: the minutes of each flow's start and end (a flow longer than the idle
+        gap counts its ends, which is all host-days need)."""
+        h = np.concatenate([host, host]).astype(np.uint64)
+        m = np.concatenate([first_ns, last_ns]).astype(np.int64) // MINUTE_NS
+        pairs = np.unique(np.stack([h, m.astype(np.uint64)], axis=1), axis=0)
+        return HostTimes(pairs[:, 0], pairs[:, 1].astype(np.int64))
+
+    @staticmethod
+    def join(parts: list[HostTimes]) -> HostTimes:
+        if not parts:
+            return HostTimes(np.zeros(0, np.uint64), np.zeros(0, np.int64))
+        h = np.concatenate([p.host for p in parts])
+        m = np.concatenate([p.minute for p in parts])
+        pairs = np.unique(np.stack([h, m.astype(np.uint64)], axis=1), axis=0)
+        return HostTimes(pairs[:, 0], pairs[:, 1].astype(np.int64))
 
     def __len__(self) -> int:
         return len(self.host)
 
     def hosts_in(self, lo: int, hi: int) -> int:
-        """Hosts with a flow ending in [lo, hi)."""
-        inside = (self.last_ns >= lo) & (self.last_ns < hi)
+        """Hosts with a flow in [lo, hi) (ns)."""
+        inside = (self.minute >= lo // MINUTE_NS) & (self.minute < -(-hi // MINUTE_NS))
         return len(np.unique(self.host[inside]))
 
     def days(self, lo: int, hi: int) -> float:
-        """Host-days in [lo, hi): each host's time from a flow start to the last flow end,
-        split where it started no flow for an hour (captures joined from several days count
-        their days, not the gaps), a minute at least per stretch."""
-        keep = (self.last_ns >= lo) & (self.first_ns < hi)
+        """Host-days in [lo, hi) (ns): each host's minutes from a flow to its last one, split
+        where it had no flow for an hour (captures joined from several days count their days,
+        not the gaps), a minute at least per stretch."""
+        keep = (self.minute >= lo // MINUTE_NS) & (self.minute < -(-hi // MINUTE_NS))
         if not keep.any():
             return 0.0
-        h = self.host[keep]
-        a = (np.maximum(self.first_ns[keep], lo) - lo) / 1e9  # seconds, float64
-        b = (np.minimum(self.last_ns[keep], hi) - lo) / 1e9
-        order = np.lexsort((a, h))
-        h, a, b = h[order], a[order], b[order]
-        # each host on its own stretch of the line, so a running maximum never crosses hosts
-        rank = np.cumsum(np.r_[0, h[1:] != h[:-1]])
-        shift = rank * (float(b.max()) + 2 * GAP_NS / 1e9)
-        a, b = a + shift, b + shift
-        new = np.r_[
-            True, (h[1:] != h[:-1]) | (a[1:] - np.maximum.accumulate(b)[:-1] > GAP_NS / 1e9)
-        ]
+        h, m = self.host[keep], self.minute[keep]
+        order = np.lexsort((m, h))
+        h, m = h[order], m[order]
+        new = np.r_[True, (h[1:] != h[:-1]) | (m[1:] - m[:-1] > GAP_MINUTES)]
         starts = np.flatnonzero(new)
-        span = np.maximum.reduceat(b, starts) - np.minimum.reduceat(a, starts)
-        return float(np.maximum(span, 60.0).sum()) / 86400
+        span = np.maximum.reduceat(m, starts) - np.minimum.reduceat(m, starts) + 1
+        return float(span.sum()) / 1440
 
 
 @dataclass
@@ -105,8 +116,9 @@ class SiteEvidence:
     risk: np.ndarray  # float64
     t_ns: np.ndarray  # int64, the flow record's end
     names: dict[int, str]  # entity key -> "role address"
-    hosts: HostTimes  # every record's source host and times, for host-days
+    hosts: HostTimes  # the minutes each source host was there, for host-days
     flows: int = 0
+    mid_ns: int = 0  # the median record end: where the halves split
 
     def take(self, rows: np.ndarray) -> SiteEvidence:
         return SiteEvidence(
@@ -119,6 +131,7 @@ class SiteEvidence:
             self.names,
             self.hosts,
             self.flows,
+            self.mid_ns,
         )
 
 
@@ -135,7 +148,8 @@ def site_evidence(
     direct: list[bool] = []
     parts: list[tuple] = []
     names: dict[int, str] = {}
-    times: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    times: list[HostTimes] = []
+    ends: list[tuple[np.ndarray, int]] = []  # a sample of record ends, and what each stands for
     seen: set[int] = set()  # flows already counted (an interim record, then the end)
     flows = 0
     for records, features in chunks:
@@ -143,12 +157,16 @@ def site_evidence(
             continue
         flows += len(records)
         times.append(
-            (
+            HostTimes.of(
                 host_hash(records["src_hi"], records["src_lo"]),
-                records["first_ns"].astype(np.int64),
-                records["last_ns"].astype(np.int64),
+                records["first_ns"],
+                records["last_ns"],
             )
         )
+        if len(times) > 64:  # bounded: the distinct (host, minute) pairs so far
+            times = [HostTimes.join(times)]
+        step = max(1, len(records) // 1000)
+        ends.append((np.sort(records["last_ns"])[::step].astype(np.int64), step))
         scores = model.score(features)
         verdicts = engine.evaluate(records, features, scores.score, scores.tail_probability)
         rules_hit = [r for r, _ in verdicts.hits]
@@ -188,14 +206,20 @@ def site_evidence(
         cat[2].astype(np.float64)[order],
         cat[3].astype(np.int64)[order],
         names,
-        HostTimes(
-            *(
-                np.concatenate([t[i] for t in times]) if times else np.zeros(0, d)
-                for i, d in enumerate((np.uint64, np.int64, np.int64))
-            )
-        ),
+        HostTimes.join(times),
         flows,
+        _weighted_median(ends),
     )
+
+
+def _weighted_median(parts: list[tuple[np.ndarray, int]]) -> int:
+    if not parts:
+        return 0
+    values = np.concatenate([v for v, _ in parts])
+    weights = np.concatenate([np.full(len(v), w, float) for v, w in parts])
+    order = np.argsort(values, kind="stable")
+    cum = np.cumsum(weights[order])
+    return int(values[order][np.searchsorted(cum, cum[-1] / 2)])
 
 
 def replay(
@@ -260,9 +284,11 @@ def fit_risk(
     settings = settings or RiskSettings()
     if not len(ev.hosts):
         raise ValueError("no flows to fit entity risk on")
-    # the halves by records (a capture's busy hours weigh as they are), not by the time span
-    mid = int(np.median(ev.hosts.last_ns))
-    start, end = int(ev.hosts.first_ns.min()), int(ev.hosts.last_ns.max()) + 1
+    start = int(ev.hosts.minute.min()) * MINUTE_NS
+    end = (int(ev.hosts.minute.max()) + 1) * MINUTE_NS
+    # the halves at the median record end (the busy hours weigh as they are), not at the
+    # middle of the time span
+    mid = ev.mid_ns
     early = ev.take(np.flatnonzero(ev.t_ns < mid))
     late = ev.take(np.flatnonzero(ev.t_ns >= mid))
     first_half = replay(early, settings)

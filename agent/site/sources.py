@@ -13,7 +13,7 @@ from __future__ import annotations
 import calendar
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,7 +91,7 @@ def _read_table(path: Path) -> FileFlows:
 def _read_flow_log(path: Path) -> FileFlows:
     stats = FlowLogStats()
     try:
-        parts = [chunk.features for chunk in read_flow_log(path, stats)]
+        parts = list(read_flow_log(path, stats, identity=True))
     except OSError as exc:
         raise SiteFlowsError(f"{path}: cannot read: {exc.strerror}") from exc
     skipped = []
@@ -106,8 +106,22 @@ def _read_flow_log(path: Path) -> FileFlows:
     if stats.truncated:
         skipped.append(f"the rest of a file cut short ({stats.truncated})")
     warning = f"{path}: skipped {'; '.join(skipped)}" if skipped else None
-    features = np.concatenate(parts) if parts else np.zeros((0, len(FEATURE_NAMES)), np.float32)
-    return FileFlows(features, stats.first_start, stats.last_end, warning)
+    features = (
+        np.concatenate([c.features for c in parts])
+        if parts
+        else np.zeros((0, len(FEATURE_NAMES)), np.float32)
+    )
+    # the records of the lines with identity fields (a flow log's always have them)
+    found = [c.records() for c in parts]
+    records = FlowRecords.concat([r for r, _ in found])
+    with_identity = np.concatenate([ok for _, ok in found]) if found else np.zeros(0, bool)
+    return FileFlows(
+        features,
+        stats.first_start,
+        stats.last_end,
+        warning,
+        records if with_identity.all() else None,
+    )
 
 
 def _count(n: int, noun: str) -> str:
@@ -192,13 +206,13 @@ def read_site_flows(paths: list[Path], progress: Callable[[str], None] | None = 
     )
 
 
-def capture_records(paths: list[Path]) -> list[tuple[FlowRecords, np.ndarray]]:
-    """The (records, features) of the captures among the inputs (files or directories), as
-    the agent meters them; other inputs are left out (they carry no flow records)."""
+def site_records(paths: list[Path]) -> list[tuple[FlowRecords, np.ndarray]]:
+    """The (records, features) of the captures and flow logs among the inputs (files or
+    directories); flow tables are left out (they are read for their features only)."""
     out = []
     for path in expand(paths):
-        if input_kind(path) == "capture":
-            part = _read_capture(path)
+        if input_kind(path) in ("capture", "flow log"):
+            part = READERS[input_kind(path)](path)
             if part.records is not None and len(part.records):
                 out.append((part.records, part.features))
     return out
@@ -215,6 +229,31 @@ class PeriodRecords:
     records: int  # records of the period found (before sampling)
     inputs: tuple[tuple[str, int], ...]  # (file, records of the period in it)
     warnings: tuple[str, ...] = ()
+
+
+def period_chunks(
+    flow_log: Path, start: float, end: float
+) -> Iterator[tuple[FlowRecords, np.ndarray]]:
+    """Every record of ``flow_log`` (live and rotated files) that ended within [start, end]
+    (epoch seconds), as (records, features) a chunk at a time (entity risk is fitted on all
+    of them, streamed: what is kept is the evidence, not the records). Unreadable files and
+    lines without identity fields are passed over (period_records reported them)."""
+    lo, hi = iso_times(np.array([int(start * 1e9), int(end * 1e9)], dtype=np.int64))
+    for path in flow_log_files(flow_log, start):
+        for candidate in (path, path.with_name(path.name + ".gz")):
+            try:
+                for chunk in read_flow_log(candidate, identity=True):
+                    records, ok = chunk.records()
+                    within = np.fromiter(
+                        (e is not None and lo <= e <= hi for e in chunk.ends), bool, len(ok)
+                    )
+                    keep = within[ok]
+                    yield records.take(np.flatnonzero(keep)), chunk.features[ok][keep]
+                break
+            except FileNotFoundError:  # gzipped (and the plain file deleted) meanwhile
+                continue
+            except OSError:
+                break
 
 
 def flow_log_files(flow_log: Path, since: float) -> list[Path]:

@@ -55,14 +55,14 @@ def _risk_only(args: argparse.Namespace) -> int:
     """--risk-only: the model copied to --out with entity risk fitted; scores untouched."""
     import shutil
 
-    from quietwire.agent.site.sources import SiteFlowsError, capture_records
+    from quietwire.agent.site.sources import SiteFlowsError, site_records
 
     try:
-        chunks = capture_records(list(args.inputs))
+        chunks = site_records(list(args.inputs))
         if not chunks:
             raise SiteFlowsError(
-                f"{', '.join(map(str, args.inputs))}: no capture with flows (--risk-only "
-                "fits on captures: flow logs and tables carry no flow records)"
+                f"{', '.join(map(str, args.inputs))}: no capture or flow log with flows "
+                "(--risk-only fits on flow records: flow tables carry none)"
             )
         if Path(args.out).resolve() != Path(args.model).resolve():
             shutil.copyfile(args.model, args.out)
@@ -74,10 +74,10 @@ def _risk_only(args: argparse.Namespace) -> int:
 
 def _fit_risk(args: argparse.Namespace, site) -> int:
     """The incident threshold and host baselines, from the inputs that have flow records
-    (captures); a flow log or table keeps the model's own."""
+    (captures, flow logs); with flow tables alone the model keeps its own."""
     if not site.records:
         print(
-            "incidents: no capture among the inputs (flow logs and tables carry no flow "
+            "incidents: no capture or flow log among the inputs (flow tables carry no flow "
             "records): the model's risk threshold and baselines are kept"
         )
         return 0
@@ -143,7 +143,8 @@ def register(sub) -> None:
         "recompute its threshold at each false-positive rate and its "
         "tail-probability table from them, and write a new model that scores the same and "
         "records the calibration. Attacks in the flows are kept from setting the thresholds "
-        "by the burst balancing the model was trained with. From captures, also fit the "
+        "by the burst balancing the model was trained with. From captures and flow logs, also "
+        "fit the "
         "incidents' host baselines and the risk threshold that keeps the site's benign "
         "traffic within --budget incidents per 100 host-days (on its held-out second half).",
     )

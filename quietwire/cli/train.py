@@ -51,22 +51,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _fit_risk(args: argparse.Namespace) -> int:
-    """Entity risk fitted on the training captures (flow logs and tables have no flow records:
-    the model then uses the agent's configured threshold until `quietwire calibrate` on a
-    capture)."""
-    from quietwire.agent.site.sources import SiteFlowsError, capture_records
+    """Entity risk fitted on the training captures and flow logs (flow tables have no flow
+    records: the model then uses the agent's configured threshold until `quietwire calibrate`
+    on a capture or a flow log)."""
+    from quietwire.agent.site.sources import SiteFlowsError, site_records
     from quietwire.trainer.data import load_labels
 
     paths = list(args.benign)
     if args.labels:
         paths += [args.pcap_dir / name for name in load_labels(args.labels)["benign"]]
     try:
-        chunks = capture_records(paths)
+        chunks = site_records(paths)
     except SiteFlowsError as exc:
         error(str(exc))
         return 2
     if not chunks:
-        print("incidents: no capture among the inputs: no risk threshold fitted")
+        print("incidents: no capture or flow log among the inputs: no risk threshold fitted")
         return 0
     return fit_risk_or_error(args.out, chunks, args.rules, args.budget)
 

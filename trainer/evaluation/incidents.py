@@ -325,10 +325,23 @@ def _replay_one(path, label_of, model, rules, expected, result: IncidentResult) 
             t.lines += len(its_lines)
             host_starts = starts.get((kind, inc["entity"]["ip"]))
             if (t.expected is None or t.expected in causes) and host_starts:
-                stamp = int(np.datetime64(its_lines[0]["timestamp"][:26], "ns").astype(np.int64))
-                delay = (stamp - _attack_start(np.sort(host_starts), stamp)) / 1e9
-                t.first_line_s = delay if t.first_line_s is None else min(t.first_line_s, delay)
+                delay = _delay(its_lines, t.expected, np.sort(host_starts))
+                if delay is not None:
+                    t.first_line_s = delay if t.first_line_s is None else min(t.first_line_s, delay)
     return [(incidents[i], members[i]) for i in incidents if i in members]
+
+
+def _delay(lines: list[dict], expected: str | None, starts: np.ndarray) -> float | None:
+    """Seconds from the attack's first flow to the first line of its incident that names
+    the expected cause (any line when none is expected). An attacker's incident may have
+    been raised by an earlier attack of the same host: a line already naming the cause
+    before this attack began means the analyst knew at once (0 s)."""
+    for line in lines:
+        causes = {c["cause"] for c in line["quietwire"]["incident"]["timeline"]}
+        if expected is None or expected in causes:
+            stamp = int(np.datetime64(line["timestamp"][:26], "ns").astype(np.int64))
+            return max(stamp - _attack_start(starts, stamp), 0) / 1e9
+    return None
 
 
 def _attack_start(starts: np.ndarray, line_ns: int, gap_ns: int = 3600 * 10**9) -> int:
