@@ -347,3 +347,16 @@ def test_features_missing_at_random_do_not_make_benign_flows_anomalous(trained, 
     print(f"AUROC with 30% of features masked: {with_mask:.3f}, without augmentation {without:.3f}")
     assert trained[0].config.mask_augment > 0
     assert with_mask >= MASKED_AUROC > without
+
+
+def test_holdout_split_last_calibrates_on_the_flows_read_last(corpus):
+    """holdout_split "last": the thresholds are those of the last 20% of the flows as read (a
+    later time window), which the networks never trained on."""
+    train, _, _ = corpus
+    x = train[:400]
+    det = DiffusionDetector(TrainConfig(train_steps=5, holdout_split="last")).fit(x)
+    fitted = dict(det.threshold_)
+    det.calibrate(x[-80:])
+    assert det.threshold_ == fitted
+    with pytest.raises(ValueError, match="holdout_split must be one of"):
+        TrainConfig(holdout_split="first")

@@ -87,6 +87,7 @@ def _train_config(args: argparse.Namespace, init):
             refit=args.refit,
             mask_augment=_mask_augment(args.mask_augment, base, init is not None),
             holdout=args.holdout,
+            holdout_split=args.holdout_split or ("last" if init else "random"),
             seed=args.seed,
         )
     except ValueError as exc:
@@ -135,7 +136,8 @@ def _print_trained(args: argparse.Namespace, config, det, init) -> None:
     print(
         f"model: {args.out} (score {config.score}, {s.inputs} inputs from {s.features} "
         f"features)\n"
-        f"records: {s.train_flows} trained, {s.calibration_flows} held out for calibration"
+        f"records: {s.train_flows} trained, {s.calibration_flows} held out for calibration "
+        f"({'the last read' if config.holdout_split == 'last' else 'a random draw'})"
         + (f", {s.refit_removed} dropped by the refit" if s.refit_removed else "")
         + "\n"
         f"time: {s.seconds:.1f} s ({s.seconds_per_epoch:.3f} s per epoch), "
@@ -451,6 +453,15 @@ def _add_training_data(train: argparse.ArgumentParser) -> None:
         default=0.2,
         metavar="Q",
         help="share of benign flows held out to calibrate thresholds (0.2)",
+    )
+    train.add_argument(
+        "--holdout-split",
+        choices=("random", "last"),
+        default=None,
+        help="which flows are held out: a random draw, or the last read (a later time "
+        "window of the inputs, so the thresholds hold on traffic the model did not learn "
+        "from); default: last with --init (fine-tuning adapts to its flows quickly), random "
+        "otherwise",
     )
     train.add_argument(
         "--max-flows",

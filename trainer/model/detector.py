@@ -47,6 +47,9 @@ class TrainingError(QuietwireError):
     """The training data cannot give a model (too few flows, no finite values, ...)."""
 
 
+HOLDOUT_SPLITS = ("random", "last")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Hyper-parameters; the defaults work on a few thousand flows in seconds on a CPU."""
@@ -82,6 +85,9 @@ class TrainConfig:
     # (a sensor that cannot compute some) is not an anomaly for that alone; 0 = off
     mask_augment: float = 0.15
     holdout: float = 0.2  # share of benign flows kept aside to calibrate thresholds
+    # which: "random" (a seeded draw), or "last" (the flows read last: a later time window,
+    # so thresholds hold on traffic the model did not see the like of; fine-tuning uses it)
+    holdout_split: str = "random"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -110,6 +116,10 @@ class TrainConfig:
             raise ValueError(f"mask_augment must be in [0, 1), got {self.mask_augment!r}")
         if not 0.05 <= self.holdout <= 0.5:
             raise ValueError(f"holdout must be in [0.05, 0.5], got {self.holdout!r}")
+        if self.holdout_split not in HOLDOUT_SPLITS:
+            raise ValueError(
+                f"holdout_split must be one of {HOLDOUT_SPLITS}, got {self.holdout_split!r}"
+            )
 
 
 @dataclass
@@ -164,8 +174,11 @@ class DiffusionDetector:
         started = time.perf_counter()
         torch.manual_seed(cfg.seed)
         rng = np.random.default_rng(cfg.seed)
-        order = rng.permutation(len(x))
         n_cal = max(int(len(x) * cfg.holdout), 20)
+        if cfg.holdout_split == "last":  # x comes in reading order: the last are the latest
+            order = np.r_[np.arange(len(x) - n_cal, len(x)), rng.permutation(len(x) - n_cal)]
+        else:
+            order = rng.permutation(len(x))
         cal, train = x[order[:n_cal]], x[order[n_cal:]]
         epochs, loss_n, loss_t = self._fit_networks(train, progress, init)
         removed = 0
