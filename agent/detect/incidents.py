@@ -115,6 +115,7 @@ class Incident:
     why: str = ""  # one sentence: why it was raised
     risk: float = 0.0  # the entity's risk (all causes) at the last evidence
     excess: float = 0.0  # over its baseline, causes that open directly left out
+    over_baseline: float = 0.0  # over its baseline, every cause
     threshold: float = 0.0
     peak_excess: float = 0.0  # the highest excess so far (at any threshold, raised or not)
     direct: bool = False  # a cause that opens directly went above its baseline
@@ -388,12 +389,14 @@ class IncidentTracker:
         keys = entity_keys(role, host_hash(side_hi, side_lo))
         cause = np.array([self.risk.cause_index[r.cause] for r in rules])[rule_of]
         uniq, current, excess, direct = self.risk.add(keys, cause, risk, self.now_ns)
+        over = np.maximum(current - self.risk.baseline_of(uniq), 0.0).sum(axis=1)
         by_key = {inc.entity_key: inc for inc in folded}
         for j, key in enumerate(uniq.tolist()):
             inc = by_key.get(key)
             if inc is None:
                 continue
             inc.risk, inc.excess = float(current[j].sum()), float(excess[j])
+            inc.over_baseline = float(over[j])
             inc.peak_excess = max(inc.peak_excess, inc.excess)
             inc.direct |= bool(direct[j])
             inc.threshold = self.risk.threshold
@@ -613,11 +616,16 @@ def _duration(ns: int) -> str:
     return f"{s / 3600:.1f} h"
 
 
+def _count(n: int, noun: str, at_least: bool = False) -> str:
+    return f"{n:,}{'+' if at_least else ''} {noun}{'' if n == 1 else 's'}"
+
+
 def _why(inc: Incident, risk: np.ndarray, table: RiskTable, direct: bool, now_ns: int) -> str:
     """One sentence an analyst reads without the docs: what crossed what, on what evidence."""
     took = _duration(now_ns - inc.first_ns)
     timeline = " then ".join(sorted(inc.causes, key=lambda c: inc.causes[c].first_ns))
-    peers = f"{len(inc.peers)}{'+' if len(inc.peers) >= 1000 else ''}"
+    peers = _count(len(inc.peers), "peer", len(inc.peers) >= 1000)
+    flows = _count(inc.flows, "flow")
     if direct:
         base = table.baseline_of(np.array([inc.entity_key], np.uint64))[0]
         over = [
@@ -627,13 +635,13 @@ def _why(inc: Incident, risk: np.ndarray, table: RiskTable, direct: bool, now_ns
         cause, value, usual = max(over, key=lambda x: x[1] - x[2]) if over else (inc.cause, 0, 0)
         return (
             f"{cause} risk {value:.0f} over this host's usual {usual:.0f} in {took}: "
-            f"{inc.flows} flows with {peers} peers on {len(inc.ports)} ports; {timeline}"
+            f"{flows} with {peers} on {_count(len(inc.ports), 'port')}; {timeline}"
         )
     strict = min(inc.over, default=None)
     over = f", {inc.over[strict]} over the {strict:g} threshold" if strict is not None else ""
     return (
         f"risk {inc.excess:.0f} over threshold {table.threshold:.3g} in {took}: "
-        f"{inc.flows} flows to {peers} peers{over}; {timeline}"
+        f"{flows} to {peers}{over}; {timeline}"
     )
 
 

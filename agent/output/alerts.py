@@ -174,7 +174,7 @@ def eve_incident(inc: Incident, state: str, model_version: str, cap: int) -> dic
             "entity": {"ip": inc.ip, "role": inc.role},
             "risk": {
                 "value": round(inc.risk, 3),
-                "over_baseline": round(inc.excess, 3),
+                "over_baseline": round(inc.over_baseline, 3),
                 "threshold": round(inc.threshold, 3),
             },
             "tactics": inc.tactics,
