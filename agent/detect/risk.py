@@ -269,13 +269,14 @@ class RiskTable:
         return np.exp2(-np.maximum(now_ns - at, 0) / self._half_life_ns)
 
     def _insert(self, keys: np.ndarray, risk: np.ndarray, now_ns: int) -> None:
-        self.key = np.concatenate([self.key, keys])
-        self.risk = np.concatenate([self.risk, risk])
-        self.at = np.concatenate([self.at, np.full(len(keys), now_ns, np.int64)])
+        """New entities (``keys`` sorted, none present) into their places: one copy, no sort."""
+        pos = np.searchsorted(self.key, keys)
+        self.key = np.insert(self.key, pos, keys)
+        self.risk = np.insert(self.risk, pos, risk, axis=0)
+        self.at = np.insert(self.at, pos, now_ns)
         if self.peak is not None:
-            self.peak = np.concatenate([self.peak, risk])
-            self.peak_excess = np.concatenate([self.peak_excess, np.zeros(len(keys))])
-        self._take(np.argsort(self.key, kind="stable"))
+            self.peak = np.insert(self.peak, pos, risk, axis=0)
+            self.peak_excess = np.insert(self.peak_excess, pos, 0.0)
 
     def _bound(self) -> None:
         extra = len(self.key) - self.settings.max_entities
