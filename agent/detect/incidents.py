@@ -27,7 +27,7 @@ what is written, and alerts.eve_incident formats the lines.
 
 A flow still open is judged from its interim records (flows.FlowTable.snapshot) and again at
 its end; an incident counts each flow once (and its risk once), and a later record of a flow
-it already counted adds only the packets and bytes that are new (_Reported remembers, for a
+it already counted adds only the packets and bytes that are new (counted.py remembers, for a
 bounded number of flows, what was counted of them).
 """
 
@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from quietwire.agent.detect.counted import Counted, Prior, flow_keys
 from quietwire.agent.detect.model import Scores
 from quietwire.agent.detect.risk import (
     RiskCalibration,
@@ -197,98 +198,7 @@ class _Batch:
     scores: Scores
     thresholds: dict[float, float]
     rules: list[Rule]
-    prior: _Prior | None = None
-
-
-@dataclass(frozen=True)
-class _Prior:
-    """Per record of a batch: whether an incident counted its flow before, and what of it."""
-
-    seen: np.ndarray  # bool
-    packets: np.ndarray  # int64
-    bytes: np.ndarray  # int64
-    score: np.ndarray  # float32, the highest score counted (-inf if none)
-
-    @staticmethod
-    def none(n: int) -> _Prior:
-        """Nothing counted before, for n records."""
-        return _Prior(
-            np.zeros(n, bool),
-            np.zeros(n, np.int64),
-            np.zeros(n, np.int64),
-            np.full(n, -np.inf, np.float32),
-        )
-
-
-class _Reported:
-    """Flows whose interim records were evidence, by flow key (host_hash of seq and first
-    packet time): the packets, bytes and highest score counted of each. A flow is forgotten
-    when its final record arrives; at most ``cap`` are kept (oldest first out: the final
-    record of a forgotten flow counts as a new flow). Sorted arrays, so each batch costs a
-    few searches, not Python work per flow."""
-
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
-        self.key = np.zeros(0, np.uint64)
-        self.packets = np.zeros(0, np.int64)
-        self.bytes = np.zeros(0, np.int64)
-        self.score = np.zeros(0, np.float32)
-        self.stamp = np.zeros(0, np.int64)
-        self._clock = 0
-
-    def __len__(self) -> int:
-        return len(self.key)
-
-    def _find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        pos = np.minimum(np.searchsorted(self.key, keys), max(len(self.key) - 1, 0))
-        hit = self.key[pos] == keys if len(self.key) else np.zeros(len(keys), bool)
-        return pos, hit
-
-    def lookup(self, keys: np.ndarray) -> _Prior:
-        n = len(keys)
-        out = _Prior.none(n)
-        if n and len(self.key):
-            pos, hit = self._find(keys)
-            out.seen[hit] = True
-            out.packets[hit] = self.packets[pos[hit]]
-            out.bytes[hit] = self.bytes[pos[hit]]
-            out.score[hit] = self.score[pos[hit]]
-        return out
-
-    def forget(self, keys: np.ndarray) -> None:
-        if len(keys) and len(self.key):
-            pos, hit = self._find(keys)
-            keep = np.ones(len(self.key), bool)
-            keep[pos[hit]] = False
-            self._take(keep)
-
-    def remember(self, keys, packets, nbytes, score) -> None:
-        """Record (or update) what was counted of these flows."""
-        if not len(keys):
-            return
-        keys, first = np.unique(keys, return_index=True)
-        self.forget(keys)
-        self._clock += 1
-        self.key = np.concatenate([self.key, keys])
-        self.packets = np.concatenate([self.packets, packets[first]])
-        self.bytes = np.concatenate([self.bytes, nbytes[first]])
-        self.score = np.concatenate([self.score, score[first].astype(np.float32)])
-        self.stamp = np.concatenate([self.stamp, np.full(len(keys), self._clock)])
-        if len(self.key) > self.cap:  # the oldest go
-            keep = np.ones(len(self.key), bool)
-            keep[np.argsort(self.stamp, kind="stable")[: len(self.key) - self.cap]] = False
-            self._take(keep)
-        self._take(np.argsort(self.key, kind="stable"))
-
-    def _take(self, index: np.ndarray) -> None:
-        for name in ("key", "packets", "bytes", "score", "stamp"):
-            setattr(self, name, getattr(self, name)[index])
-
-
-def _flow_keys(flows: FlowRecords, rows: np.ndarray) -> np.ndarray:
-    return host_hash(
-        flows["seq"][rows].astype(np.uint64), flows["first_ns"][rows].astype(np.uint64)
-    )
+    prior: Prior | None = None
 
 
 class IncidentTracker:
@@ -303,7 +213,7 @@ class IncidentTracker:
         self.risk = RiskTable([], [], self.settings.risk)
         self.calibration: RiskCalibration | None = None
         # flows counted from their interim records: at most 16 per open incident allowed
-        self.reported = _Reported(16 * self.settings.max_open)
+        self.reported = Counted(16 * self.settings.max_open)
         # Called as on_fold(incident, flows, member rows, rule) for each fold (evaluation uses
         # it to tell which flows, of which cause, made up an incident); None in the agent.
         self.on_fold = None
@@ -337,8 +247,8 @@ class IncidentTracker:
         ev = np.flatnonzero(verdicts.cause >= 0)
         prior = None
         if len(self.reported) and len(ev):
-            found = self.reported.lookup(_flow_keys(flows, ev))
-            prior = _Prior.none(len(flows))
+            found = self.reported.lookup(flow_keys(flows, ev))
+            prior = Prior.none(len(flows))
             for name in ("seen", "packets", "bytes", "score"):
                 getattr(prior, name)[ev] = getattr(found, name)
         due = self._observe(flows, scores, verdicts, thresholds, ev, prior)
@@ -347,13 +257,13 @@ class IncidentTracker:
         if len(self.reported):
             ended = np.flatnonzero(~interim)
             if len(ended):
-                self.reported.forget(_flow_keys(flows, ended))
+                self.reported.forget(flow_keys(flows, ended))
         if len(counted):
             best = scores.score[counted].astype(np.float32)
             if prior is not None:
                 best = np.maximum(best, prior.score[counted])
             self.reported.remember(
-                _flow_keys(flows, counted),
+                flow_keys(flows, counted),
                 flows["packets"][counted].sum(1),
                 flows["bytes"][counted].sum(1),
                 best,
