@@ -380,3 +380,26 @@ def test_replay_writes_the_same_lines_every_time(tmp_path):
         runs.append([(x["src_ip"], x["quietwire"]["incident"]["state"]) for x in lines_of(out)])
     assert runs[0] == runs[1]
     assert [state for _, state in runs[0]].count("open") == 5
+
+
+def test_a_reflection_flood_spraying_ports_is_one_incident_on_its_victim(tmp_path, capsys):
+    """SYN-ACKs from 60 reflectors, 30 each, to random ports of one host (forged SYNs
+    answered): one syn_flood incident on the victim, not one per destination port nor a port
+    scan per reflector (each sprays 30 ports)."""
+    rng = np.random.default_rng(3)
+    reflectors = random_sources(60, seed=4)
+    pkts = [
+        Ether()
+        / IP(src=reflectors[i % 60], dst="10.0.0.77")
+        / TCP(sport=80, dport=int(rng.integers(1024, 65535)), flags="SA")
+        for i in range(1800)
+    ]
+    pcap = write_pcap(tmp_path / "reflect.pcap", pkts, [0.001 * i for i in range(1800)])
+    out = tmp_path / "a.json"
+    assert main(["replay", str(pcap), "--alerts", str(out)]) == 0
+    closes = [x["quietwire"]["incident"] for x in lines_of(out)]
+    closes = [i for i in closes if i["state"] == "close"]
+    assert [(i["cause"], i["entity"]["ip"], i["entity"]["role"]) for i in closes] == [
+        ("syn_flood", "10.0.0.77", "victim")
+    ]
+    assert closes[0]["flows"] >= 1700 and closes[0]["ports"]["distinct"] == 1000  # the cap
