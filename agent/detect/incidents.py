@@ -34,7 +34,6 @@ bounded number of flows, what was counted of them).
 from __future__ import annotations
 
 import hashlib
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -209,6 +208,7 @@ class IncidentTracker:
         self.open: dict[tuple, Incident] = {}  # (role, address) -> incident
         self.dropped = 0  # evidence flows that fitted no incident (max_open reached)
         self.quiet_unraised = 0  # pending incidents that closed without a line
+        self._opened = 0
         self.now_ns = 0
         self.risk = RiskTable([], [], self.settings.risk)
         self.calibration: RiskCalibration | None = None
@@ -429,6 +429,14 @@ class IncidentTracker:
             names.append((int(role[i]), (int(flows[f"{side}_hi"][f]), int(flows[f"{side}_lo"][f]))))
         return names, inverse.reshape(-1)
 
+    def _incident_id(self, name: tuple, first_ns: int) -> str:
+        """The same for the same traffic (a replay writes the same lines every time), unique
+        on a sensor: the entity, its first evidence's time and how many incidents came
+        before."""
+        self._opened += 1
+        text = f"{name}|{first_ns}|{self._opened}".encode()
+        return hashlib.blake2b(text, digest_size=8).hexdigest()
+
     def _open(self, name: tuple, rule: Rule, flows: FlowRecords, i: int) -> Incident:
         code, _ = name
         side = "src" if code == 0 else "dst"
@@ -436,7 +444,7 @@ class IncidentTracker:
         ip = format_ips(one["ip_version"], one[f"{side}_hi"], one[f"{side}_lo"])[0]
         host = host_hash(one[f"{side}_hi"], one[f"{side}_lo"])
         inc = Incident(
-            id=uuid.uuid4().hex[:16],
+            id=self._incident_id(name, int(flows["first_ns"][i])),
             rule=rule,
             role="source" if code == 0 else "victim",
             ip=ip,
