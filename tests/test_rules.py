@@ -68,7 +68,7 @@ def test_rule_errors_name_file_and_line(tmp_path, body, message):
 
 def test_rules_check_command(tmp_path, capsys):
     assert main(["rules", "check", str(DEFAULT_RULES)]) == 0
-    assert "OK, 22 rules (20 alert, 1 suppress, 1 threshold)" in capsys.readouterr().out
+    assert "OK, 25 rules (23 alert, 1 suppress, 1 threshold)" in capsys.readouterr().out
     bad = write(
         tmp_path,
         "rules:\n  - id: 1\n    name: x\n    action: alert\n    fpr: 0.01\n    colour: red\n",

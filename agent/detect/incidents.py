@@ -45,8 +45,10 @@ from quietwire.agent.detect.risk import (
     RiskCalibration,
     RiskSettings,
     RiskTable,
+    column_cause,
     entity_keys,
     flow_risk,
+    risk_column,
 )
 from quietwire.agent.detect.rules import UNKNOWN_CAUSE, Rule, Verdicts
 from quietwire.agent.flow.communityid import flow_community_ids
@@ -274,7 +276,8 @@ class IncidentTracker:
         if len(ev) == 0:
             return []
         rules = [r for r, _ in verdicts.hits]
-        self.risk.ensure_causes([r.cause for r in rules], [r.opens == "direct" for r in rules])
+        columns = [risk_column(r.cause, r.opens) for r in rules]
+        self.risk.ensure_causes(columns, [r.opens == "direct" for r in rules])
         rule_of = verdicts.cause[ev]
         role = np.array([r.entity != "src" for r in rules], np.int64)[rule_of]
         # An unknown anomaly towards a raised victim (a flood's sources, spoofed or many) is
@@ -297,7 +300,7 @@ class IncidentTracker:
         side_hi = np.where(role == 0, flows["src_hi"][ev], flows["dst_hi"][ev])
         side_lo = np.where(role == 0, flows["src_lo"][ev], flows["dst_lo"][ev])
         keys = entity_keys(role, host_hash(side_hi, side_lo))
-        cause = np.array([self.risk.cause_index[r.cause] for r in rules])[rule_of]
+        cause = np.array([self.risk.cause_index[c] for c in columns])[rule_of]
         uniq, current, excess, direct = self.risk.add(keys, cause, risk, self.now_ns)
         over = np.maximum(current - self.risk.baseline_of(uniq), 0.0).sum(axis=1)
         by_key = {inc.entity_key: inc for inc in folded}
@@ -550,7 +553,8 @@ def _why(inc: Incident, risk: np.ndarray, table: RiskTable, direct: bool, now_ns
             (table.causes[k], risk[k], base[k])
             for k in np.flatnonzero(table.direct & (risk > base) & (risk > 0)).tolist()
         ]
-        cause, value, usual = max(over, key=lambda x: x[1] - x[2]) if over else (inc.cause, 0, 0)
+        column, value, usual = max(over, key=lambda x: x[1] - x[2]) if over else (inc.cause, 0, 0)
+        cause = column_cause(column)
         return (
             f"{cause} risk {value:.0f} over this host's usual {usual:.0f} in {took}: "
             f"{flows} with {peers} on {_count(len(inc.ports), 'port')}; {timeline}"

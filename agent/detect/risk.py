@@ -55,6 +55,21 @@ class RiskSettings:
             raise ValueError("incidents.risk.max_entities: expected a positive integer")
 
 
+DIRECT_SUFFIX = ":direct"
+
+
+def risk_column(cause: str, opens: str) -> str:
+    """The risk table's column for a rule's evidence: its cause, kept apart when its rule
+    opens directly (a cause may have rules of both kinds, e.g. a web attack on a server of
+    the site opens at once, one on an outside server accrues risk)."""
+    return cause + DIRECT_SUFFIX if opens == "direct" else cause
+
+
+def column_cause(column: str) -> str:
+    """The cause a risk column is about."""
+    return column.removesuffix(DIRECT_SUFFIX)
+
+
 def flow_risk(weight: np.ndarray, tail: np.ndarray, settings: RiskSettings) -> np.ndarray:
     """Each evidence flow's risk: its rule's weight plus its surprisal above the floor."""
     with np.errstate(divide="ignore", invalid="ignore"):

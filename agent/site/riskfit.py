@@ -38,6 +38,7 @@ from quietwire.agent.detect.risk import (
     RiskTable,
     entity_keys,
     flow_risk,
+    risk_column,
 )
 from quietwire.agent.detect.rules import RuleEngine, RuleSet
 from quietwire.agent.flow.identity import format_ips
@@ -109,7 +110,7 @@ class HostTimes:
 class SiteEvidence:
     """Every evidence flow of the site's traffic, and the hosts and time it spans."""
 
-    causes: list[str]
+    causes: list[str]  # risk columns: a cause, with ":direct" for rules that open directly
     direct: list[bool]
     key: np.ndarray  # uint64 entity key per evidence flow
     cause: np.ndarray  # index into causes
@@ -170,9 +171,10 @@ def site_evidence(
         scores = model.score(features)
         verdicts = engine.evaluate(records, features, scores.score, scores.tail_probability)
         rules_hit = [r for r, _ in verdicts.hits]
-        for r in rules_hit:
-            if r.cause not in causes:
-                causes.append(r.cause)
+        columns = [risk_column(r.cause, r.opens) for r in rules_hit]
+        for r, column in zip(rules_hit, columns):
+            if column not in causes:
+                causes.append(column)
                 direct.append(r.opens == "direct")
         ev = np.flatnonzero(verdicts.cause >= 0)
         if not len(ev):
@@ -189,7 +191,7 @@ def site_evidence(
         lo = np.where(role == 0, records["src_lo"][ev], records["dst_lo"][ev])
         keys = entity_keys(role, host_hash(hi, lo))
         weight = np.array([r.risk for r in rules_hit])[rule_of]
-        cause = np.array([causes.index(r.cause) for r in rules_hit])[rule_of]
+        cause = np.array([causes.index(c) for c in columns])[rule_of]
         risk = flow_risk(weight, scores.tail_probability[ev], settings)
         _, at = np.unique(keys, return_index=True)
         ips = format_ips(records["ip_version"][ev][at], hi[at], lo[at])
