@@ -15,8 +15,10 @@ learning, and for hosts not seen then the site's value (the median over its host
 entity's **excess** is, summed over its causes, the risk above its baseline. An incident
 opens when the excess reaches ``threshold`` (set so that the site's benign traffic opens at
 most ``budget`` incidents per 100 host-days), or at once when a cause whose rule says
-``opens: direct`` (floods, scans, sweeps: unambiguous at volume, their rule's counts already
-the evidence) goes above the host's baseline for that cause.
+``opens: direct`` (floods, scans, sweeps, tunnels: unambiguous at volume, their rule's counts
+already the evidence; an exploit request to a server of the site) goes above the host's
+baseline for it. A rule's evidence goes to its column (``risk_column``): its cause, kept
+apart when the rule opens directly.
 
 Memory is bounded: at most ``max_entities`` entities are tracked; beyond, those with the least
 risk are forgotten (counted). All updates are column operations over a batch's evidence.

@@ -33,7 +33,8 @@ UNKNOWN_CAUSE = "unknown_anomaly"
 # Who an incident is about: the host that sends (scans, tunnels, beacons) or the victim.
 ENTITIES = ("src", "dest", "dest_service")
 # How a cause's evidence opens an incident: through the entity's risk (the default), or at
-# once when it goes above the host's baseline (floods, scans, sweeps: unambiguous at volume).
+# once when it goes above the host's baseline (floods, scans, sweeps, tunnels: unambiguous at
+# volume; an exploit request to a server of the site).
 OPENS = ("risk", "direct")
 # ATT&CK tactics a rule may name (an incident lists the tactics its causes span).
 TACTICS = (
