@@ -197,9 +197,22 @@ def test_each_flow_is_evidence_for_one_cause(tmp_path):
     [
         ("cause: Port-Scan", r":3: cause: 'Port-Scan' is not a lower-case name"),
         ("entity: victim", r":3: entity: 'victim' is not one of src, dest, dest_service"),
+        ("opens: soon", r":3: opens: 'soon' is not one of risk, direct"),
+        ("tactic: hacking", r":3: tactic: 'hacking' is not one of reconnaissance, "),
+        ("risk: -1", r":3: risk: expected a number from 0 to 1000"),
+        ("risk: lots", r":3: risk: expected"),
     ],
 )
-def test_cause_and_entity_are_checked(tmp_path, body, message):
+def test_cause_entity_and_risk_keys_are_checked(tmp_path, body, message):
     text = "rules:\n  - id: 1\n    " + body + "\n    name: x\n    action: alert\n    fpr: 0.01\n"
     with pytest.raises(RuleError, match=message):
         load_rules(write(tmp_path, text))
+
+
+def test_risk_weight_defaults():
+    """A named cause's flow is worth 1 besides its surprisal, an unknown anomaly's nothing
+    (its surprisal alone); rules open through risk unless they say direct."""
+    rules = {r.id: r for r in load_rules(DEFAULT_RULES).rules}
+    assert rules[2120].risk == 1.0 and rules[2120].opens == "risk"
+    assert rules[2001].risk == 0.0 and rules[2101].opens == "direct"
+    assert rules[2101].tactic == "discovery" and rules[2133].opens == "direct"

@@ -293,6 +293,13 @@ def _ports(node: Node, what: str) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
+def _choice(node: Node, key: str, choices: tuple[str, ...]) -> str:
+    value = node.scalar(key, str)
+    if value not in choices:
+        raise node.error(f"{key}: {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
 def _rule(node: Node, variables: dict[str, list[str]]) -> Rule:
     m = node.mapping("rule", RULE_KEYS)
     for key in ("id", "name", "action"):
@@ -333,24 +340,15 @@ def _rule(node: Node, variables: dict[str, list[str]]) -> Rule:
             )
     elif "match" in m:
         kw["cause"] = f"rule_{rid}"  # a rule with conditions explains what it matches
-    if "entity" in m:
-        kw["entity"] = m["entity"].scalar("entity", str)
-        if kw["entity"] not in ENTITIES:
-            raise m["entity"].error(f"entity: {kw['entity']!r} is not one of {', '.join(ENTITIES)}")
+    for key, choices in (("entity", ENTITIES), ("opens", OPENS), ("tactic", TACTICS)):
+        if key in m:
+            kw[key] = _choice(m[key], key, choices)
     if "risk" in m:
         kw["risk"] = m["risk"].scalar("risk", float)
         if not 0 <= kw["risk"] <= 1000:
             raise m["risk"].error("risk: expected a number from 0 to 1000")
     elif kw.get("cause", UNKNOWN_CAUSE) == UNKNOWN_CAUSE:
         kw["risk"] = 0.0  # an unknown anomaly is worth its surprisal alone
-    if "opens" in m:
-        kw["opens"] = m["opens"].scalar("opens", str)
-        if kw["opens"] not in OPENS:
-            raise m["opens"].error(f"opens: {kw['opens']!r} is not one of {', '.join(OPENS)}")
-    if "tactic" in m:
-        kw["tactic"] = m["tactic"].scalar("tactic", str)
-        if kw["tactic"] not in TACTICS:
-            raise m["tactic"].error(f"tactic: {kw['tactic']!r} is not one of {', '.join(TACTICS)}")
     if action == "threshold" and "fpr" not in m:
         raise node.error("rule: a threshold rule needs 'fpr'")
     if (
