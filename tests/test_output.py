@@ -359,3 +359,98 @@ def test_replay_with_workers_of_one_file_replays_it(tmp_path, capsys):
         summaries.append(capsys.readouterr().err.splitlines()[0].split("; ")[0])
     assert summaries[0] == summaries[1]
     assert not summaries[1].startswith("replay: 0 packets")
+
+
+def test_the_alert_file_survives_a_full_disk_and_tears_no_line(tmp_path, monkeypatch):
+    """The disk fills in the middle of a line, then takes nothing; the lines wait in the
+    queue, a retry (after RETRY_S, the file reopened) writes them from where they stopped:
+    every line exactly once, none torn. Past the queue the oldest are dropped, counted."""
+    import errno
+    import os
+
+    from quietwire.agent.output import alerts
+
+    now = [0.0]
+    messages = []
+    out = tmp_path / "alerts.json"
+    sink = alerts.AlertSink(out, log=messages.append, clock=lambda: now[0])
+    real_write = os.write
+    state = {"room": 100}  # bytes the disk still takes
+
+    def write(fd, data):
+        if state["room"] is None:
+            return real_write(fd, data)
+        if state["room"] == 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        n = real_write(fd, bytes(data[: state["room"]]))
+        state["room"] -= n
+        return n
+
+    monkeypatch.setattr(alerts.os, "write", write)
+    records = [{"n": i, "pad": "x" * 40} for i in range(10)]
+    sink.write(records[:5])
+    assert sink.errors == 1 and 0 < sink.queued < 5 and len(messages) == 1
+    assert "alerts.json: cannot write alert lines (No space left on device)" in messages[0]
+    sink.write(records[5:])  # within RETRY_S: queued, not tried
+    assert sink.errors == 1 and sink.queued > 5
+    state["room"] = None  # space again
+    now[0] = alerts.RETRY_S + 1
+    sink.flush()
+    assert sink.queued == 0 and sink.dropped == 0
+    assert [json.loads(x)["n"] for x in out.read_text().splitlines()] == list(range(10))
+    # a long outage: the queue holds QUEUE_LINES, the rest are dropped and counted
+    state["room"] = 0
+    monkeypatch.setattr(alerts, "QUEUE_LINES", 4)
+    sink.write(records)
+    assert sink.queued == 4 and sink.dropped == 6
+    sink.close()  # a last try fails too: the queued lines are lost, and counted
+    assert sink.dropped == 10 and len(out.read_text().splitlines()) == 10
+
+
+def test_replay_with_its_alert_file_on_a_full_device(tmp_path, capsys):
+    """`replay --alerts /dev/full`: the run completes (exit 0), the summary says how many
+    writes failed and lines were lost, the log names the file once."""
+    from quietwire import DATA
+
+    assert main(["replay", str(DATA / "scan.pcap"), "--alerts", "/dev/full"]) == 0
+    err = capsys.readouterr().err
+    assert "1 incidents (port_scan 1), 2 alerts" in err
+    assert "; alert file: " in err and "2 lines lost" in err
+    assert err.count("/dev/full: cannot write alert lines (No space left on device)") == 1
+
+
+def test_a_reader_that_closes_stdout_is_left_alone():
+    """`quietwire replay | head -1`: the reader goes away; writing on is not an error."""
+    from quietwire.agent.output.alerts import AlertSink
+
+    class Closed:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    sink = AlertSink(stream=Closed())
+    sink.write([{"a": 1}])
+    sink.write([{"a": 2}])
+    sink.close()
+    assert sink.written == 2 and sink.errors == 0
+
+
+def test_replay_piped_into_head_exits_quietly(tmp_path):
+    """`quietwire replay --flow-alerts | head -1`: the reader closes the pipe after one line;
+    the replay finishes with exit 0 and no traceback."""
+    import subprocess
+    import sys
+
+    from quietwire import DATA
+
+    script = (
+        f"{sys.executable} -m quietwire.cli replay {DATA / 'scan.pcap'} --flow-alerts "
+        f"2>{tmp_path / 'err.txt'} | head -1; echo ${{PIPESTATUS[0]}}"
+    )
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
+    first, status = done.stdout.splitlines()
+    assert json.loads(first)["event_type"] == "alert" and status == "0"
+    err = (tmp_path / "err.txt").read_text()
+    assert "replay: 2011 packets" in err and "Traceback" not in err and "Exception" not in err

@@ -6,9 +6,12 @@ so logrotate can move it."""
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -211,8 +214,22 @@ def eve_incident(inc: Incident, state: str, model_version: str, cap: int) -> dic
     return record
 
 
+QUEUE_LINES = 10_000  # alert lines held while the file cannot be written (a short outage)
+RETRY_S = 5.0  # how often a failing file is tried again
+LOG_EVERY_S = 60.0  # at most one message a minute about a failing output
+
+
 class AlertSink:
-    """Where alerts go: a JSON-lines file (appended), stdout, or both."""
+    """Where alerts go: a JSON-lines file (appended), stdout, or both.
+
+    The host fails too: a full disk, a deleted or read-only file, a reader that closed our
+    stdout. Lines go to the file with plain appending writes; what the file cannot take (the
+    rest of a line included) waits in a bounded queue (``QUEUE_LINES``) and is written, from
+    where it stopped, when the file takes writes again (tried at most every ``RETRY_S``, the
+    file reopened at its path), so a short outage loses nothing and tears no line. Past the
+    queue the oldest lines are dropped and counted. A closed stdout is left alone. Nothing
+    raises: ``errors`` (failed writes or opens), ``dropped`` and ``queued`` say what happened,
+    and ``log`` gets one message a minute while an output fails."""
 
     def __init__(
         self,
@@ -220,41 +237,136 @@ class AlertSink:
         stdout: bool = False,
         stream: IO[str] | None = None,
         host: str | None = None,
+        log: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.path = path
         self.host = host  # the sensor's name in every line (EVE's "host"), the daemon's
         self._stdout = stream if stream is not None else (sys.stdout if stdout else None)
-        self._file: IO[str] | None = None
+        self._fd: int | None = None
+        self._log = log or (lambda message: None)
+        self._clock = clock
         self.written = 0
+        self.errors = 0  # failed writes (or opens) of the file
+        self.dropped = 0  # lines lost: past the queue, or never written by close
+        self._queue: deque[bytes] = deque()  # lines not yet in the file
+        self._offset = 0  # bytes of the first queued line already in the file
+        self._retry_at = 0.0
+        self._logged_at = -math.inf
         self.reopen()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
 
     def reopen(self) -> None:
         """(Re)open the file, e.g. after logrotate moved it."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._close_fd()
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = self.path.open("a", buffering=1 << 16)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            except OSError as exc:
+                self._failed(exc)
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
 
     def write(self, records: list[dict]) -> None:
         if not records:
             return
         if self.host is not None:
             records = [{**r, "host": self.host} for r in records]
-        text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
-        for out in (self._file, self._stdout):
-            if out is not None:
-                out.write(text)
+        lines = [json.dumps(r, separators=(",", ":")) + "\n" for r in records]
+        if self._stdout is not None:
+            self._to_stdout("".join(lines))
+        if self.path is not None:
+            self._queue.extend(line.encode() for line in lines)
+            over = len(self._queue) - QUEUE_LINES
+            for _ in range(max(over, 0)):
+                self._queue.popleft()
+                self._offset = 0
+            self.dropped += max(over, 0)
+            self._drain()
         self.written += len(records)
 
+    def _to_stdout(self, text: str) -> None:
+        try:
+            self._stdout.write(text)
+        except (BrokenPipeError, ValueError):  # the reader went away (e.g. `| head -1`)
+            self._reader_gone()
+        except OSError as exc:
+            self._failed(exc, "stdout")
+
+    def _reader_gone(self) -> None:
+        """Stop writing to stdout; if it is the process's, point it at /dev/null so what
+        is still buffered does not fail again at exit."""
+        if self._stdout is sys.stdout:
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+            except (OSError, ValueError):
+                pass
+        self._stdout = None
+
+    def _drain(self) -> None:
+        """Write the queued lines to the file; what it does not take stays queued, with how
+        much of the first line went in."""
+        if not self._queue:
+            return
+        if self._fd is None:
+            if self._clock() < self._retry_at:
+                return
+            self.reopen()
+            if self._fd is None:
+                return
+        data = memoryview(b"".join(self._queue))[self._offset :]
+        done = 0
+        try:
+            while done < len(data):
+                done += os.write(self._fd, data[done:])
+        except OSError as exc:
+            self._failed(exc)
+        done += self._offset
+        while self._queue and done >= len(self._queue[0]):
+            done -= len(self._queue.popleft())
+        self._offset = done if self._queue else 0
+
+    def _failed(self, exc: OSError, what: str | None = None) -> None:
+        """Count a failed write; close the file so the next try reopens it (a deleted or
+        moved file comes back at its path), not before RETRY_S."""
+        self.errors += 1
+        now = self._clock()
+        if what is None:
+            self._retry_at = now + RETRY_S
+            self._close_fd()
+        if now - self._logged_at >= LOG_EVERY_S:
+            self._logged_at = now
+            self._log(
+                f"{what or self.path}: cannot write alert lines ({exc.strerror or exc}); "
+                f"{len(self._queue):,} queued, {self.dropped:,} dropped so far"
+            )
+
     def flush(self) -> None:
-        for out in (self._file, self._stdout):
-            if out is not None:
-                out.flush()
+        self._drain()
+        if self._stdout is not None:
+            try:
+                self._stdout.flush()
+            except (BrokenPipeError, ValueError):
+                self._reader_gone()
+            except OSError as exc:
+                self._failed(exc, "stdout")
 
     def close(self) -> None:
+        self._retry_at = 0.0  # a last try
         self.flush()
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self.dropped += len(self._queue)  # what never reached the file
+        self._queue.clear()
+        self._offset = 0
+        self._close_fd()

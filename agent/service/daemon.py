@@ -81,7 +81,7 @@ def replay(opts: ReplayOptions) -> int:
     server = MetricsServer(metrics, opts.serve) if opts.serve else None
     if server:
         log(f"metrics on http://{opts.serve.listen}:{server.port}/metrics")
-    sink = AlertSink(opts.alerts, stdout=opts.stdout)
+    sink = AlertSink(opts.alerts, stdout=opts.stdout, log=log)
     flow_log = FlowLog(opts.flow_log, metrics, log) if opts.flow_log else None
     engine = build_engine(model, rules, opts.engine, sink, metrics, flow_log)
     failed = False
@@ -94,6 +94,7 @@ def replay(opts: ReplayOptions) -> int:
     else:  # one file, one worker or real time: this process reads them
         failed = _replay_in_process(engine, opts)
     sink.close()
+    engine.sink_accounting()
     if flow_log:
         flow_log.close()
     elapsed = time.perf_counter() - started
@@ -241,7 +242,7 @@ def _build(settings: Settings) -> _Daemon:
     server = MetricsServer(metrics, settings.metrics) if settings.metrics else None
     sensor = settings.sensor or socket.gethostname()  # in every EVE line and the metrics
     metrics.sensor.labels(sensor).set(1)
-    sink = AlertSink(settings.alerts.file, stdout=settings.alerts.stdout, host=sensor)
+    sink = AlertSink(settings.alerts.file, stdout=settings.alerts.stdout, host=sensor, log=log)
     flow_log = FlowLog(settings.flow_log, metrics, log, host=sensor) if settings.flow_log else None
     engine = build_engine(model, rules, settings.engine, sink, metrics, flow_log, live=True)
     cap = settings.capture

@@ -71,6 +71,8 @@ class Summary:
     evictions: Counter = field(default_factory=Counter)  # flows ended early, by reason
     emergencies: int = 0  # times a flow table entered emergency mode
     evidence_dropped: int = 0  # evidence flows no incident could take (max_open reached)
+    alert_write_errors: int = 0  # failed writes of the alert file (full disk, ...)
+    alert_lines_lost: int = 0  # alert lines that never reached the file
 
     def line(self, seconds: float) -> str:
         causes = ", ".join(f"{k} {v}" for k, v in sorted(self.incidents.items())) or "none"
@@ -86,6 +88,12 @@ class Summary:
             + (
                 f"; evidence dropped (incidents.max_open reached): {self.evidence_dropped}"
                 if self.evidence_dropped
+                else ""
+            )
+            + (
+                f"; alert file: {self.alert_write_errors} failed writes, "
+                f"{self.alert_lines_lost} lines lost"
+                if self.alert_write_errors or self.alert_lines_lost
                 else ""
             )
             + (
@@ -192,6 +200,7 @@ class Engine:
                 self._account(interface)
         self._write_incidents(self.incidents.close_all())
         self.sink.flush()
+        self.sink_accounting()
         if self.flow_log is not None:
             self.flow_log.flush()
 
@@ -346,11 +355,25 @@ class Engine:
                 self.metrics.held_back.labels(cause).inc(count)
         return granted
 
+    def sink_accounting(self) -> None:
+        """The alert sink's failures into the summary and the metrics (as deltas); after
+        writes, and once more after the sink is closed (what it never wrote is lost)."""
+        s, sink = self.summary, self.sink
+        errors, lost = sink.errors - s.alert_write_errors, sink.dropped - s.alert_lines_lost
+        s.alert_write_errors, s.alert_lines_lost = sink.errors, sink.dropped
+        if self.metrics:
+            if errors:
+                self.metrics.alert_write_errors.inc(errors)
+            if lost:
+                self.metrics.alert_lines_dropped.inc(lost)
+            self.metrics.alert_lines_queued.set(sink.queued)
+
     def _write(self, lines: list[tuple[Rule, dict]]) -> None:
         if not lines:
             return
         self.budget.note(lines[0][1])
         self.sink.write([record for _, record in lines])
+        self.sink_accounting()
         for rule, _ in lines:
             self.summary.alerts[rule.severity] += 1
             if self.metrics:

@@ -118,6 +118,21 @@ class Metrics:
             "quietwire_incidents", "Incidents opened, by cause", ["cause"], registry=r
         )
         self.open_incidents = Gauge("quietwire_open_incidents", "Incidents open now", registry=r)
+        self.alert_write_errors = Counter(
+            "quietwire_alert_write_errors",
+            "Writes of alert lines that failed (full disk, read-only or missing file, ...)",
+            registry=r,
+        )
+        self.alert_lines_dropped = Counter(
+            "quietwire_alert_lines_dropped",
+            "Alert lines lost: past the queue held while the alert file could not be written",
+            registry=r,
+        )
+        self.alert_lines_queued = Gauge(
+            "quietwire_alert_lines_queued",
+            "Alert lines waiting for the alert file to take writes again",
+            registry=r,
+        )
         self.risk_threshold = Gauge(
             "quietwire_risk_threshold",
             "Excess risk (over the host's baseline) that raises an incident",
