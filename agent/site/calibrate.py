@@ -196,7 +196,7 @@ def calibrate(
         inputs=tuple((str(name), int(n)) for name, n in inputs),
     )
     _rewrite(proto, table, new, _record(report, model))
-    _save(proto, out_path)
+    save_model(proto, out_path)
     return report
 
 
@@ -204,7 +204,7 @@ def _load_calibratable(model_path: Path) -> tuple[ScoringModel, onnx.ModelProto]
     """The model loaded for scoring and as an ONNX graph to rewrite; CalibrationError if it
     lacks the tail-probability table calibration replaces."""
     model = ScoringModel(model_path)
-    proto = _load_proto(model_path)
+    proto = load_proto(model_path)
     inits = {t.name for t in proto.graph.initializer}
     if TABLE not in inits or TABLE_N_PLUS_1 not in inits:
         raise CalibrationError(
@@ -293,7 +293,7 @@ def _describe(inputs: Sequence[tuple[str, int]]) -> str:
     return f"{names[0]} and {len(names) - 1} more input{'s' if len(names) > 2 else ''}"
 
 
-def _load_proto(path: Path) -> onnx.ModelProto:
+def load_proto(path: Path) -> onnx.ModelProto:
     try:
         return onnx.load(str(path))
     except Exception as exc:  # onnx raises protobuf's and its own errors for a bad file
@@ -347,7 +347,7 @@ def _rewrite(
     onnx.checker.check_model(proto)
 
 
-def _save(proto: onnx.ModelProto, out_path: Path) -> None:
+def save_model(proto: onnx.ModelProto, out_path: Path) -> None:
     """Write to a temporary file beside ``out_path`` and rename it into place, so a daemon
     loading the file never reads half of it."""
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")

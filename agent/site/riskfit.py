@@ -44,7 +44,7 @@ from quietwire.agent.detect.rules import RuleEngine, RuleSet
 from quietwire.agent.flow.identity import format_ips
 from quietwire.agent.flow.records import FlowRecords
 from quietwire.agent.flow.table import host_hash
-from quietwire.agent.site.calibrate import _load_proto, _save
+from quietwire.agent.site.calibrate import load_proto, save_model
 
 SITE_QUANTILE = 0.5
 MIN_THRESHOLD = 5.0  # never open on less than a few unusual flows' worth
@@ -329,7 +329,7 @@ def _direct_entities(table: RiskTable, ev: SiteEvidence) -> int:
 def store_risk(model_path: str | Path, calibration: RiskCalibration, out_path: str | Path) -> None:
     """Write ``calibration`` into the model's metadata (key ``risk``), atomically; the
     scores and thresholds are untouched."""
-    proto = _load_proto(Path(model_path))
+    proto = load_proto(Path(model_path))
     value = calibration.to_json()
     for prop in proto.metadata_props:
         if prop.key == "risk":
@@ -337,7 +337,7 @@ def store_risk(model_path: str | Path, calibration: RiskCalibration, out_path: s
             break
     else:
         proto.metadata_props.append(onnx.StringStringEntryProto(key="risk", value=value))
-    _save(proto, Path(out_path))
+    save_model(proto, Path(out_path))
 
 
 def describe(cal: RiskCalibration) -> str:
