@@ -318,5 +318,6 @@ class RiskTable:
         if not len(self.key):
             return []
         total = self.risk.sum(axis=1) * self._decay(self.at, now_ns)
-        order = np.argsort(-total)[:k]
+        head = np.argpartition(-total, k - 1)[:k] if len(total) > k else np.arange(len(total))
+        order = head[np.argsort(-total[head])]
         return [(int(self.key[i]), float(total[i])) for i in order]

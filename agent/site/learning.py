@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from quietwire.agent.detect.model import ModelError, ScoringModel
+from quietwire.agent.detect.rules import RuleSet
 from quietwire.agent.errors import QuietwireError
 from quietwire.agent.flow.identity import iso_times
 from quietwire.agent.site.sources import period_chunks, period_records
@@ -315,7 +316,7 @@ class Learner:
         )
         self._worker.start()
 
-    def _calibrate(self, model_path: Path, start: float, end: float, rules=None) -> Outcome:
+    def _calibrate(self, model_path: Path, start: float, end: float, rules: RuleSet) -> Outcome:
         """Read the period's records and calibrate, then fit entity risk on them with the
         agent's ``rules`` (the background thread). Never raises."""
         from quietwire.agent.site.calibrate import CalibrationError, TooFewFlowsError, calibrate
@@ -337,15 +338,13 @@ class Learner:
                 inputs=found.inputs,
                 period=(lo, hi),
             )
-            risk = ""
-            if rules is not None:
-                try:
-                    fitted = fit_model(
-                        out, period_chunks(self.flow_log, start, end), rules, self.settings.budget
-                    )
-                    risk = "; " + describe(fitted)
-                except ValueError as exc:  # no record with identity fields: the old risk
-                    risk = f"; incidents: risk not fitted ({exc})"
+            try:
+                fitted = fit_model(
+                    out, period_chunks(self.flow_log, start, end), rules, self.settings.budget
+                )
+                risk = "; " + describe(fitted)
+            except ValueError as exc:  # no record with identity fields: the old risk
+                risk = f"; incidents: risk not fitted ({exc})"
             model = ScoringModel(out)
         except TooFewFlowsError as exc:
             return Outcome(TOO_FEW_FLOWS, str(exc))

@@ -300,9 +300,8 @@ def fit_risk(
     allowed = budget * host_days / 100
     threshold, method = threshold_for_budget(held_out.peak_excess, allowed)
     direct = _direct_entities(held_out, ev)
-    baseline = baseline_from(
-        [first_half, replay(late, settings)], ev, ev.hosts.hosts_in(start, end)
-    )
+    # a table's peaks are of raw risk, whatever its baseline: the held-out replay's serve
+    baseline = baseline_from([first_half, held_out], ev, ev.hosts.hosts_in(start, end))
     record = {
         "records": ev.flows,
         "evidence_flows": int(len(ev.key)),
